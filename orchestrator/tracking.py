@@ -1,0 +1,159 @@
+"""MLflow bookkeeping: one parent run per sweep invocation, one child run per trial.
+
+The driver creates every run and sets every final status, so a worker that dies cannot leave a
+run RUNNING. Rank 0 of each trial logs its metrics and artifacts into the child run it is given
+(`TrialTracker`); other ranks only report progress to Ray.
+
+Names are the contract in ARCHITECTURE.md: parent tag `sweep`; child tags `mlflow.parentRunId`,
+`stage`, `method`, `trial_key`; params are the resolved config flattened with dotted keys.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainers.config import flatten
+from trainers.tracking import Tracker
+
+SECRET_KEY = re.compile(r"(token|password|passwd|secret|api_?key|access_?key|credential)", re.IGNORECASE)
+URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+
+def absolute_uri(uri: str) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/relative.db, so every process finds the same store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def redact(value: Any) -> Any:
+    if isinstance(value, str):
+        return URL_CREDENTIALS.sub(lambda m: m.group("scheme") + "***@", value)
+    return value
+
+
+def config_params(config: dict) -> dict[str, str]:
+    """Dotted params of a resolved config; secret-looking keys dropped, URL credentials masked."""
+    params = {}
+    for key, value in flatten(config).items():
+        if SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+            continue
+        params[key] = "null" if value is None else str(redact(value))[:6000]
+    return params
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _log_params(mlflow_client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in sorted(params.items())]
+    for start in range(0, len(items), 100):
+        mlflow_client.log_batch(run_id, params=items[start:start + 100])
+
+
+class SweepTracker:
+    """Driver-side: creates the parent and child runs and owns their statuses."""
+
+    def __init__(self, uri: str, experiment: str):
+        self.uri = absolute_uri(uri)
+        self.client = client(self.uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=self._artifact_root())
+        else:
+            self.experiment_id = found.experiment_id
+        self.parent_id: str | None = None
+        self.open_runs: set[str] = set()
+
+    def _artifact_root(self) -> str | None:
+        # A local store keeps artifacts beside the database, as an absolute path every worker shares.
+        if self.uri.startswith("sqlite:///"):
+            return (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        return None
+
+    def start_parent(self, sweep: str, overrides: list[str], plan_text: str) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={"sweep": sweep, "mlflow.note.content": f"```\n{plan_text}\n```"},
+        )
+        self.parent_id = run.info.run_id
+        self.open_runs.add(self.parent_id)
+        _log_params(self.client, self.parent_id, {"overrides": " ".join(redact(o) for o in overrides) or "(none)"})
+        return self.parent_id
+
+    def create_child(self, trial, config: dict) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=trial.label,
+            tags={"mlflow.parentRunId": self.parent_id, "stage": trial.cfg.stage.name,
+                  "method": trial.cfg.method.name, "trial_key": trial.key,
+                  "overrides": " ".join(trial.overrides)},
+        )
+        run_id = run.info.run_id
+        self.open_runs.add(run_id)
+        _log_params(self.client, run_id, config_params(config))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "config.yaml")
+            with open(path, "w") as handle:
+                yaml.safe_dump(config, handle, sort_keys=False)
+            self.client.log_artifact(run_id, path)
+        self.client.update_run(run_id, status="SCHEDULED")
+        return run_id
+
+    def set_status(self, run_id: str, status: str, reason: str | None = None) -> None:
+        if reason:
+            self.client.set_tag(run_id, "failure_reason", reason[:5000])
+        if status in TERMINAL:
+            self.client.set_terminated(run_id, status=status)
+            self.open_runs.discard(run_id)
+        else:
+            self.client.update_run(run_id, status=status)
+
+    def close_all(self, status: str, reason: str | None = None) -> None:
+        """Give every run this driver opened a terminal status (children first, then the parent)."""
+        for run_id in sorted(self.open_runs, key=lambda r: r == self.parent_id):
+            try:
+                self.set_status(run_id, status, reason if run_id != self.parent_id else None)
+            except Exception:  # the store may be gone; keep closing the rest
+                pass
+
+
+class TrialTracker(Tracker):
+    """Worker-side: rank 0 logs into its child run; every rank reports stepped metrics to Ray."""
+
+    def __init__(self, uri: str, run_id: str, rank: int, report=None, total_steps: int | None = None):
+        self.uri, self.run_id, self.rank = uri, run_id, rank
+        self.report = report
+        self.total_steps = total_steps
+        self.client = client(uri) if rank == 0 else None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.client is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+            self.client.log_batch(self.run_id, metrics=batch)
+        if step is not None and self.report is not None:
+            self.report({**metrics, "progress/step": step, "progress/total": self.total_steps or 0})
+
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        if self.client is not None:
+            self.client.log_artifacts(self.run_id, local_dir, artifact_path)

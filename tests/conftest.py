@@ -1,0 +1,47 @@
+"""Shared fixtures: the embedded tokenizer/model, JSONL writers, typed configs for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from trainers.config import ModelConfig
+    from trainers.model import load_tokenizer
+
+    return load_tokenizer(ModelConfig())
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """write_jsonl(name, rows) -> path; a row that is a str is written verbatim (for broken lines)."""
+
+    def write(name: str, rows: list) -> Path:
+        path = tmp_path / name
+        with open(path, "w") as handle:
+            for row in rows:
+                handle.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def make_cfg():
+    """make_cfg(*overrides) -> a composed, validated ExperimentConfig (Hydra, as the CLI does)."""
+    from orchestrator.compose import compose
+
+    def make(*overrides: str):
+        return compose(list(overrides))
+
+    return make

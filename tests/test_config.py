@@ -1,0 +1,111 @@
+"""Every shipped config and sweep composes and validates; bad input names its key."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.compose import CONF_DIR, available_sweeps, compose
+from orchestrator.plan import expand, make_plan, override, trial_key
+from trainers.config import ConfigError
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "sweep")
+# Options that need a value only the user can give (their own data file).
+NEEDS_USER_VALUE = {("data", "instruction"): ["data.train_file=x.jsonl"],
+                    ("data", "chat"): ["data.train_file=x.jsonl"]}
+
+
+def all_options():
+    for group in GROUPS:
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            yield group, path.stem
+
+
+def _valid_companions(group: str, option: str) -> list[str]:
+    """Overrides that make a standalone option valid (a quantized base needs an adapter method)."""
+    extra = list(NEEDS_USER_VALUE.get((group, option), []))
+    if group == "precision" and option in ("fp16",):
+        extra.append("train.use_gpu=true")
+    return extra
+
+
+@pytest.mark.parametrize("group,option", list(all_options()))
+def test_every_config_option_composes(group, option):
+    try:
+        cfg = compose([f"{group}={option}", *_valid_companions(group, option)])
+    except ConfigError as err:
+        # An option may only be refused for a combination reason, and then it says which key.
+        assert all(key for key, _ in err.problems), err
+        pytest.skip(f"{group}={option} needs a companion setting: {err}")
+    assert getattr(cfg, group) is not None
+
+
+@pytest.mark.parametrize("sweep", available_sweeps())
+def test_every_sweep_plans(sweep):
+    plan = make_plan([f"+sweep={sweep}"])
+    assert plan.trials, f"sweep {sweep} has no trials"
+    assert len({t.key for t in plan.trials}) == len(plan.trials)
+    assert plan.sweep == sweep
+
+
+def test_lora_rank_sweep_expands_ranks_in_order():
+    plan = make_plan(["+sweep=lora_rank"])
+    assert [t.cfg.method.r for t in plan.trials] == [1, 2, 4, 8, 16, 32]
+    assert all(t.cfg.method.name == "lora" for t in plan.trials)
+
+
+def test_variants_swap_groups_and_set_values():
+    plan = make_plan(["+sweep=full_vs_lora"])
+    methods = [t.cfg.method.name for t in plan.trials]
+    assert methods[0] == "full" and set(methods[1:]) == {"lora"}
+    assert plan.trials[0].cfg.train.lr < plan.trials[1].cfg.train.lr
+
+
+def test_seeds_multiply_trials_and_change_keys():
+    pairs = expand({"axes": {"method.r": [2, 4]}, "seeds": [0, 1, 2]})
+    assert len(pairs) == 6
+    plan = make_plan(["+sweep=lora_rank", "sweep.seeds=[0,1]"])
+    assert len(plan.trials) == 12 and len({t.key for t in plan.trials}) == 12
+    assert any("seed=1" in t.label for t in plan.trials)
+
+
+def test_trial_key_is_stable_and_ignores_tracking(make_cfg):
+    a = make_cfg("method.r=4")
+    b = make_cfg("method.r=4", "tracking.uri=http://elsewhere:5000", "storage.path=/tmp/x")
+    c = make_cfg("method.r=8")
+    assert trial_key(a) == trial_key(b) != trial_key(c)
+
+
+def test_override_quoting():
+    assert override("method", "full") == "method=full"
+    assert override("method.r", 4) == "method.r=4"
+    assert override("method.target_modules", ["q_proj", "v_proj"]) == "method.target_modules=['q_proj','v_proj']"
+    assert override("model.revision", None) == "model.revision=null"
+
+
+@pytest.mark.parametrize("overrides,key,fragment", [
+    (["method=nope"], "method", "Available"),
+    (["+sweep=nope"], "sweep", "lora_rank"),
+    (["method.r=0"], "method.r", "> 0"),
+    (["method.r=-3"], "method.r", "> 0"),
+    (["method.r=abc"], "method.r", "Integer"),
+    (["method.bogus=1"], "method.bogus", "not in"),
+    (["train.lr=0"], "train.lr", "> 0"),
+    (["train.max_steps=0"], "train.max_steps", "> 0"),
+    (["data.overlength=sometimes"], "data.overlength", "error, truncate, drop"),
+    (["model.trust_remote_code=true"], "model.trust_remote_code", "revision"),
+    (["data=instruction"], "data.train_file", "Missing"),
+    (["method=full", "precision=nf4"], "precision.name", "full fine-tuning"),
+])
+def test_bad_config_names_the_key(overrides, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        compose(overrides)
+    keys = [k for k, _ in info.value.problems]
+    assert key in keys, info.value.problems
+    assert fragment in str(info.value)
+
+
+def test_bad_axis_value_is_reported_with_its_trial():
+    with pytest.raises(ConfigError) as info:
+        make_plan(["+sweep=lora_rank", "sweep.axes={method.r:[4,0]}"])
+    assert "method.r" in [k for k, _ in info.value.problems]
+    assert "method.r=0" in str(info.value)

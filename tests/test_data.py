@@ -1,0 +1,117 @@
+"""Data rules: every bad-row kind names file:line; loss masking covers only the response."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainers.data import (IGNORE_INDEX, DataError, encode_row, eval_prompt, format_prompt, load_rows,
+                           tokenize_split)
+
+GOOD = {"instruction": "What number comes after 4?", "output": "5"}
+
+
+@pytest.mark.parametrize("bad_line,rule", [
+    ('{"instruction": "x", "output": ', "invalid JSON"),
+    ('["a", "b"]', "expected a JSON object"),
+    ({"instruction": "x"}, "missing field 'output'"),
+    ({"output": "y"}, "missing field 'instruction'"),
+    ({"instruction": "  ", "output": "y"}, "field 'instruction' is empty"),
+    ({"instruction": "x", "output": ""}, "field 'output' is empty"),
+    ({"instruction": "x", "output": 5}, "must be a string"),
+])
+def test_bad_instruction_row_names_file_and_line(write_jsonl, bad_line, rule):
+    path = write_jsonl("train.jsonl", [GOOD, GOOD, bad_line, GOOD])
+    with pytest.raises(DataError) as info:
+        load_rows(str(path), "instruction")
+    assert str(info.value).startswith(f"{path}:3:")
+    assert rule in str(info.value)
+
+
+@pytest.mark.parametrize("messages,rule", [
+    ([{"role": "assistant", "content": "hi"}], "out of order"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "out of order"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+      {"role": "assistant", "content": "c"}], "system message may only come first"),
+    ([{"role": "user", "content": "a"}], "must end with an assistant"),
+    ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}], "role must be one of"),
+    ([{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}], "empty"),
+    ([], "non-empty list"),
+])
+def test_bad_chat_rows(write_jsonl, messages, rule):
+    path = write_jsonl("chat.jsonl", [{"messages": messages}])
+    with pytest.raises(DataError) as info:
+        load_rows(str(path), "chat")
+    assert f"{path}:1" in str(info.value) and rule in str(info.value)
+
+
+def test_missing_file_is_named():
+    with pytest.raises(DataError, match="nope.jsonl: data file not found"):
+        load_rows("/tmp/definitely/nope.jsonl")
+
+
+def test_format_is_detected_and_blank_lines_skipped(write_jsonl):
+    path = write_jsonl("mixed.jsonl", [GOOD, "", "   ", GOOD])
+    fmt, rows, sources = load_rows(str(path))
+    assert fmt == "instruction" and len(rows) == 2
+    assert sources == [f"{path}:1", f"{path}:4"]
+
+
+def test_response_only_loss_mask(tokenizer):
+    row = {"instruction": "What number comes after 4?", "input": "", "output": "5"}
+    ids, labels = encode_row(tokenizer, row, "instruction")
+    prompt_ids, answer = eval_prompt(tokenizer, row, "instruction")
+    # The prompt is exactly what generation sees, and none of it is trained on.
+    assert ids[:len(prompt_ids)] == prompt_ids
+    assert all(label == IGNORE_INDEX for label in labels[:len(prompt_ids)])
+    trained = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert trained == ids[len(prompt_ids):]
+    assert trained[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(trained[:-1]).strip() == "5"
+
+
+def test_input_field_goes_into_the_prompt(tokenizer):
+    text = format_prompt("Add the numbers.", "3 and 4")
+    assert "### Input:\n3 and 4" in text and text.endswith("### Response:\n")
+
+
+def test_chat_masks_everything_but_assistant_turns(tokenizer):
+    row = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "after 4?"},
+                        {"role": "assistant", "content": "5"}]}
+    ids, labels = encode_row(tokenizer, row, "chat")
+    trained = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    eos = tokenizer.eos_token_id
+    assert trained.count(eos) == 2
+    text = tokenizer.decode([t for t in trained if t != eos])
+    assert "hello" in text and "5" in text and "hi" not in text and "brief" not in text
+    prompt_ids, answer = eval_prompt(tokenizer, row, "chat")
+    assert answer == "5" and ids[:len(prompt_ids)] == prompt_ids
+
+
+@pytest.mark.parametrize("policy", ["error", "truncate", "drop"])
+def test_overlength_policies(tokenizer, write_jsonl, policy):
+    long_row = {"instruction": "count " + " ".join(str(i) for i in range(60)), "output": "done"}
+    path = write_jsonl("long.jsonl", [GOOD, long_row, GOOD])
+    fmt, rows, sources = load_rows(str(path))
+    if policy == "error":
+        with pytest.raises(DataError, match=rf"{path}:2: \d+ tokens exceeds data.max_seq_len=32"):
+            tokenize_split(tokenizer, rows, sources, fmt, 32, policy)
+        return
+    split = tokenize_split(tokenizer, rows, sources, fmt, 32, policy)
+    assert all(len(e.input_ids) <= 32 for e in split.examples)
+    # A truncated long prompt keeps no response token, so it is dropped either way and counted.
+    assert split.stats.rows == 2 and split.stats.dropped == 1
+
+
+def test_preference_rows(write_jsonl):
+    good = {"prompt": "What number comes after 4?", "chosen": "5", "rejected": "6"}
+    chat = {"chosen": [{"role": "user", "content": "after 4?"}, {"role": "assistant", "content": "5"}],
+            "rejected": [{"role": "user", "content": "after 4?"}, {"role": "assistant", "content": "6"}]}
+    fmt, rows, _ = load_rows(str(write_jsonl("p.jsonl", [good, chat])))
+    assert fmt == "preference" and rows[1]["chosen"] == "5" and "after 4?" in rows[1]["prompt"]
+    same = write_jsonl("same.jsonl", [good, {**good, "rejected": "5"}])
+    with pytest.raises(DataError, match=r"same.jsonl:2: chosen and rejected are identical"):
+        load_rows(str(same))
+    empty = write_jsonl("empty.jsonl", [{**good, "prompt": ""}])
+    with pytest.raises(DataError, match=r"empty.jsonl:1: field 'prompt' is empty"):
+        load_rows(str(empty))

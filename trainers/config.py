@@ -1,0 +1,281 @@
+"""Typed configuration of one trial: the dataclasses behind every Hydra config group.
+
+The same classes serve the orchestrator (registered in Hydra's ConfigStore, so composition
+rejects unknown keys and wrong types) and a plain-process run (`python -m trainers --config
+trial.yaml`). Value checks live in `check()` methods that return `(key, message)` pairs, so a
+bad value is reported with the dotted key the user typed, before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4")
+QUANTIZED_PRECISIONS = ("int8", "nf4", "fp4")
+OPTIMIZERS = ("adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+SCHEDULERS = ("cosine", "linear", "constant")
+OVERLENGTH_POLICIES = ("error", "truncate", "drop")
+DATA_FORMATS = ("auto", "instruction", "chat", "preference")
+
+
+class ConfigError(ValueError):
+    """One or more config values are invalid; each problem names its dotted key."""
+
+    def __init__(self, problems: List[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("\n".join(f"{key}: {msg}" for key, msg in problems))
+
+
+@dataclass
+class ModelConfig:
+    # "embedded:base" is the tiny model this project pretrains itself; else a hub id or a directory.
+    name_or_path: str = "embedded:base"
+    revision: Optional[str] = None
+    # Runs code from the model repository: only with a pinned `revision`.
+    trust_remote_code: bool = False
+    # Pickle checkpoints (.bin) can execute code when loaded; safetensors cannot.
+    allow_pickle: bool = False
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if not self.name_or_path:
+            problems.append(("model.name_or_path", "must name a hub id, a directory or embedded:base"))
+        if self.trust_remote_code and not self.revision:
+            problems.append(
+                ("model.trust_remote_code", "true requires a pinned model.revision (a commit hash)")
+            )
+        return problems
+
+
+@dataclass
+class DataConfig:
+    # instruction/chat JSONL for SFT, preference JSONL for reward/dpo; `embedded:` = shipped data.
+    format: str = "auto"
+    train_file: str = MISSING  # required: set by the data group or data.train_file=PATH
+    eval_file: Optional[str] = "embedded:instruct_eval.jsonl"
+    max_seq_len: int = 96  # longer rows follow `overlength`
+    overlength: str = "error"
+    max_train_rows: Optional[int] = None  # None = all rows
+    max_eval_rows: Optional[int] = None
+    max_new_tokens: int = 8  # greedy generation budget for exact-match accuracy
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.format not in DATA_FORMATS:
+            problems.append(("data.format", f"must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}"))
+        if self.overlength not in OVERLENGTH_POLICIES:
+            problems.append(
+                ("data.overlength", f"must be one of {', '.join(OVERLENGTH_POLICIES)}, got {self.overlength!r}")
+            )
+        if self.max_seq_len < 8:
+            problems.append(("data.max_seq_len", f"must be >= 8, got {self.max_seq_len}"))
+        for key in ("max_train_rows", "max_eval_rows"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                problems.append((f"data.{key}", f"must be > 0 or null, got {value}"))
+        if self.max_new_tokens <= 0:
+            problems.append(("data.max_new_tokens", f"must be > 0, got {self.max_new_tokens}"))
+        return problems
+
+
+@dataclass
+class PrecisionConfig:
+    # Storage of the frozen base weights: fp32 | bf16 | fp16 | int8 | nf4 | fp4.
+    name: str = "fp32"
+    # Compute dtype of quantized layers and of autocast.
+    compute_dtype: str = "fp32"
+    # 4-bit only: quantize the quantization constants too (~0.37 bits/param saved).
+    double_quant: bool = False
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.name not in PRECISIONS:
+            problems.append(("precision.name", f"must be one of {', '.join(PRECISIONS)}, got {self.name!r}"))
+        if self.compute_dtype not in ("fp32", "bf16", "fp16"):
+            problems.append(
+                ("precision.compute_dtype", f"must be fp32, bf16 or fp16, got {self.compute_dtype!r}")
+            )
+        if self.double_quant and self.name not in ("nf4", "fp4"):
+            problems.append(("precision.double_quant", f"applies to nf4/fp4 only, precision is {self.name}"))
+        return problems
+
+    @property
+    def quantized(self) -> bool:
+        return self.name in QUANTIZED_PRECISIONS
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 250  # optimizer steps
+    batch_size: int = 16  # per worker, per micro-step
+    grad_accum: int = 1  # global batch = batch_size * grad_accum * num_workers
+    lr: float = 2e-3  # LoRA-scale; full fine-tuning wants ~10x less
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw"
+    eval_batch_size: int = 64
+    log_every: int = 10  # steps between train/* metrics
+    seed: int = 0
+    num_workers: int = 1  # Ray Train workers (DDP when > 1)
+    cpus_per_worker: int = 1  # also torch's intra-op threads
+    use_gpu: bool = False
+    time_limit_s: Optional[float] = None  # per trial; None = no limit
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        positive = ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "log_every", "num_workers",
+                    "cpus_per_worker")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                problems.append((f"train.{key}", f"must be > 0, got {getattr(self, key)}"))
+        if not self.lr > 0:
+            problems.append(("train.lr", f"must be > 0, got {self.lr}"))
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(("train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"))
+        if self.scheduler not in SCHEDULERS:
+            problems.append(("train.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"))
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(("train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"))
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            problems.append(("train.time_limit_s", f"must be > 0 or null, got {self.time_limit_s}"))
+        return problems
+
+
+@dataclass
+class StageConfig:
+    # sft today; reward / rl / dpo recipes plug in here.
+    name: str = "sft"
+
+    def check(self) -> list[tuple[str, str]]:
+        from trainers.recipes import RECIPES
+
+        if self.name not in RECIPES:
+            return [("stage.name", f"unknown stage {self.name!r}; known: {', '.join(sorted(RECIPES))}")]
+        return []
+
+
+@dataclass
+class ClusterConfig:
+    # null = start a local Ray; auto | HOST:PORT | ray://HOST:10001 = attach to a running cluster.
+    address: Optional[str] = None
+    # Upper bound on trials running at once; null = as many as the cluster's resources allow.
+    max_concurrent_trials: Optional[int] = None
+    # Local Ray only: CPUs it may use (null = all).
+    num_cpus: Optional[int] = None
+    # Times Ray Train restarts a trial's workers after a worker failure.
+    max_failures: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"
+    experiment: Optional[str] = None  # null = the sweep's name
+
+
+@dataclass
+class StorageConfig:
+    # Checkpoints and adapters of every trial; a path all nodes see, or s3://bucket/prefix.
+    path: str = "runs"
+
+
+@dataclass
+class SweepConfig:
+    name: str = "single"
+    # Cartesian product: {"method.r": [1, 2, 4]} -> 3 trials. Keys are Hydra override keys.
+    axes: Dict[str, Any] = field(default_factory=dict)
+    # Explicit override sets, each crossed with `axes`: [{"method": "full"}, {"method.r": 8}].
+    variants: List[Any] = field(default_factory=list)
+    seeds: List[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # Typed by the chosen method's own dataclass (trainers.methods registry).
+    method: Any = None
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    dry_run: bool = False
+
+
+def check_precision_device(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """Precision settings the chosen device cannot train with (method-independent)."""
+    if cfg.train.use_gpu:
+        return []
+    why = ("CPU fp16 kernels are slow fallbacks (no speed or memory win) and this trainer has no fp16 "
+           "loss scaling; on CPU use bf16 or fp32, or set train.use_gpu=true")
+    if cfg.precision.name == "fp16":
+        return [("precision.name", f"fp16 training needs a GPU: {why}")]
+    if cfg.precision.quantized and cfg.precision.compute_dtype == "fp16":
+        return [("precision.compute_dtype", f"fp16 compute needs a GPU: {why}")]
+    return []
+
+
+def check(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """All value problems of a composed config, each as (dotted key, message)."""
+    from trainers.methods import METHODS
+
+    problems: list[tuple[str, str]] = []
+    for part in (cfg.model, cfg.data, cfg.precision, cfg.train, cfg.stage):
+        problems += part.check()
+    problems += check_precision_device(cfg)
+    spec = METHODS.get(getattr(cfg.method, "name", None))
+    if spec is None:
+        problems.append(("method.name", f"unknown method; known: {', '.join(sorted(METHODS))}"))
+    else:
+        problems += [(f"method.{key}", msg) for key, msg in cfg.method.check()]
+        problems += spec.check_combination(cfg)
+    return problems
+
+
+def from_container(raw: dict | DictConfig) -> ExperimentConfig:
+    """Typed config from a plain (resolved) mapping; raises ConfigError naming bad keys."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trainers.methods import METHODS
+
+    raw = OmegaConf.create(raw) if not isinstance(raw, DictConfig) else raw
+    method_raw = raw.get("method") or {}
+    name = method_raw.get("name") if isinstance(method_raw, (dict, DictConfig)) else None
+    if name not in METHODS:
+        raise ConfigError([("method.name", f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")])
+    try:
+        schema = OmegaConf.structured(ExperimentConfig)
+        schema.method = OmegaConf.structured(METHODS[name].config_cls)
+        merged = OmegaConf.merge(schema, raw)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError([(key, str(err).splitlines()[0])]) from None
+    problems = check(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_container(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """{"method": {"r": 8}} -> {"method.r": 8}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat

@@ -1,0 +1,306 @@
+"""JSONL data: validation that names `file:line`, prompt templates, tokenization with loss masks.
+
+Formats (one JSON object per line):
+  instruction  {"instruction": str, "input": str (optional), "output": str}
+  chat         {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  preference   {"prompt": str, "chosen": str, "rejected": str}
+               (or chosen/rejected as message lists, the common form of public preference sets)
+
+A bad row is an error naming `file:line` and the rule it breaks; nothing is dropped silently.
+Rows longer than `data.max_seq_len` tokens follow `data.overlength` (error | truncate | drop),
+and truncated/dropped rows are counted in `DatasetStats`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding tokens)
+
+PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+PROMPT_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+CHAT_ROLE_HEADER = "### {role}:\n"
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A data file breaks a rule; the message starts with `file:line:`."""
+
+
+@dataclass
+class Row:
+    source: str  # "file:line"
+    data: dict[str, Any]
+
+
+@dataclass
+class DatasetStats:
+    rows: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+    def as_metrics(self, split: str) -> dict[str, float]:
+        return {f"data/{split}_rows": self.rows, f"data/{split}_truncated": self.truncated,
+                f"data/{split}_dropped": self.dropped}
+
+
+def resolve_path(uri: str) -> Path:
+    """`embedded:NAME` -> a file shipped with the project; anything else is a filesystem path."""
+    from trainers import embedded
+
+    if embedded.is_embedded(uri):
+        return embedded.resolve(uri)
+    return Path(uri).expanduser()
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> Iterator[Row]:
+    """Rows of a JSONL file; blank lines are skipped, anything else must be a JSON object."""
+    with open(path, encoding="utf-8") as handle:
+        count = 0
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield Row(where, obj)
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+
+def detect_format(row: Row) -> str:
+    keys = set(row.data)
+    if "messages" in keys:
+        return "chat"
+    if {"chosen", "rejected"} & keys:
+        return "preference"
+    if "instruction" in keys or "output" in keys:
+        return "instruction"
+    raise DataError(
+        f"{row.source}: cannot tell the format from keys {sorted(keys)}; expected instruction "
+        "(instruction, output), chat (messages) or preference (prompt, chosen, rejected)"
+    )
+
+
+def _require_text(row: Row, key: str, optional: bool = False) -> str:
+    if key not in row.data:
+        if optional:
+            return ""
+        raise DataError(f"{row.source}: missing field {key!r}")
+    value = row.data[key]
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{row.source}: field {key!r} must be a string, got {type(value).__name__}")
+    if not optional and not value.strip():
+        raise DataError(f"{row.source}: field {key!r} is empty")
+    return value
+
+
+def _check_messages(row: Row, messages: Any, key: str, final_role: str = "assistant") -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{row.source}: field {key!r} must be a non-empty list of messages")
+    previous = None
+    for i, message in enumerate(messages):
+        where = f"{row.source}: {key}[{i}]"
+        if not isinstance(message, dict):
+            raise DataError(f"{where} must be an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise DataError(f"{where}: role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        if not isinstance(content, str) or not content.strip():
+            raise DataError(f"{where}: content is missing or empty")
+        if role == "system" and i != 0:
+            raise DataError(f"{where}: a system message may only come first")
+        if role != "system" and role == previous:
+            raise DataError(f"{where}: roles out of order ({role} follows {previous}; user and assistant alternate)")
+        if role == "assistant" and previous not in ("user",):
+            raise DataError(f"{where}: roles out of order (assistant must follow a user message)")
+        previous = role
+    if previous != final_role:
+        raise DataError(f"{row.source}: {key} must end with an {final_role} message, ends with {previous}")
+    return messages
+
+
+def validate_row(row: Row, fmt: str) -> dict[str, Any]:
+    """Normalised row for `fmt`, or DataError naming file:line and the broken rule."""
+    if fmt == "instruction":
+        return {"instruction": _require_text(row, "instruction"), "input": _require_text(row, "input", optional=True),
+                "output": _require_text(row, "output")}
+    if fmt == "chat":
+        if "messages" not in row.data:
+            raise DataError(f"{row.source}: missing field 'messages'")
+        return {"messages": _check_messages(row, row.data["messages"], "messages")}
+    if fmt == "preference":
+        for key in ("chosen", "rejected"):
+            if key not in row.data:
+                raise DataError(f"{row.source}: missing field {key!r}")
+        chosen, rejected = row.data["chosen"], row.data["rejected"]
+        if isinstance(chosen, list) or isinstance(rejected, list):
+            # Public preference sets: chosen/rejected are whole conversations sharing a prompt prefix.
+            chosen_m = _check_messages(row, chosen, "chosen")
+            rejected_m = _check_messages(row, rejected, "rejected")
+            if chosen_m[:-1] != rejected_m[:-1]:
+                raise DataError(f"{row.source}: chosen and rejected must share every message but the last")
+            prompt = render_chat_prompt(chosen_m[:-1])
+            chosen, rejected = chosen_m[-1]["content"], rejected_m[-1]["content"]
+        else:
+            prompt = format_prompt(_require_text(row, "prompt"), "")
+            chosen, rejected = _require_text(row, "chosen"), _require_text(row, "rejected")
+        if chosen.strip() == rejected.strip():
+            raise DataError(f"{row.source}: chosen and rejected are identical")
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    raise ValueError(f"unknown data format {fmt!r}")
+
+
+def load_rows(uri: str, fmt: str = "auto", limit: int | None = None) -> tuple[str, list[dict[str, Any]], list[str]]:
+    """(format, normalised rows, their `file:line` sources) of a JSONL file; validates every row."""
+    path = resolve_path(uri)
+    if not path.is_file():
+        raise DataError(f"{uri}: data file not found")
+    rows, sources = [], []
+    for row in read_jsonl(path, limit):
+        if fmt == "auto":
+            fmt = detect_format(row)
+        rows.append(validate_row(row, fmt))
+        sources.append(row.source)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return fmt, rows, sources
+
+
+def format_prompt(instruction: str, input_text: str = "") -> str:
+    if input_text.strip():
+        return PROMPT_TEMPLATE_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def render_chat_prompt(messages: list[dict]) -> str:
+    """Conversation so far plus the header that asks for the assistant's next turn."""
+    text = "".join(CHAT_ROLE_HEADER.format(role=m["role"].capitalize()) + m["content"] + "\n\n" for m in messages)
+    return text + CHAT_ROLE_HEADER.format(role="Assistant")
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken
+    source: str = ""
+
+
+@dataclass
+class EvalPrompt:
+    prompt_ids: list[int]
+    answer: str
+    source: str = ""
+
+
+@dataclass
+class TokenizedSplit:
+    examples: list[Example] = field(default_factory=list)
+    prompts: list[EvalPrompt] = field(default_factory=list)
+    stats: DatasetStats = field(default_factory=DatasetStats)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _bos(tokenizer) -> list[int]:
+    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        return [tokenizer.bos_token_id]
+    return []
+
+
+def _encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Piecewise encoding (as generation sees it): role header, then content; assistant turns train."""
+    ids = _bos(tokenizer)
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, message in enumerate(messages):
+        header = _ids(tokenizer, CHAT_ROLE_HEADER.format(role=message["role"].capitalize()))
+        trains = message["role"] == "assistant"
+        if message["role"] == "assistant":
+            body = _ids(tokenizer, message["content"]) + [tokenizer.eos_token_id]
+            tail = _ids(tokenizer, "\n\n") if i < len(messages) - 1 else []
+        else:
+            body, tail = _ids(tokenizer, message["content"] + "\n\n"), []
+        ids += header + body + tail
+        labels += [IGNORE_INDEX] * len(header) + (body if trains else [IGNORE_INDEX] * len(body))
+        labels += [IGNORE_INDEX] * len(tail)
+    return ids, labels
+
+
+def encode_row(tokenizer, row: dict, fmt: str) -> tuple[list[int], list[int]]:
+    """Token ids and labels: prompt tokens masked, response tokens + eos trained."""
+    if fmt == "instruction":
+        prompt = _bos(tokenizer) + _ids(tokenizer, format_prompt(row["instruction"], row["input"]))
+        answer = _ids(tokenizer, row["output"]) + [tokenizer.eos_token_id]
+        return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+    if fmt == "chat":
+        return _encode_chat(tokenizer, row["messages"])
+    raise ValueError(f"encode_row does not handle format {fmt!r}")
+
+
+def eval_prompt(tokenizer, row: dict, fmt: str) -> tuple[list[int], str]:
+    """Prompt ids for generation and the expected answer (instruction: output; chat: last turn)."""
+    if fmt == "instruction":
+        return _bos(tokenizer) + _ids(tokenizer, format_prompt(row["instruction"], row["input"])), row["output"]
+    history, _ = _encode_chat(tokenizer, row["messages"][:-1]) if len(row["messages"]) > 1 else (_bos(tokenizer), [])
+    header = _ids(tokenizer, CHAT_ROLE_HEADER.format(role="Assistant"))
+    return history + header, row["messages"][-1]["content"]
+
+
+def tokenize_split(tokenizer, rows: list[dict], sources: list[str], fmt: str, max_seq_len: int,
+                   overlength: str, with_prompts: bool = False) -> TokenizedSplit:
+    split = TokenizedSplit()
+    for row, source in zip(rows, sources):
+        ids, labels = encode_row(tokenizer, row, fmt)
+        if len(ids) > max_seq_len:
+            if overlength == "error":
+                raise DataError(
+                    f"{source}: {len(ids)} tokens exceeds data.max_seq_len={max_seq_len} "
+                    "(set data.overlength=truncate or drop to allow)"
+                )
+            if overlength == "drop":
+                split.stats.dropped += 1
+                continue
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            if all(label == IGNORE_INDEX for label in labels):
+                split.stats.dropped += 1  # nothing left to learn from
+                continue
+            split.stats.truncated += 1
+        split.examples.append(Example(ids, labels, source))
+        if with_prompts:
+            prompt_ids, answer = eval_prompt(tokenizer, row, fmt)
+            split.prompts.append(EvalPrompt(prompt_ids, answer, source))
+    split.stats.rows = len(split.examples)
+    if not split.examples:
+        raise DataError(f"no usable rows left after data.overlength={overlength} (max_seq_len={max_seq_len})")
+    return split
+
+
+def pad_batch(examples: list[Example], pad_id: int) -> dict[str, "torch.Tensor"]:
+    """Right-padded input_ids / attention_mask / labels tensors for a list of examples."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attention[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

@@ -1,0 +1,87 @@
+"""Evaluation of a causal LM on held-out data: token loss, perplexity, exact-match accuracy.
+
+Exact match: greedy generation from the prompt, cut at the first eos or newline, stripped,
+compared with the expected answer. This is the task accuracy that fine-tuning should raise.
+"""
+
+from __future__ import annotations
+
+import math
+
+from trainers.data import IGNORE_INDEX, EvalPrompt, Example, pad_batch
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") and model.__class__.__name__.endswith("DataParallel") else model
+
+
+def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, device) -> float:
+    """Mean cross-entropy over all trained (response) tokens of the split."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in pad_batch(examples[start:start + batch_size], pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"]
+            # Prefix/prompt tuning prepend virtual tokens to the logits: keep the last positions.
+            logits = logits[:, -labels.shape[1]:, :]
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+            shift_labels = labels[:, 1:].reshape(-1)
+            total += F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += int((shift_labels != IGNORE_INDEX).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+def normalise_answer(text: str) -> str:
+    return text.split("\n", 1)[0].strip()
+
+
+def generate_answers(model, tokenizer, prompts: list[EvalPrompt], batch_size: int, max_new_tokens: int,
+                     device) -> list[str]:
+    """Greedy completions of left-padded prompts, decoded up to eos."""
+    import torch
+
+    model.eval()
+    answers: list[str] = []
+    pad_id = tokenizer.pad_token_id
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            width = max(len(p.prompt_ids) for p in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):
+                input_ids[i, width - len(p.prompt_ids):] = torch.tensor(p.prompt_ids)
+                attention[i, width - len(p.prompt_ids):] = 1
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+            )
+            for row in out[:, width:].tolist():
+                if tokenizer.eos_token_id in row:
+                    row = row[:row.index(tokenizer.eos_token_id)]
+                answers.append(tokenizer.decode(row, skip_special_tokens=True))
+    model.train()
+    return answers
+
+
+def exact_match(predictions: list[str], prompts: list[EvalPrompt]) -> float:
+    hits = sum(normalise_answer(p) == normalise_answer(q.answer) for p, q in zip(predictions, prompts))
+    return hits / max(len(prompts), 1)
+
+
+def evaluate(model, tokenizer, examples: list[Example], prompts: list[EvalPrompt], batch_size: int,
+             max_new_tokens: int, device) -> dict[str, float]:
+    model = unwrap(model)
+    loss = eval_loss(model, examples, batch_size, tokenizer.pad_token_id, device)
+    predictions = generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens, device)
+    return {
+        "eval/loss": loss,
+        "eval/perplexity": math.exp(min(loss, 50.0)),
+        "eval/accuracy": exact_match(predictions, prompts),
+    }

@@ -1,0 +1,149 @@
+"""Shared shapes of a method entry: its config base class and its registry record.
+
+Artifacts: PEFT methods save `adapter/` through `save_pretrained` (adapter_config.json +
+adapter_model.safetensors, loadable with `peft.PeftModel.from_pretrained`). Methods PEFT does not
+have (BitFit, bottleneck adapters) save `adapter/` as method_config.json (the method and its
+config) + adapter_model.safetensors (the trained tensors under their names in the model).
+`trainers.methods.load_trained(base, dir)` reloads any of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainers.config import ExperimentConfig
+
+METHOD_CONFIG_FILE = "method_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+# Attribute a non-PEFT method leaves on the model it attached to: {"method": name, "config": {...}}.
+METHOD_RECORD_ATTR = "trained_method_record"
+
+
+@dataclass
+class MethodConfig:
+    name: str = "?"
+
+    def check(self) -> list[tuple[str, str]]:
+        """Problems with this method's own fields, keyed relative to `method.`."""
+        return []
+
+
+def no_combination_limits(cfg: "ExperimentConfig") -> list[tuple[str, str]]:
+    return []
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    config_cls: type
+    # Freeze/wrap the loaded base model for training; returns the model to train.
+    apply: Callable[["torch.nn.Module", "ExperimentConfig"], "torch.nn.Module"]
+    # `adapter`: PEFT adapter dir (adapter_config.json + adapter_model.safetensors); `model`: full weights.
+    saves: Literal["adapter", "model"] = "adapter"
+    # Which precisions/stages it can sit on; returns (key, reason) for impossible combinations.
+    check_combination: Callable[["ExperimentConfig"], list[tuple[str, str]]] = no_combination_limits
+    summary: str = ""
+
+    def save(self, model: "torch.nn.Module", out_dir: Path) -> Path:
+        """Write what this method trained to out_dir (safetensors) and return it."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        return out_dir
+
+    def load(self, base_model: "torch.nn.Module", artifact_dir: Path) -> "torch.nn.Module":
+        """The trained model: `base_model` (as load_base_model returns it) plus what save() wrote."""
+        if self.saves == "model":
+            model = type(base_model).from_pretrained(str(artifact_dir), dtype=base_model.dtype,
+                                                     use_safetensors=True)
+            return model.to(base_model.device)
+        import peft
+
+        return peft.PeftModel.from_pretrained(base_model, str(artifact_dir))
+
+
+@dataclass
+class TensorsMethodSpec(MethodSpec):
+    """A method outside PEFT: its artifact is its trainable tensors plus method_config.json.
+
+    `attach(model, method_cfg)` makes the method's structural change (inserted modules) without
+    touching requires_grad; `apply` calls it before choosing what trains, and `load` calls it
+    again on a fresh base before copying the saved tensors in.
+    """
+
+    attach: Optional[Callable[["torch.nn.Module", Any], "torch.nn.Module"]] = None
+
+    def attach_to(self, model: "torch.nn.Module", method_cfg) -> "torch.nn.Module":
+        if self.attach is not None:
+            model = self.attach(model, method_cfg)
+        setattr(model, METHOD_RECORD_ATTR, {"method": self.name, "config": dataclasses.asdict(method_cfg)})
+        return model
+
+    def save(self, model: "torch.nn.Module", out_dir: Path) -> Path:
+        from safetensors.torch import save_file
+
+        record = getattr(model, METHOD_RECORD_ATTR, None)
+        if record is None or record["method"] != self.name:
+            raise ValueError(f"model was not prepared by method {self.name!r}; nothing to save")
+        tensors = {name: param.detach().cpu().contiguous()
+                   for name, param in model.named_parameters() if param.requires_grad}
+        if not tensors:
+            raise ValueError(f"method {self.name!r}: the model has no trainable tensors to save")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out_dir / ADAPTER_WEIGHTS_FILE), metadata={"method": self.name})
+        (out_dir / METHOD_CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        return out_dir
+
+    def load(self, base_model: "torch.nn.Module", artifact_dir: Path) -> "torch.nn.Module":
+        import torch
+        from safetensors.torch import load_file
+
+        artifact_dir = Path(artifact_dir)
+        record = json.loads((artifact_dir / METHOD_CONFIG_FILE).read_text())
+        model = self.attach_to(base_model, self.config_cls(**record["config"]))
+        own = dict(model.named_parameters())
+        saved = load_file(str(artifact_dir / ADAPTER_WEIGHTS_FILE))
+        stray = sorted(set(saved) - set(own))
+        if stray:
+            raise ValueError(f"{artifact_dir}: tensors with no place in {type(model).__name__}: {', '.join(stray[:3])}")
+        with torch.no_grad():
+            for name, value in saved.items():
+                if own[name].shape != value.shape:
+                    raise ValueError(f"{artifact_dir}: {name} has shape {tuple(value.shape)}, "
+                                     f"the model expects {tuple(own[name].shape)}")
+                own[name].copy_(value)
+        model.requires_grad_(False)
+        return model
+
+
+def prepare_quantized_base(model: "torch.nn.Module", cfg: "ExperimentConfig") -> "torch.nn.Module":
+    """On an int8/nf4/fp4 base: freeze every weight and upcast the unquantized ones (norms,
+    embeddings, biases) to fp32, so that what a method then unfreezes trains in fp32."""
+    if cfg.precision.quantized:
+        import peft
+
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def positive(method: MethodConfig, *keys: str) -> list[tuple[str, str]]:
+    """(key, message) for each integer field of `method` that is not > 0."""
+    return [(key, f"must be > 0, got {getattr(method, key)}") for key in keys if getattr(method, key) <= 0]
+
+
+def fp16_weights_problem(cfg: "ExperimentConfig", what: str) -> list[tuple[str, str]]:
+    """For methods that train tensors stored in the base dtype (full, BitFit, LN tuning): fp16
+    storage plus torch AdamW diverges on the first step, since Adam's second moment (g^2, 1e-6 and
+    below) underflows to 0 in fp16 and so does eps=1e-8, making the update m / 0 = inf."""
+    if cfg.precision.name != "fp16" or cfg.train.optimizer != "adamw":
+        return []
+    return [("precision.name",
+             f"{what} trains fp16 tensors directly; with train.optimizer=adamw the first step sends them to "
+             "inf (Adam's g^2 and eps underflow to 0 in fp16): use precision=bf16 or fp32, or an optimizer "
+             "with fp32 math inside (train.optimizer=adamw_8bit, paged_adamw_8bit or paged_adamw_32bit)")]

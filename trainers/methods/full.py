@@ -1,0 +1,31 @@
+"""Full fine-tuning: every weight trains; the saved artifact is the whole model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainers.methods import register
+from trainers.methods.base import MethodConfig, MethodSpec, fp16_weights_problem
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    name: str = "full"
+
+
+def apply(model, cfg):
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def check_combination(cfg) -> list[tuple[str, str]]:
+    if cfg.precision.quantized:
+        return [("precision.name",
+                 f"full fine-tuning cannot update {cfg.precision.name} quantized weights; "
+                 "use fp32/bf16/fp16, or a LoRA-style method on the quantized base")]
+    return fp16_weights_problem(cfg, "full fine-tuning")
+
+
+register(MethodSpec(name="full", config_cls=FullConfig, apply=apply, saves="model",
+                    check_combination=check_combination, summary="all weights trainable"))

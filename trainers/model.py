@@ -1,0 +1,114 @@
+"""Loading a base model and its tokenizer: the embedded default, a local directory or a hub id.
+
+Every source goes through the same `from_pretrained` path. Safetensors only unless
+`model.allow_pickle=true`; remote code only with `model.trust_remote_code=true` and a pinned
+`model.revision`. Precision decides how the frozen base weights are stored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainers.config import ExperimentConfig, ModelConfig, PrecisionConfig
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    from trainers import embedded
+
+    if embedded.is_embedded(name_or_path):
+        return str(embedded.resolve(name_or_path))
+    return name_or_path
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[name])
+
+
+def quantization_config(precision: PrecisionConfig):
+    """bitsandbytes settings for int8 / nf4 / fp4 bases; None for float precisions."""
+    if not precision.quantized:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if precision.name == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=precision.name,
+        bnb_4bit_use_double_quant=precision.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(precision.compute_dtype),
+    )
+
+
+def _common_kwargs(model_cfg: ModelConfig) -> dict:
+    kwargs = {"trust_remote_code": model_cfg.trust_remote_code}
+    if model_cfg.revision:
+        kwargs["revision"] = model_cfg.revision
+    return kwargs
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_cfg.name_or_path), **_common_kwargs(model_cfg))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"model.name_or_path={model_cfg.name_or_path}: tokenizer has no eos token")
+    tokenizer.padding_side = "left"  # generation appends on the right
+    return tokenizer
+
+
+def load_base_model(cfg: ExperimentConfig, device, model_class=None):
+    """The base model at the configured precision, on `device`, not yet adapted by a method."""
+    from transformers import AutoModelForCausalLM
+
+    model_class = model_class or AutoModelForCausalLM
+    path = resolve_model_path(cfg.model.name_or_path)
+    kwargs = _common_kwargs(cfg.model)
+    kwargs["use_safetensors"] = None if cfg.model.allow_pickle else True
+    quant = quantization_config(cfg.precision)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device}
+        kwargs["dtype"] = torch_dtype(cfg.precision.compute_dtype)
+    else:
+        kwargs["dtype"] = torch_dtype(cfg.precision.name)
+    try:
+        model = model_class.from_pretrained(path, **kwargs)
+    except OSError as err:
+        if not cfg.model.allow_pickle and Path(path).is_dir() and not list(Path(path).glob("*.safetensors")):
+            raise OSError(
+                f"model.name_or_path={cfg.model.name_or_path}: no safetensors weights; pickle checkpoints "
+                "can run code when loaded and are refused unless model.allow_pickle=true"
+            ) from err
+        raise
+    if quant is None:
+        model.to(device)
+    model.config.use_cache = False  # training; generation turns it back on
+    return model
+
+
+def encoded_numel(param) -> int:
+    """Parameters a tensor encodes: a quantized 4-bit weight packs two per uint8 element (its
+    quant_state keeps the original shape); int8 (LLM.int8) weights hold one per element."""
+    if param.__class__.__name__ == "Params4bit" and getattr(param, "bnb_quantized", False):
+        state = getattr(param, "quant_state", None)
+        return int(state.shape.numel()) if state is not None else param.numel() * 2
+    return param.numel()
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared tensor once; quantized weights count as the
+    parameters they encode, so a 4-bit model reports the same total as its fp32 original."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = encoded_numel(param)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,57 @@
+"""Supervised fine-tuning: setup -> train -> evaluate -> save.
+
+Loss only on response tokens; eval reports loss, perplexity and exact-match accuracy by greedy
+generation; the method's artifact (adapter or full model) is saved as safetensors.
+"""
+
+from __future__ import annotations
+
+from trainers.context import TrialContext
+from trainers.data import load_rows, tokenize_split
+from trainers.evaluate import evaluate
+from trainers.methods import METHODS
+from trainers.model import count_parameters, load_base_model, load_tokenizer
+from trainers.training import train_loop
+
+
+def run(ctx: TrialContext) -> dict[str, float]:
+    cfg, device = ctx.cfg, ctx.device
+
+    # --- setup: data first, so a bad row fails before the model costs anything
+    tokenizer = load_tokenizer(cfg.model)
+    fmt, rows, sources = load_rows(cfg.data.train_file, cfg.data.format, cfg.data.max_train_rows)
+    train = tokenize_split(tokenizer, rows, sources, fmt, cfg.data.max_seq_len, cfg.data.overlength)
+    evaluation = None
+    if cfg.data.eval_file:
+        eval_fmt, eval_rows, eval_sources = load_rows(cfg.data.eval_file, fmt, cfg.data.max_eval_rows)
+        evaluation = tokenize_split(tokenizer, eval_rows, eval_sources, eval_fmt, cfg.data.max_seq_len,
+                                    cfg.data.overlength, with_prompts=True)
+
+    ctx.memory.start()
+    spec = METHODS[cfg.method.name]
+    model = spec.apply(load_base_model(cfg, device), cfg)
+    trainable, total = count_parameters(model)
+    ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total,
+                             **train.stats.as_metrics("train")})
+
+    # --- train
+    stats = train_loop(ctx.wrap_ddp(model), train.examples, cfg.train, tokenizer.pad_token_id, device, ctx.dist,
+                       ctx.tracker)
+    metrics = {
+        "model/trainable_params": trainable,
+        "model/total_params": total,
+        "perf/tokens_per_s": stats.tokens_per_s,
+        "time/train_s": stats.train_s,
+        "train/final_loss": stats.last_loss,
+    }
+
+    # --- evaluate and save (rank 0; the others wait at the barrier)
+    if ctx.dist.is_main:
+        if evaluation is not None:
+            metrics.update(evaluate(model, tokenizer, evaluation.examples, evaluation.prompts,
+                                    cfg.train.eval_batch_size, cfg.data.max_new_tokens, device))
+        metrics["mem/peak_bytes"] = ctx.memory.peak_bytes()
+        artifact_dir = ctx.save_artifact(spec, model, tokenizer)
+        metrics["model/adapter_bytes"] = ctx.artifact_bytes(artifact_dir)
+    ctx.barrier()
+    return metrics

@@ -1,0 +1,244 @@
+"""Process-level helpers of a trial: seeding, threads, distributed rank, device, peak memory."""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import weakref
+from dataclasses import dataclass
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo()
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(use_gpu: bool, local_rank: int = 0):
+    import torch
+
+    if use_gpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.use_gpu=true but no CUDA device is visible to this process")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+class LiveTensorBytes:
+    """Bytes held by live tensor storages on one device type, and their peak since `enter()`.
+
+    A torch dispatch mode sees every aten op (forward, backward and optimizer alike); each storage
+    an op reads or writes is counted once (views share it) from the moment it is first seen until
+    it is freed (a weakref finalizer on the storage). Storages alive before `enter()` are ignored.
+    Reading inputs too catches tensors made outside the dispatcher, e.g. weights memory-mapped from
+    safetensors, at their first use. Allocations inside a kernel that never surface as tensors
+    (scratch space of a matmul or attention kernel) are not seen. Only the thread that called
+    `enter()` is watched (dispatch modes are thread-local).
+    """
+
+    SKIP, READ, MUTATE = 0, 1, 2  # what an op can do to the set of live storages
+
+    def __init__(self, device_type: str = "cpu"):
+        self.device_type = device_type
+        self.live: dict[int, list] = {}  # storage key -> [bytes, weakref to the storage]
+        self.live_bytes = 0
+        self.peak = 0
+        self._ignored: set[int] = set()
+        self._op_kinds: dict = {}
+        self._mode = None
+
+    def enter(self) -> None:
+        import gc
+
+        import torch
+
+        for obj in gc.get_objects():
+            if issubclass(type(obj), torch.Tensor):  # not isinstance: it wakes lazy module proxies
+                self._ignore(obj)
+        self._mode = _storage_tracking_mode()(self)
+        self._mode.__enter__()
+
+    def exit(self) -> None:
+        """Stop seeing new storages; frees of counted ones still register."""
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        if self._mode is None:
+            return
+        if _get_current_dispatch_mode() is self._mode:
+            self._mode.__exit__(None, None, None)
+        else:  # another mode was pushed on top: leave the stack alone, stop counting
+            self._mode.tracker = None
+        self._mode = None
+
+    def op_kind(self, func) -> int:
+        """View ops only alias what their input holds; ops that write in place may resize."""
+        kind = self._op_kinds.get(func)
+        if kind is None:
+            schema = func._schema
+            kind = (self.SKIP if func.is_view else
+                    self.MUTATE if schema.is_mutable or func.overloadpacket.__name__.startswith("set_") else
+                    self.READ)
+            self._op_kinds[func] = kind
+        return kind
+
+    def _storage(self, tensor):
+        if (tensor.is_cpu if self.device_type == "cpu" else tensor.device.type == self.device_type):
+            try:
+                return tensor.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # sparse, or a subclass without storage
+                return None
+        return None
+
+    def _ignore(self, tensor) -> None:
+        storage = self._storage(tensor)
+        if storage is None or storage._cdata in self._ignored:
+            return
+        self._ignored.add(storage._cdata)
+        weakref.finalize(storage, self._ignored.discard, storage._cdata)
+
+    def note(self, tensor, recheck: bool = False) -> None:
+        """Count `tensor`'s storage if it is new (or, with recheck, if its size changed)."""
+        storage = self._storage(tensor)
+        if storage is None:
+            return
+        key = storage._cdata
+        entry = self.live.get(key)
+        if entry is not None and not recheck:
+            return
+        nbytes = storage.nbytes()
+        if entry is None:
+            if key in self._ignored or nbytes == 0:
+                return
+            # weakref.ref with a callback is much cheaper than weakref.finalize; keep the ref alive
+            entry = self.live[key] = [0, weakref.ref(storage, functools.partial(self._free, key))]
+        old = entry[0]
+        if old == nbytes:
+            return
+        entry[0] = nbytes
+        self.live_bytes += nbytes - old
+        if self.live_bytes > self.peak:
+            self.peak = self.live_bytes
+
+    def _free(self, key: int, _ref=None) -> None:
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            self.live_bytes -= entry[0]
+
+
+def _storage_tracking_mode():
+    """The dispatch mode class behind LiveTensorBytes (built on first use: importing torch is slow)."""
+    global _STORAGE_TRACKING_MODE
+    if _STORAGE_TRACKING_MODE is not None:
+        return _STORAGE_TRACKING_MODE
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    Tensor = torch.Tensor
+
+    class StorageTrackingMode(TorchDispatchMode):
+        def __init__(self, tracker: LiveTensorBytes):
+            super().__init__()
+            self.tracker = tracker
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tracker = self.tracker
+            if tracker is None:
+                return out
+            kind = tracker.op_kind(func)
+            if kind == LiveTensorBytes.SKIP:
+                return out
+            recheck = kind == LiveTensorBytes.MUTATE
+            live, note = tracker.live, tracker.note
+            groups = (args, out if isinstance(out, (tuple, list)) else (out,))
+            if kwargs:
+                groups += (tuple(kwargs.values()),)
+            for group in groups:
+                for item in group:
+                    if isinstance(item, Tensor):
+                        items = (item,)
+                    elif isinstance(item, (tuple, list)):
+                        items = [sub for sub in item if isinstance(sub, Tensor)]
+                    else:
+                        continue
+                    for tensor in items:
+                        # fast path: a CPU storage already counted, nothing written in place
+                        if not recheck and tensor.is_cpu and tensor.untyped_storage()._cdata in live:
+                            continue
+                        note(tensor, recheck)
+            return out
+
+    _STORAGE_TRACKING_MODE = StorageTrackingMode
+    return StorageTrackingMode
+
+
+_STORAGE_TRACKING_MODE = None
+
+
+class PeakMemory:
+    """Peak bytes of tensors allocated by the work between start() and peak_bytes().
+
+    The number means the same on both devices: the high-water mark of bytes held by live tensor
+    storages created after start() - parameters (at their stored width: 4-bit weights count half
+    a byte each), gradients, optimizer states, activations saved for backward, and the transient
+    tensors of each op (logits, the loss's softmax, dequantized weights...). It excludes allocator
+    caching and fragmentation, kernel scratch space, and the Python/torch runtime itself.
+
+    CUDA: torch.cuda.max_memory_allocated (allocator statistics, free).
+    CPU: LiveTensorBytes, a dispatch mode that watches every aten op; it stays on until
+    peak_bytes() (or stop()) and slows small-model training by the overhead given in
+    benchmarks/README.md. Only the thread that called start() is watched.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self._tracker: LiveTensorBytes | None = None
+
+    def start(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        self.stop()
+        self._tracker = LiveTensorBytes(self.device.type)
+        self._tracker.enter()
+
+    def stop(self) -> None:
+        """Stop watching (CPU); the peak so far is kept."""
+        if self._tracker is not None:
+            self._tracker.exit()
+
+    def peak_bytes(self) -> int:
+        import torch
+
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self._tracker is None:
+            return 0
+        self.stop()
+        return int(self._tracker.peak)
