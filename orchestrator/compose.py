@@ -25,11 +25,13 @@ def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     from trainers.methods import METHODS
+    from trainers.recipes import RECIPES
 
     store = ConfigStore.instance()
     store.store(name="experiment_schema", node=ExperimentConfig)
-    for name, spec in METHODS.items():
-        store.store(group="method", name=f"{name}_schema", node=spec.config_cls)
+    for group, registry in (("method", METHODS), ("stage", RECIPES)):
+        for name, spec in registry.items():
+            store.store(group=group, name=f"{name}_schema", node=spec.config_cls)
     _registered = True
 
 

@@ -25,6 +25,8 @@ def _valid_companions(group: str, option: str) -> list[str]:
     extra = list(NEEDS_USER_VALUE.get((group, option), []))
     if group == "precision" and option in ("fp16",):
         extra.append("train.use_gpu=true")
+    if group == "method" and option == "qlora":
+        extra.append("precision=nf4")
     return extra
 
 

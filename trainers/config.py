@@ -148,19 +148,6 @@ class TrainConfig:
 
 
 @dataclass
-class StageConfig:
-    # sft today; reward / rl / dpo recipes plug in here.
-    name: str = "sft"
-
-    def check(self) -> list[tuple[str, str]]:
-        from trainers.recipes import RECIPES
-
-        if self.name not in RECIPES:
-            return [("stage.name", f"unknown stage {self.name!r}; known: {', '.join(sorted(RECIPES))}")]
-        return []
-
-
-@dataclass
 class ClusterConfig:
     # null = start a local Ray; auto | HOST:PORT | ray://HOST:10001 = attach to a running cluster.
     address: Optional[str] = None
@@ -202,7 +189,8 @@ class ExperimentConfig:
     method: Any = None
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    stage: StageConfig = field(default_factory=StageConfig)
+    # Typed by the chosen stage recipe's own dataclass (trainers.recipes registry).
+    stage: Any = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -227,9 +215,15 @@ def check(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     """All value problems of a composed config, each as (dotted key, message)."""
     from trainers.methods import METHODS
 
+    from trainers.recipes import RECIPES
+
     problems: list[tuple[str, str]] = []
-    for part in (cfg.model, cfg.data, cfg.precision, cfg.train, cfg.stage):
+    for part in (cfg.model, cfg.data, cfg.precision, cfg.train):
         problems += part.check()
+    if getattr(cfg.stage, "name", None) not in RECIPES:
+        problems.append(("stage.name", f"unknown stage; known: {', '.join(sorted(RECIPES))}"))
+    else:
+        problems += [(f"stage.{key}", msg) for key, msg in cfg.stage.check()]
     problems += check_precision_device(cfg)
     spec = METHODS.get(getattr(cfg.method, "name", None))
     if spec is None:
@@ -245,15 +239,20 @@ def from_container(raw: dict | DictConfig) -> ExperimentConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     from trainers.methods import METHODS
+    from trainers.recipes import RECIPES
 
     raw = OmegaConf.create(raw) if not isinstance(raw, DictConfig) else raw
-    method_raw = raw.get("method") or {}
-    name = method_raw.get("name") if isinstance(method_raw, (dict, DictConfig)) else None
-    if name not in METHODS:
-        raise ConfigError([("method.name", f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")])
+    schemas = {}
+    for group, registry in (("method", METHODS), ("stage", RECIPES)):
+        node = raw.get(group) or {}
+        name = node.get("name") if isinstance(node, (dict, DictConfig)) else None
+        if name not in registry:
+            raise ConfigError([(f"{group}.name", f"unknown {group} {name!r}; known: {', '.join(sorted(registry))}")])
+        schemas[group] = registry[name].config_cls
     try:
         schema = OmegaConf.structured(ExperimentConfig)
-        schema.method = OmegaConf.structured(METHODS[name].config_cls)
+        schema.method = OmegaConf.structured(schemas["method"])
+        schema.stage = OmegaConf.structured(schemas["stage"])
         merged = OmegaConf.merge(schema, raw)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

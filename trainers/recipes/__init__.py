@@ -1,5 +1,20 @@
-"""Stage recipes: each one trains a model for one stage of a pipeline (sft today)."""
+"""Stage recipes: each trains a model for one stage of a pipeline. A recipe is one module that
+registers a RecipeSpec (its config dataclass is the Hydra schema of `stage=NAME`)."""
 
-from trainers.recipes import sft
+from __future__ import annotations
 
-RECIPES = {"sft": sft.run}
+from trainers.recipes.base import RecipeSpec, StageConfig
+
+RECIPES: dict[str, RecipeSpec] = {}
+
+
+def register(spec: RecipeSpec) -> RecipeSpec:
+    if spec.name in RECIPES:
+        raise ValueError(f"recipe {spec.name!r} registered twice")
+    RECIPES[spec.name] = spec
+    return spec
+
+
+from trainers.recipes import sft  # noqa: E402,F401
+
+__all__ = ["RECIPES", "RecipeSpec", "StageConfig", "register"]

@@ -6,12 +6,21 @@ generation; the method's artifact (adapter or full model) is saved as safetensor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from trainers.context import TrialContext
 from trainers.data import load_rows, tokenize_split
 from trainers.evaluate import evaluate
 from trainers.methods import METHODS
 from trainers.model import count_parameters, load_base_model, load_tokenizer
+from trainers.recipes import register
+from trainers.recipes.base import RecipeSpec, StageConfig
 from trainers.training import train_loop
+
+
+@dataclass
+class SftConfig(StageConfig):
+    name: str = "sft"
 
 
 def run(ctx: TrialContext) -> dict[str, float]:
@@ -55,3 +64,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
         metrics["model/adapter_bytes"] = ctx.artifact_bytes(artifact_dir)
     ctx.barrier()
     return metrics
+
+
+register(RecipeSpec(name="sft", config_cls=SftConfig, run=run, data_kind="instruction",
+                    summary="supervised fine-tuning on instruction or chat data"))
