@@ -80,34 +80,69 @@ def main(argv: list[str] | None = None) -> int:
     return run(plan, argv)
 
 
+def open_runs(plan, tracker, argv: list[str], storage: Path) -> tuple[str, dict[str, str], set[str]]:
+    """Parent and child runs of this invocation: a fresh set, or the unfinished previous one.
+
+    Returns (parent run id, {trial key: child run id}, keys of trials already finished).
+    """
+    import shutil
+
+    previous = tracker.find_unfinished_parent(plan.key) if plan.base.resume else None
+    if previous is None:
+        parent_id = tracker.start_parent(plan.sweep, argv, plan.key)
+        for trial in plan.trials:  # a fresh run must not resume someone else's checkpoints
+            shutil.rmtree(storage / plan.experiment / trial.key / "checkpoints", ignore_errors=True)
+        return parent_id, {t.key: tracker.create_child(t, t.config) for t in plan.trials}, set()
+    children = tracker.reopen(previous)
+    run_ids, done = {}, set()
+    for trial in plan.trials:
+        run_id, status = children.get(trial.key, (None, None))
+        if status == "FINISHED":
+            done.add(trial.key)
+            run_ids[trial.key] = run_id
+        elif run_id is not None:
+            tracker.open_runs.add(run_id)
+            tracker.set_status(run_id, "SCHEDULED")
+            run_ids[trial.key] = run_id
+        else:
+            run_ids[trial.key] = tracker.create_child(trial, trial.config)
+    print(f"resuming sweep run {previous.info.run_id}: {len(done)} finished trial(s) kept, "
+          f"{len(plan.trials) - len(done)} to run (resume=false starts over)")
+    return previous.info.run_id, run_ids, done
+
+
 def run(plan, argv: list[str]) -> int:
     import ray
 
     from orchestrator.progress import ProgressBoard
     from orchestrator.report import build_report, console_table
-    from orchestrator.runner import connect, run_sweep
+    from orchestrator.runner import Outcome, connect, run_sweep
     from orchestrator.tracking import SweepTracker
 
     storage = Path(plan.base.storage.path).expanduser().resolve()
     log_file = storage / "logs" / f"{plan.sweep}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     _setup_logging(log_file)
     tracker = SweepTracker(plan.base.tracking.uri, plan.experiment)
-    parent_id = tracker.start_parent(plan.sweep, argv, "")
-    run_ids = {t.key: tracker.create_child(t, t.config) for t in plan.trials}
+    parent_id, run_ids, done = open_runs(plan, tracker, argv, storage)
 
     def terminate(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, terminate)
     board = ProgressBoard({t.key: t.label for t in plan.trials})
+    for key in done:
+        board.update(key, state="FINISHED", reason="(kept from the earlier run)")
+    todo = [t for t in plan.trials if t.key not in done]
     try:
-        ray_logs = connect(plan, log_file.parent)
         print(f"MLflow: {tracker.uri} (experiment '{plan.experiment}', parent run {parent_id})")
-        print(f"logs: {log_file} ; Ray: {ray_logs}", flush=True)
-        outcome = run_sweep(plan, tracker, run_ids, storage, board, log_file)
+        outcome = Outcome(states={k: "FINISHED" for k in done})
+        if todo:
+            ray_logs = connect(plan, log_file.parent)
+            print(f"logs: {log_file} ; Ray: {ray_logs}", flush=True)
+            outcome.merge(run_sweep(plan, todo, tracker, run_ids, storage, board, log_file))
     except KeyboardInterrupt:
         tracker.close_all("KILLED", "sweep interrupted")
-        print("\ninterrupted: open MLflow runs marked KILLED", file=sys.stderr)
+        print("\ninterrupted: open MLflow runs marked KILLED; rerun the same command to resume", file=sys.stderr)
         return 130
     except BaseException as err:
         tracker.close_all("FAILED", f"orchestrator error: {err}")

@@ -21,7 +21,7 @@ from orchestrator.compose import compose
 from trainers.config import ConfigError, ExperimentConfig, to_container
 
 GROUPS = ("model", "data", "method", "precision", "train", "stage", "cluster", "tracking")
-NOT_IN_KEY = ("cluster", "tracking", "storage", "sweep", "dry_run")
+NOT_IN_KEY = ("cluster", "tracking", "storage", "sweep", "dry_run", "resume")
 
 
 @dataclass
@@ -45,6 +45,12 @@ class Plan:
     base: ExperimentConfig
     max_concurrent: int | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """Identity of the whole sweep: its experiment and the set of its trials."""
+        blob = json.dumps([self.experiment, sorted(t.key for t in self.trials)])
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def override(key: str, value: Any) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from orchestrator.plan import Plan
 from orchestrator.progress import ProgressBoard
 from orchestrator.tracking import SweepTracker
+from trainers.faults import ENV as FAULTS_ENV
 
 log = logging.getLogger("orchestrator")
 
@@ -77,6 +78,10 @@ class Outcome:
     def failed(self) -> list[str]:
         return [k for k, s in self.states.items() if s != "FINISHED"]
 
+    def merge(self, other: "Outcome") -> None:
+        self.states.update(other.states)
+        self.reasons.update(other.reasons)
+
 
 def _short_error(trial) -> str:
     """Last meaningful line of a Tune trial's error, e.g. 'DataError: data.jsonl:3: ...'."""
@@ -128,13 +133,18 @@ def connect(plan: Plan, log_dir: Path) -> str:
 
     cluster = plan.base.cluster
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ctrl-C must reach the orchestrator (which marks runs KILLED), not Tune's graceful stop.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     kwargs = dict(log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False,
                   configure_logging=True)
     if cluster.address:
         # Workers need the dependencies, not this checkout: ship our two packages.
+        env_vars = {"RAY_TRAIN_V2_ENABLED": "1"}
+        if os.environ.get(FAULTS_ENV):  # tests and chaos runs inject faults on every node
+            env_vars[FAULTS_ENV] = os.environ[FAULTS_ENV]
         kwargs["runtime_env"] = {"py_modules": [str(REPO_ROOT / "orchestrator"), str(REPO_ROOT / "trainers")],
-                                 "env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}}
+                                 "env_vars": env_vars}
         ray.init(address=cluster.address, **kwargs)
     else:
         ray.init(num_cpus=cluster.num_cpus, **kwargs)
@@ -147,15 +157,16 @@ def connect(plan: Plan, log_dir: Path) -> str:
         return f"(ray session at {session})"
 
 
-def run_sweep(plan: Plan, tracker: SweepTracker, run_ids: dict[str, str], storage: Path,
+def run_sweep(plan: Plan, trials: list, tracker: SweepTracker, run_ids: dict[str, str], storage: Path,
               board: ProgressBoard, log_file: Path) -> Outcome:
+    """Run `trials` (of `plan`) as Ray Tune trials; returns each one's final state."""
     import contextlib
 
     from ray import tune
 
     outcome = Outcome()
     specs = []
-    for trial in plan.trials:
+    for trial in trials:
         specs.append({
             "key": trial.key,
             "cfg": trial.config,
@@ -182,7 +193,7 @@ def run_sweep(plan: Plan, tracker: SweepTracker, run_ids: dict[str, str], storag
     # Tune prints its own banners even at verbose=0; they go to the log, the board to the console.
     with open(log_file, "a") as log, contextlib.redirect_stdout(log):
         tuner.fit()
-    for trial in plan.trials:
+    for trial in trials:
         if trial.key not in outcome.states:
             outcome.states[trial.key] = "FAILED"
             outcome.reasons[trial.key] = "trial ended without reporting completion"

@@ -87,16 +87,37 @@ class SweepTracker:
             return (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
         return None
 
-    def start_parent(self, sweep: str, overrides: list[str], plan_text: str) -> str:
+    def start_parent(self, sweep: str, overrides: list[str], plan_key: str) -> str:
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}",
-            tags={"sweep": sweep, "mlflow.note.content": f"```\n{plan_text}\n```"},
+            tags={"sweep": sweep, "plan_key": plan_key},
         )
         self.parent_id = run.info.run_id
         self.open_runs.add(self.parent_id)
         _log_params(self.client, self.parent_id, {"overrides": " ".join(redact(o) for o in overrides) or "(none)"})
         return self.parent_id
+
+    def find_unfinished_parent(self, plan_key: str):
+        """Newest parent run of the same plan that did not finish (killed driver, failed trials)."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.plan_key = '{plan_key}' and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0] if runs else None
+
+    def reopen(self, parent) -> dict[str, tuple[str, str]]:
+        """Resume a parent run; returns {trial_key: (child run id, status)} of its children."""
+        self.parent_id = parent.info.run_id
+        self.client.update_run(self.parent_id, status="RUNNING")
+        self.open_runs.add(self.parent_id)
+        children = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'", max_results=5000)
+        found = {}
+        for child in children:
+            key = child.data.tags.get("trial_key")
+            if key:
+                found[key] = (child.info.run_id, child.info.status)
+        return found
 
     def create_child(self, trial, config: dict) -> str:
         run = self.client.create_run(
@@ -143,9 +164,14 @@ class TrialTracker(Tracker):
         self.report = report
         self.total_steps = total_steps
         self.client = client(uri) if rank == 0 else None
+        # A resumed trial replays the steps after its last checkpoint: log each step only once.
+        self.logged_up_to = -1
+        if self.client is not None:
+            history = self.client.get_metric_history(run_id, "train/loss")
+            self.logged_up_to = max((m.step for m in history), default=-1)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self.client is not None:
+        if self.client is not None and (step is None or step > self.logged_up_to):
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)

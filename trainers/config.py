@@ -126,6 +126,7 @@ class TrainConfig:
     cpus_per_worker: int = 1  # also torch's intra-op threads
     use_gpu: bool = False
     time_limit_s: Optional[float] = None  # per trial; None = no limit
+    checkpoint_every: int = 50  # steps between atomic checkpoints (0 = none); a restart resumes there
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -142,6 +143,8 @@ class TrainConfig:
             problems.append(("train.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"))
         if self.optimizer not in OPTIMIZERS:
             problems.append(("train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"))
+        if self.checkpoint_every < 0:
+            problems.append(("train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}"))
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             problems.append(("train.time_limit_s", f"must be > 0 or null, got {self.time_limit_s}"))
         return problems
@@ -156,7 +159,7 @@ class ClusterConfig:
     # Local Ray only: CPUs it may use (null = all).
     num_cpus: Optional[int] = None
     # Times Ray Train restarts a trial's workers after a worker failure.
-    max_failures: int = 0
+    max_failures: int = 1
 
 
 @dataclass
@@ -196,6 +199,9 @@ class ExperimentConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     dry_run: bool = False
+    # Rerunning a sweep whose last invocation did not finish continues it: finished trials are
+    # kept, unfinished ones resume from their checkpoints. false: always start fresh.
+    resume: bool = True
 
 
 def check_precision_device(cfg: ExperimentConfig) -> list[tuple[str, str]]:

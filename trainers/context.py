@@ -7,7 +7,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainers.checkpoint import CheckpointManager
 from trainers.config import ExperimentConfig
+from trainers.faults import FaultPlan
 from trainers.runtime import DistInfo, PeakMemory
 from trainers.tracking import Tracker
 
@@ -22,6 +24,8 @@ class TrialContext:
 
     def __post_init__(self):
         self.memory = PeakMemory(self.device)
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints")
+        self.faults = FaultPlan.from_env(self.output_dir, self.dist.rank)
 
     def wrap_ddp(self, model):
         if self.dist.world_size == 1:

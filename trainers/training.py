@@ -8,8 +8,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from trainers.checkpoint import CheckpointManager
 from trainers.config import TrainConfig
 from trainers.data import Example, pad_batch
+from trainers.faults import FaultPlan
 from trainers.runtime import DistInfo
 from trainers.tracking import Tracker
 
@@ -74,6 +76,7 @@ class LoopStats:
     tokens: int = 0  # trained-on (non-pad) tokens across all ranks
     train_s: float = 0.0
     last_loss: float = float("nan")
+    resumed_from: int = 0  # step of the checkpoint this run continued from (0: fresh start)
 
     @property
     def tokens_per_s(self) -> float:
@@ -81,25 +84,39 @@ class LoopStats:
 
 
 def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, device, dist: DistInfo,
-               tracker: Tracker) -> LoopStats:
-    """Runs train.max_steps optimizer steps; logs train/loss, train/lr, train/tokens_per_s."""
+               tracker: Tracker, checkpoints: CheckpointManager | None = None,
+               faults: FaultPlan | None = None) -> LoopStats:
+    """Runs train.max_steps optimizer steps; logs train/loss, train/lr, train/tokens_per_s.
+
+    With `checkpoints`, it resumes from the newest verified checkpoint (weights, optimizer,
+    schedule, RNG and data position) and writes one every train.checkpoint_every steps.
+    """
     import torch
     import torch.distributed as torch_dist
 
     optimizer = build_optimizer(model.parameters(), train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
-    stream = micro_batches(examples, train.batch_size, train.seed, dist)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     stats = LoopStats()
+    restored = checkpoints.restore(model, optimizer, scheduler) if checkpoints else None
+    start = restored.step if restored else 0
+    stats.resumed_from = start
+    stream = micro_batches(examples, train.batch_size, train.seed, dist)
+    for _ in range(start * train.grad_accum):  # the data position: batches already trained on
+        next(stream)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
     started, tracking_s = time.perf_counter(), 0.0
     model.train()
-    for step in range(1, train.max_steps + 1):
+    for step in range(start + 1, train.max_steps + 1):
+        if faults:
+            faults.before_step(step)
         step_loss = 0.0
         for _ in range(train.grad_accum):
             batch = {k: v.to(device) for k, v in pad_batch(next(stream), pad_id).items()}
             out = model(**batch)
             loss = out.loss / train.grad_accum
+            if faults:
+                loss = faults.poison_loss(step, loss)
             loss.backward()
             step_loss += loss.item()
             window_tokens += int(batch["attention_mask"].sum())
@@ -112,11 +129,16 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
         optimizer.zero_grad(set_to_none=True)
         window_loss += step_loss
         stats.steps, stats.last_loss = step, step_loss
+        if checkpoints and train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
+            if dist.is_main:
+                checkpoints.save(step, model, optimizer, scheduler)
+            if dist.world_size > 1:
+                torch_dist.barrier()
         if train.time_limit_s is not None and time.perf_counter() - started > train.time_limit_s:
             raise TrialTimeLimitError(f"train.time_limit_s={train.time_limit_s} reached at step {step}")
         if step % train.log_every == 0 or step == train.max_steps:
             elapsed = time.perf_counter() - window_start
-            n_steps = train.log_every if step % train.log_every == 0 else step % train.log_every
+            n_steps = min(step - start, train.log_every if step % train.log_every == 0 else step % train.log_every)
             tokens = torch.tensor([window_tokens, window_loss], dtype=torch.float64)
             if dist.world_size > 1:
                 torch_dist.all_reduce(tokens)

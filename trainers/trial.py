@@ -28,7 +28,7 @@ def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | 
     dist = dist_info()
     device = device if device is not None else pick_device(cfg.train.use_gpu, dist.local_rank)
     ctx = TrialContext(cfg=cfg, output_dir=output_dir, device=device, dist=dist, tracker=tracker or Tracker())
-    metrics = RECIPES[cfg.stage.name](ctx)
+    metrics = RECIPES[cfg.stage.name].run(ctx)
     if dist.is_main:
         ctx.tracker.log_metrics(metrics)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

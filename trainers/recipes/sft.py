@@ -45,13 +45,14 @@ def run(ctx: TrialContext) -> dict[str, float]:
 
     # --- train
     stats = train_loop(ctx.wrap_ddp(model), train.examples, cfg.train, tokenizer.pad_token_id, device, ctx.dist,
-                       ctx.tracker)
+                       ctx.tracker, checkpoints=ctx.checkpoints, faults=ctx.faults)
     metrics = {
         "model/trainable_params": trainable,
         "model/total_params": total,
         "perf/tokens_per_s": stats.tokens_per_s,
         "time/train_s": stats.train_s,
         "train/final_loss": stats.last_loss,
+        "train/resumed_from_step": stats.resumed_from,
     }
 
     # --- evaluate and save (rank 0; the others wait at the barrier)

@@ -1,0 +1,83 @@
+"""Fault injection for tests and chaos runs: off unless FTLAB_FAULTS is set.
+
+FTLAB_FAULTS is a JSON list of faults, e.g.
+    [{"kind": "kill", "step": 12, "trial": "3f2a"}, {"kind": "nan", "step": 5, "trial": "*"}]
+kind: kill (SIGKILL this worker), raise (RuntimeError), nan (the step's loss becomes NaN),
+      oom (torch.OutOfMemoryError), sleep (seconds=N, to trip time limits).
+trial: prefix of the trial key (the output directory's name), or "*" for every trial.
+once (default true): fires only on the first attempt of the trial, so a restarted worker
+      resumes instead of dying again; a marker file in the trial's output directory records it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV = "FTLAB_FAULTS"
+
+
+@dataclass
+class Fault:
+    kind: str
+    step: int
+    trial: str = "*"
+    once: bool = True
+    seconds: float = 0.0
+
+
+class FaultPlan:
+    def __init__(self, faults: list[Fault], output_dir: Path, rank: int = 0):
+        self.faults = faults
+        self.output_dir = Path(output_dir)
+        self.rank = rank
+
+    @classmethod
+    def from_env(cls, output_dir: Path, rank: int = 0) -> "FaultPlan":
+        raw = os.environ.get(ENV)
+        if not raw:
+            return cls([], output_dir, rank)
+        key = Path(output_dir).name
+        faults = [Fault(**spec) for spec in json.loads(raw)]
+        return cls([f for f in faults if f.trial == "*" or key.startswith(f.trial)], output_dir, rank)
+
+    def _marker(self, fault: Fault) -> Path:
+        return self.output_dir / f".fault-{fault.kind}-{fault.step}.fired"
+
+    def before_step(self, step: int) -> None:
+        """Faults that act before the step's forward pass."""
+        for fault in self._due(step, ("kill", "raise", "oom", "sleep")):
+            if fault.kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fault.kind == "raise":
+                raise RuntimeError(f"injected fault at step {step}")
+            if fault.kind == "oom":
+                import torch
+
+                raise torch.OutOfMemoryError(f"injected out-of-memory at step {step}")
+            if fault.kind == "sleep":
+                time.sleep(fault.seconds)
+
+    def poison_loss(self, step: int, loss):
+        """The `nan` fault: the loss of this step becomes NaN."""
+        if self._due(step, ("nan",)):
+            return loss * float("nan")
+        return loss
+
+    def _due(self, step: int, kinds: tuple[str, ...]) -> list[Fault]:
+        due = []
+        for fault in self.faults:
+            if fault.kind not in kinds or fault.step != step or self.rank != 0:
+                continue
+            marker = self._marker(fault)
+            if fault.once:
+                if marker.exists():
+                    continue
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(str(time.time()))
+            due.append(fault)
+        return due
