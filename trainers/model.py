@@ -63,14 +63,16 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tokenizer
 
 
-def load_base_model(cfg: ExperimentConfig, device, model_class=None):
-    """The base model at the configured precision, on `device`, not yet adapted by a method."""
+def load_base_model(cfg: ExperimentConfig, device, model_class=None, **from_pretrained_kwargs):
+    """The base model at the configured precision, on `device`, not yet adapted by a method.
+    `model_class` (default AutoModelForCausalLM) and extra kwargs (e.g. num_labels=1) choose the head."""
     from transformers import AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
     path = resolve_model_path(cfg.model.name_or_path)
     kwargs = _common_kwargs(cfg.model)
     kwargs["use_safetensors"] = None if cfg.model.allow_pickle else True
+    kwargs.update(from_pretrained_kwargs)
     quant = quantization_config(cfg.precision)
     if quant is not None:
         kwargs["quantization_config"] = quant

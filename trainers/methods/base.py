@@ -122,6 +122,12 @@ class TensorsMethodSpec(MethodSpec):
         return model
 
 
+def peft_task_type(model: "torch.nn.Module") -> str:
+    """PEFT task of a model: SEQ_CLS for a sequence-classification head (a reward model; PEFT then
+    also trains and saves the new head), else CAUSAL_LM."""
+    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+
+
 def prepare_quantized_base(model: "torch.nn.Module", cfg: "ExperimentConfig") -> "torch.nn.Module":
     """On an int8/nf4/fp4 base: freeze every weight and upcast the unquantized ones (norms,
     embeddings, biases) to fp32, so that what a method then unfreezes trains in fp32."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import List
 
 from trainers.methods import register
-from trainers.methods.base import MethodConfig, MethodSpec, prepare_quantized_base
+from trainers.methods.base import MethodConfig, MethodSpec, peft_task_type, prepare_quantized_base
 
 
 @dataclass
@@ -33,7 +33,7 @@ class LoraConfig(MethodConfig):
         return problems
 
 
-def peft_lora_config(method: LoraConfig):
+def peft_lora_config(method: LoraConfig, task_type: str = "CAUSAL_LM"):
     import peft
 
     targets = method.target_modules
@@ -46,14 +46,14 @@ def peft_lora_config(method: LoraConfig):
         use_rslora=method.use_rslora,
         use_dora=method.use_dora,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
 def apply(model, cfg):
     import peft
 
-    return peft.get_peft_model(prepare_quantized_base(model, cfg), peft_lora_config(cfg.method))
+    return peft.get_peft_model(prepare_quantized_base(model, cfg), peft_lora_config(cfg.method, peft_task_type(model)))
 
 
 def check_combination(cfg) -> list[tuple[str, str]]:

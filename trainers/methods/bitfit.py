@@ -1,0 +1,44 @@
+"""BitFit (Ben Zaken et al. 2022): only the bias terms train; every weight matrix stays frozen.
+
+Trainable: the sum of all bias sizes (on Llama-style models with attention_bias/mlp_bias, each
+projection's out_features). A base without biases (most Llamas; Qwen2 has them on q/k/v only)
+leaves little or nothing to train: apply() refuses a model with no bias at all. Biases of
+bitsandbytes int8/4-bit layers are ordinary fp32 tensors, so it works on quantized bases.
+PEFT has no BitFit: the artifact is method_config.json + the biases as adapter_model.safetensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainers.methods import register
+from trainers.methods.base import MethodConfig, TensorsMethodSpec, fp16_weights_problem, prepare_quantized_base
+
+
+@dataclass
+class BitFitConfig(MethodConfig):
+    name: str = "bitfit"
+
+
+def bias_names(model) -> list[str]:
+    return [name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
+
+
+def apply(model, cfg):
+    model = SPEC.attach_to(prepare_quantized_base(model, cfg), cfg.method)
+    biases = set(bias_names(model))
+    if not biases:
+        raise ValueError(f"method=bitfit: {type(model).__name__} has no bias terms to train "
+                         "(pick a model with biases, or another method)")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in biases)
+    return model
+
+
+def check_combination(cfg) -> list[tuple[str, str]]:
+    # On int8/4-bit bases prepare_quantized_base upcasts the biases to fp32, so only fp16 is a problem.
+    return fp16_weights_problem(cfg, "bitfit")
+
+
+SPEC = register(TensorsMethodSpec(name="bitfit", config_cls=BitFitConfig, apply=apply, saves="adapter",
+                                  check_combination=check_combination, summary="only bias terms train"))

@@ -1,0 +1,46 @@
+"""LN tuning (Zhao et al. 2023, PEFT LNTuningConfig): only the LayerNorm/RMSNorm weights (and
+biases, where a norm has them) train.
+
+Trainable on Llama-style models: (2 x layers + 1) x hidden_size (both norms of every decoder
+layer plus the final norm). PEFT trains a copy of each norm, so the model holds the original
+norms too. Norms are never quantized, so it works on int8/nf4/fp4 bases. The artifact is a
+PEFT adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from trainers.methods import register
+from trainers.methods.base import MethodConfig, MethodSpec, fp16_weights_problem, peft_task_type, prepare_quantized_base
+
+
+@dataclass
+class LNTuningConfig(MethodConfig):
+    name: str = "ln_tuning"
+    # null = PEFT's per-architecture norm names (Llama: input_layernorm, post_attention_layernorm, norm).
+    target_modules: Optional[List[str]] = None
+
+
+def apply(model, cfg):
+    import warnings
+
+    import peft
+
+    method: LNTuningConfig = cfg.method
+    kwargs = {} if method.target_modules is None else {"target_modules": list(method.target_modules)}
+    with warnings.catch_warnings():
+        # PEFT warns about any norm class it does not list (e.g. LlamaRMSNorm); copying one is safe.
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        return peft.get_peft_model(prepare_quantized_base(model, cfg),
+                                   peft.LNTuningConfig(task_type=peft_task_type(model), **kwargs))
+
+
+def check_combination(cfg) -> list[tuple[str, str]]:
+    # PEFT trains a copy of each norm in the base dtype (it does not upcast these to fp32).
+    return fp16_weights_problem(cfg, "ln_tuning")
+
+
+register(MethodSpec(name="ln_tuning", config_cls=LNTuningConfig, apply=apply, saves="adapter",
+                    check_combination=check_combination, summary="only the norm layers' weights train"))

@@ -1,0 +1,41 @@
+"""Prefix tuning (Li & Liang 2021, PEFT): a learned key/value prefix in every attention layer;
+the base is untouched.
+
+Trainable (no projection): num_virtual_tokens x layers x 2 (key, value) x kv_heads x head_dim.
+Works on any base precision. Wants a higher learning rate than LoRA (~1e-2). The artifact is a
+PEFT adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainers.methods import register
+from trainers.methods.base import MethodConfig, MethodSpec, positive, prepare_quantized_base
+
+
+@dataclass
+class PrefixConfig(MethodConfig):
+    name: str = "prefix"
+    num_virtual_tokens: int = 16  # prefix length in every layer's attention
+    # true: learn the prefix through a 2-layer MLP (stabler training, many more trainable params);
+    # PEFT saves the projected prefix, not the MLP, so the adapter is as small as without it.
+    prefix_projection: bool = False
+    encoder_hidden_size: int = 128  # MLP width, used when prefix_projection=true
+
+    def check(self) -> list[tuple[str, str]]:
+        return positive(self, "num_virtual_tokens", "encoder_hidden_size")
+
+
+def apply(model, cfg):
+    import peft
+
+    method: PrefixConfig = cfg.method
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.num_virtual_tokens,
+                                     prefix_projection=method.prefix_projection,
+                                     encoder_hidden_size=method.encoder_hidden_size)
+    return peft.get_peft_model(prepare_quantized_base(model, cfg), config)
+
+
+register(MethodSpec(name="prefix", config_cls=PrefixConfig, apply=apply, saves="adapter",
+                    summary="trainable key/value prefix in every attention layer"))

@@ -1,0 +1,49 @@
+"""P-tuning (Liu et al. 2021, PEFT): virtual input tokens produced by a small trainable prompt
+encoder (MLP or bidirectional LSTM), which trains more stably than free prompt embeddings.
+
+Trainable (mlp): num_virtual_tokens x hidden (the encoder's input embeddings) + the encoder,
+hidden -> encoder_hidden_size -> encoder_hidden_size -> hidden with biases. Works on any base
+precision. Wants a higher learning rate than LoRA. The artifact is a PEFT adapter holding the
+encoder's output (num_virtual_tokens x hidden), not the encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainers.methods import register
+from trainers.methods.base import MethodConfig, MethodSpec, positive, prepare_quantized_base
+
+ENCODER_TYPES = ("mlp", "lstm")
+
+
+@dataclass
+class PTuningConfig(MethodConfig):
+    name: str = "ptuning"
+    num_virtual_tokens: int = 16  # more tokens = more capacity, and that much longer every sequence
+    encoder_hidden_size: int = 128  # width of the prompt encoder
+    encoder_type: str = "mlp"  # mlp | lstm (bidirectional LSTM then MLP: slower, more parameters)
+    encoder_dropout: float = 0.0
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = positive(self, "num_virtual_tokens", "encoder_hidden_size")
+        if self.encoder_type not in ENCODER_TYPES:
+            problems.append(("encoder_type", f"must be one of {', '.join(ENCODER_TYPES)}, got {self.encoder_type!r}"))
+        if not 0 <= self.encoder_dropout < 1:
+            problems.append(("encoder_dropout", f"must be in [0, 1), got {self.encoder_dropout}"))
+        return problems
+
+
+def apply(model, cfg):
+    import peft
+
+    method: PTuningConfig = cfg.method
+    config = peft.PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=method.num_virtual_tokens,
+        encoder_hidden_size=method.encoder_hidden_size,
+        encoder_reparameterization_type=method.encoder_type.upper(), encoder_dropout=method.encoder_dropout)
+    return peft.get_peft_model(prepare_quantized_base(model, cfg), config)
+
+
+register(MethodSpec(name="ptuning", config_cls=PTuningConfig, apply=apply, saves="adapter",
+                    summary="virtual input tokens produced by a small trainable encoder"))
