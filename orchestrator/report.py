@@ -3,8 +3,17 @@ anywhere):
 
     python -m orchestrator.report EXPERIMENT_OR_PARENT_RUN_ID [--tracking-uri URI] [--out DIR]
 
-Reads the parent run and its children through the contract names, writes `comparison.md` and
-`comparison.csv`, logs them under the parent run's `report/`, and prints the table.
+Reads the parent run and its children through the contract names and groups the children into
+cells: trials that differ only by `train.seed` are one cell, shown as mean ± sample standard
+deviation over its n finished seeds. Writes, and logs under the parent run's `report/`:
+
+    comparison.md / comparison.csv   one row per cell (the CSV has a `... std` column per value)
+    trials.csv                       one row per trial: seed, status, reason, replay command
+    *.png, report.html               the trade-off plots (orchestrator/plots.py); report.html is one
+                                     self-contained interactive page (no network needed)
+
+Failed, killed and skipped trials are rows too, with their reason; never silently missing.
+The console table printed at the end of a sweep is the same rows and values, fewer columns.
 """
 
 from __future__ import annotations
@@ -12,59 +21,253 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import logging
 import math
+import re
+import statistics
 import sys
 import tempfile
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-COLUMNS = [
-    # (header, getter over a TrialRow, format)
-    ("trial", lambda r: r.label, "{}"),
-    ("method", lambda r: r.method, "{}"),
-    ("r", lambda r: r.params.get("method.r", "-"), "{}"),
-    ("precision", lambda r: r.params.get("precision.name", "-"), "{}"),
-    ("trainable", lambda r: r.metric("model/trainable_params"), "{:,.0f}"),
-    ("trainable %", lambda r: r.trainable_pct, "{:.3f}"),
-    ("eval loss", lambda r: r.metric("eval/loss"), "{:.4f}"),
-    ("eval acc", lambda r: r.metric("eval/accuracy"), "{:.3f}"),
-    ("peak mem MiB", lambda r: _mib(r.metric("mem/peak_bytes")), "{:.1f}"),
-    ("tokens/s", lambda r: r.metric("perf/tokens_per_s"), "{:,.0f}"),
-    ("time s", lambda r: r.metric("time/train_s"), "{:.1f}"),
-    ("state", lambda r: r.status, "{}"),
-]
+log = logging.getLogger("orchestrator")
+
+# Params that do not define the experiment (where it ran, where it logged) or that follow from the
+# seed (an RLHF stage starts from its upstream trial of the same seed): ignored when grouping seeds.
+NOT_IN_CELL = ("cluster.", "tracking.", "storage.", "sweep.", "dry_run", "train.seed", "stage.init_from",
+               "stage.reward_from")
+# Final metrics of a stage beyond the SFT contract (reward model, DPO, RL) become columns of their
+# own, when some trial has them.
+STAGE_METRIC_PREFIXES = ("eval/", "reward/", "dpo/", "rl/", "ppo/", "grpo/")
+SEED_IN_LABEL = re.compile(r"(^|\s)seed=\S+")
 
 
-def _mib(value):
-    return None if value is None else value / 2**20
+# --------------------------------------------------------------------------- rows and cells
 
 
 @dataclass
 class TrialRow:
+    """One child run (one trial)."""
+
     run_id: str
     label: str
     method: str
+    stage: str
     status: str
     params: dict
     metrics: dict
-    reason: str = ""
+    tags: dict = field(default_factory=dict)
+    start_time: int = 0
 
     def metric(self, name: str):
-        return self.metrics.get(name)
+        value = self.metrics.get(name)
+        return value if value is not None and math.isfinite(value) else None
+
+    @property
+    def seed(self) -> str:
+        return self.params.get("train.seed", "")
+
+    @property
+    def reason(self) -> str:
+        return self.tags.get("failure_reason") or self.tags.get("skip_reason") or ""
+
+    @property
+    def node(self) -> str:
+        """'ip/node-id prefix' of the Ray node rank 0 ran on (IPs repeat when nodes share a machine)."""
+        node_id = self.tags.get("node_id")
+        return f"{self.tags.get('node_ip', '?')}/{node_id[:8]}" if node_id else ""
 
     @property
     def trainable_pct(self):
         trainable, total = self.metric("model/trainable_params"), self.metric("model/total_params")
         return 100.0 * trainable / total if trainable is not None and total else None
 
+    @property
+    def cell_key(self) -> tuple:
+        return (self.stage, tuple(sorted((k, v) for k, v in self.params.items() if not k.startswith(NOT_IN_CELL))))
 
-def _cell(value, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    try:
-        return fmt.format(value)
-    except (ValueError, TypeError):
-        return str(value)
+
+@dataclass
+class Stat:
+    mean: float
+    std: float | None  # sample standard deviation; None for a single value
+    n: int
+
+
+@dataclass
+class Cell:
+    """Trials that differ only by their seed."""
+
+    label: str
+    runs: list[TrialRow]
+
+    @property
+    def finished(self) -> list[TrialRow]:
+        return [r for r in self.runs if r.status == "FINISHED"]
+
+    @property
+    def method(self) -> str:
+        return self.runs[0].method
+
+    @property
+    def stage(self) -> str:
+        return self.runs[0].stage
+
+    def param(self, key: str):
+        return self.runs[0].params.get(key)
+
+    def stat(self, value: Callable[[TrialRow], float | None]) -> Stat | None:
+        """Mean and spread of a per-trial value over the finished trials that have it."""
+        values = [v for v in (value(r) for r in self.finished) if v is not None]
+        if not values:
+            return None
+        std = statistics.stdev(values) if len(values) > 1 else None
+        return Stat(statistics.fmean(values), std, len(values))
+
+    def metric(self, name: str) -> Stat | None:
+        return self.stat(lambda r: r.metric(name))
+
+    @property
+    def state(self) -> str:
+        counts = Counter(r.status for r in self.runs)
+        if set(counts) == {"FINISHED"}:
+            return "FINISHED"
+        if len(self.runs) == 1:
+            return self.runs[0].status
+        order = sorted(counts.items(), key=lambda item: (item[0] != "FINISHED", item[0]))
+        return ", ".join(f"{n}/{len(self.runs)} {status}" for status, n in order)
+
+
+def cell_label(label: str) -> str:
+    return SEED_IN_LABEL.sub("", label).strip()
+
+
+def group_cells(rows: list[TrialRow]) -> list[Cell]:
+    """Cells in the order their first trial started."""
+    cells: dict[tuple, Cell] = {}
+    for row in sorted(rows, key=lambda r: r.start_time):
+        key = row.cell_key
+        if key not in cells:
+            cells[key] = Cell(cell_label(row.label) or row.method, [])
+        cells[key].runs.append(row)
+    return list(cells.values())
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _plain(spec: str) -> Callable[[float], str]:
+    return lambda value: spec.format(value)
+
+
+BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
+def format_bytes(mean: float, std: float | None = None) -> str:
+    """One unit for the mean and its spread: '12.3 ± 0.4 MiB'."""
+    name, size = next(((n, s) for n, s in BYTE_UNITS if abs(mean) >= s), ("B", 1))
+    digits = 0 if size == 1 else 1
+    text = f"{mean / size:,.{digits}f}"
+    if std is not None:
+        text += f" ± {std / size:,.{digits}f}"
+    return f"{text} {name}"
+
+
+@dataclass
+class Column:
+    header: str
+    # A numeric column aggregates a per-trial value over the cell's finished trials; a text column
+    # reads the cell.
+    per_trial: Callable[[TrialRow], float | None] | None = None
+    per_cell: Callable[[Cell], object] | None = None
+    fmt: Callable[[float], str] | str = "{}"
+    spread: bool = True  # show ± std (False for what a seed cannot change: sizes, counts)
+    console: bool = True
+    always: bool = False  # shown even when no row has a value
+    metric: str | None = None  # the MLflow metric behind it, if one
+
+    def value(self, cell: Cell):
+        if self.per_cell is not None:
+            return self.per_cell(cell)
+        return cell.stat(self.per_trial)
+
+    def text(self, cell: Cell) -> str:
+        value = self.value(cell)
+        if value is None or value == "":
+            return "-"
+        if not isinstance(value, Stat):
+            return str(value)
+        std = value.std if self.spread else None
+        if self.fmt == "bytes":
+            return format_bytes(value.mean, std)
+        fmt = _plain(self.fmt) if isinstance(self.fmt, str) else self.fmt
+        return fmt(value.mean) if std is None else f"{fmt(value.mean)} ± {fmt(std)}"
+
+
+def _metric(header: str, name: str, fmt, spread: bool = True, console: bool = True) -> Column:
+    return Column(header, per_trial=lambda r: r.metric(name), fmt=fmt, spread=spread, console=console, metric=name)
+
+
+def _seeds(cell: Cell) -> str:
+    finished = len(cell.finished)
+    return str(finished) if finished == len(cell.runs) else f"{finished}/{len(cell.runs)}"
+
+
+BASE_COLUMNS = [
+    Column("trial", per_cell=lambda c: c.label, always=True),
+    Column("method", per_cell=lambda c: c.method, always=True, console=False),
+    Column("stage", per_cell=lambda c: c.stage),
+    Column("r", per_cell=lambda c: c.param("method.r")),
+    Column("precision", per_cell=lambda c: c.param("precision.name")),
+    Column("n", per_cell=_seeds),
+    _metric("trainable", "model/trainable_params", "{:,.0f}", spread=False, console=False),
+    Column("trainable %", per_trial=lambda r: r.trainable_pct, fmt="{:.3f}", spread=False),
+    _metric("adapter", "model/adapter_bytes", "bytes", spread=False, console=False),
+    _metric("est. peak mem", "mem/estimated_peak_bytes", "bytes", spread=False, console=False),
+    _metric("peak mem", "mem/peak_bytes", "bytes"),
+    _metric("tokens/s", "perf/tokens_per_s", "{:,.0f}"),
+    _metric("train s", "time/train_s", "{:.1f}"),
+    _metric("eval loss", "eval/loss", "{:.4f}"),
+    _metric("perplexity", "eval/perplexity", "{:.2f}", console=False),
+    _metric("accuracy", "eval/accuracy", "{:.3f}"),
+    Column("node", per_cell=lambda c: " ".join(sorted({r.node for r in c.runs if r.node}))),
+]
+KNOWN_METRICS = {c.metric for c in BASE_COLUMNS if c.metric} | {"eval/perplexity"}
+
+
+def ran_on_cluster(cells: list[Cell]) -> bool:
+    """Whether the trials ran on an attached cluster or on several nodes (where they ran matters)."""
+    runs = [r for c in cells for r in c.runs]
+    attached = any(r.params.get("cluster.address") not in (None, "", "null", "None") for r in runs)
+    return attached or len({r.node for r in runs if r.node}) > 1
+
+
+def columns_for(cells: list[Cell]) -> list[Column]:
+    """The base columns some cell has a value for, the stage metrics present, and the state."""
+    # A starting value (`eval/reward_mean_init`) sits just before its final one; the console keeps
+    # the final eval/* values, the stage's last per-step values (rl/kl, ...) go to the files.
+    extras = sorted({name for c in cells for r in c.finished for name in r.metrics
+                     if name.startswith(STAGE_METRIC_PREFIXES) and name not in KNOWN_METRICS},
+                    key=lambda name: (name.removesuffix("_init"), not name.endswith("_init")))
+    columns = [_metric(name.split("/", 1)[1] if name.startswith("eval/") else name, name, "{:.4g}",
+                       console=name.startswith("eval/")) for name in extras]
+    columns = BASE_COLUMNS + columns + [Column("state", per_cell=lambda c: c.state, always=True)]
+    shown = []
+    for column in columns:
+        if column.header == "stage" and all(c.stage == "sft" for c in cells):
+            continue
+        if column.header == "n" and all(len(c.runs) == 1 for c in cells):
+            continue
+        if column.header == "node" and not ran_on_cluster(cells):
+            continue
+        if column.always or any(column.text(c) != "-" for c in cells):
+            shown.append(column)
+    return shown
+
+
+# --------------------------------------------------------------------------- MLflow
 
 
 def find_parent(client, ref: str):
@@ -90,6 +293,14 @@ def find_parent(client, ref: str):
     return runs[0]
 
 
+def _status(run) -> str:
+    """The run's status; SKIPPED for a trial that never ran because an upstream one failed (its
+    run ends KILLED with a `skip_reason` tag: MLflow has no SKIPPED status)."""
+    if run.info.status == "KILLED" and run.data.tags.get("skip_reason"):
+        return "SKIPPED"
+    return run.info.status
+
+
 def collect(client, parent) -> list[TrialRow]:
     children = client.search_runs(
         [parent.info.experiment_id],
@@ -101,50 +312,161 @@ def collect(client, parent) -> list[TrialRow]:
         tags = run.data.tags
         rows.append(TrialRow(
             run_id=run.info.run_id, label=tags.get("mlflow.runName", run.info.run_id[:8]),
-            method=tags.get("method", "?"), status=run.info.status, params=run.data.params,
-            metrics=run.data.metrics, reason=tags.get("failure_reason", ""),
+            method=tags.get("method", "?"), stage=tags.get("stage", "?"), status=_status(run),
+            params=run.data.params, metrics=run.data.metrics, tags=tags, start_time=run.info.start_time or 0,
         ))
     return rows
 
 
-def markdown_table(rows: list[TrialRow]) -> str:
-    header = "| " + " | ".join(name for name, _, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(_cell(get(r), fmt) for _, get, fmt in COLUMNS) + " |" for r in rows]
-    failures = [f"- {r.label}: {r.status} - {r.reason}" for r in rows if r.status != "FINISHED"]
-    return "\n".join([header, rule, *body] + (["", "Not finished:", *failures] if failures else [])) + "\n"
+def loss_histories(client, rows: list[TrialRow]) -> dict[str, list[tuple[int, float]]]:
+    """run id -> [(step, train/loss)] for every trial that logged some."""
+    histories = {}
+    for row in rows:
+        if "train/loss" in row.metrics:
+            # A diverged trial logs nan/inf: its curve stops where the numbers stop.
+            points = sorted((m.step, m.value) for m in client.get_metric_history(row.run_id, "train/loss")
+                            if math.isfinite(m.value))
+            histories[row.run_id] = points
+    return histories
 
 
-def csv_table(rows: list[TrialRow]) -> str:
+# --------------------------------------------------------------------------- tables
+
+
+def not_finished(cells: list[Cell]) -> list[str]:
+    return [f"{r.label} ({r.run_id[:8]}): {r.status}" + (f" - {r.reason}" if r.reason else " - no reason recorded")
+            for c in cells for r in c.runs if r.status != "FINISHED"]
+
+
+def markdown_table(cells: list[Cell]) -> str:
+    columns = columns_for(cells)
+    header = "| " + " | ".join(c.header for c in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(c.text(cell).replace("|", "\\|") for c in columns) + " |" for cell in cells]
+    lines = [header, rule, *body]
+    if any(len(c.runs) > 1 for c in cells):
+        lines += ["", ("Cells group trials that differ only by `train.seed`: mean ± sample standard deviation "
+                       "over the n finished seeds (sizes and counts: the mean).")]
+    failures = not_finished(cells)
+    if failures:
+        lines += ["", "Not finished:", *[f"- {f}" for f in failures]]
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(cells: list[Cell]) -> str:
+    """One row per cell with raw numbers: a value column (the mean) and its `std` column."""
+    columns = columns_for(cells)
+    header = []
+    for c in columns:
+        header.append(c.header)
+        if c.per_trial is not None:
+            header.append(f"{c.header} std")
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow([name for name, _, _ in COLUMNS] + ["run_id", "reason"])
-    for r in rows:
-        writer.writerow([get(r) if get(r) is not None else "" for _, get, _ in COLUMNS] + [r.run_id, r.reason])
+    writer.writerow(header + ["seeds", "run_ids", "reasons"])
+    for cell in cells:
+        values = []
+        for c in columns:
+            value = c.value(cell)
+            if c.per_trial is None:
+                values.append("" if value is None else value)
+            else:
+                values += ["", ""] if value is None else [value.mean, "" if value.std is None else value.std]
+        reasons = "; ".join(f"{r.label}: {r.status} - {r.reason}" for r in cell.runs if r.status != "FINISHED")
+        writer.writerow(values + [" ".join(r.seed for r in cell.runs), " ".join(r.run_id for r in cell.runs),
+                                  reasons])
     return out.getvalue()
 
 
-def console_table(rows: list[TrialRow]) -> str:
-    cells = [[name for name, _, _ in COLUMNS]] + [[_cell(get(r), fmt) for _, get, fmt in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
+def trials_csv(cells: list[Cell]) -> str:
+    """Every trial, unaggregated: what a notebook wants."""
+    metric_names = sorted({name for c in cells for r in c.runs for name in r.metrics})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["cell", "trial", "run_id", "seed", "status", "reason", *metric_names, "replay"])
+    for cell in cells:
+        for r in cell.runs:
+            writer.writerow([cell.label, r.label, r.run_id, r.seed, r.status, r.reason,
+                             *[r.metrics.get(name, "") for name in metric_names], r.tags.get("replay", "")])
+    return out.getvalue()
+
+
+def console_table(cells: list[Cell]) -> str:
+    """The markdown table's rows and values, in fewer columns, aligned for a terminal."""
+    columns = [c for c in columns_for(cells) if c.console]
+    cells_text = [[c.header for c in columns]] + [[c.text(cell) for c in columns] for cell in cells]
+    widths = [max(len(row[i]) for row in cells_text) for i in range(len(columns))]
+    numeric = [c.per_trial is not None or c.header in ("r", "n") for c in columns]
+    lines = ["  ".join(text.rjust(w) if num else text.ljust(w) for text, w, num in zip(row, widths, numeric)).rstrip()
+             for row in cells_text]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    for r in rows:
-        if r.status != "FINISHED":
-            lines.append(f"{r.label}: {r.status} - {r.reason}")
+    if any(len(c.runs) > 1 for c in cells):
+        lines.append("(mean ± std over n seeds)")
+    lines += not_finished(cells)
     return "\n".join(lines)
 
 
-def build_report(client, parent, out_dir: Path | None = None) -> tuple[list[TrialRow], Path]:
-    """Write the report files, log them under the parent run's `report/`; returns rows and dir."""
+def environment_summary(cells: list[Cell]) -> list[str]:
+    """`env.*` tags of the trials; a key whose value differs between trials lists each value."""
+    values: dict[str, Counter] = {}
+    for cell in cells:
+        for r in cell.runs:
+            for key, value in r.tags.items():
+                if key.startswith("env."):
+                    values.setdefault(key[len("env."):], Counter())[value] += 1
+    lines = []
+    for key in sorted(values):
+        counts = values[key]
+        if len(counts) == 1:
+            lines.append(f"- {key}: {next(iter(counts))}")
+        else:
+            lines.append(f"- {key}: " + ", ".join(f"{v} ({n} trials)" for v, n in counts.most_common()))
+    return lines
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def build_report(client, parent, out_dir: Path | None = None) -> tuple[list[Cell], Path]:
+    """Write the report files, log them under the parent run's `report/`; returns cells and dir."""
+    from orchestrator import plots, report_html
+
     rows = collect(client, parent)
+    cells = group_cells(rows)
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="report-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "comparison.md").write_text(f"# {parent.data.tags.get('sweep', 'sweep')}\n\n" + markdown_table(rows))
-    (out_dir / "comparison.csv").write_text(csv_table(rows))
+    sweep = parent.data.tags.get("sweep", "sweep")
+
+    figures, skipped = plots.figures(cells, loss_histories(client, rows))
+    drawn = []
+    for figure in figures:
+        try:
+            plots.render_png(figure, out_dir / f"{figure.name}.png")
+            drawn.append(figure)
+        except Exception as err:  # a plot must not cost the table of a finished sweep
+            log.exception("plot %s failed", figure.name)
+            skipped.append((figure.name, f"drawing failed: {err}"))
+
+    environment = environment_summary(cells)
+    markdown = [f"# {sweep}", "", f"Parent run `{parent.info.run_id}`, {len(rows)} trial(s) in {len(cells)} cell(s).",
+                "", markdown_table(cells)]
+    if drawn:
+        markdown += ["## Plots", ""] + [f"![{f.title}]({f.name}.png)" for f in drawn] + [""]
+    if skipped:
+        markdown += ["Plots not drawn:", *[f"- {name}: {why}" for name, why in skipped], ""]
+    if environment:
+        markdown += ["## Environment", "", *environment, ""]
+    (out_dir / "comparison.md").write_text("\n".join(markdown))
+    (out_dir / "comparison.csv").write_text(csv_table(cells))
+    (out_dir / "trials.csv").write_text(trials_csv(cells))
+    columns = columns_for(cells)
+    (out_dir / "report.html").write_text(report_html.render(
+        title=f"{sweep}: comparison", subtitle=f"parent run {parent.info.run_id}",
+        headers=[c.header for c in columns], rows=[[c.text(cell) for c in columns] for cell in cells],
+        figures=drawn, skipped=skipped, not_finished=not_finished(cells), environment=environment,
+    ))
     client.log_artifacts(parent.info.run_id, str(out_dir), "report")
-    return rows, out_dir
+    return cells, out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,9 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     client = make_client(absolute_uri(args.tracking_uri))
     parent = find_parent(client, args.ref)
-    rows, out_dir = build_report(client, parent, Path(args.out) if args.out else None)
-    print(console_table(rows))
-    print(f"\nreport: {out_dir} (also under run {parent.info.run_id} artifacts report/)")
+    cells, out_dir = build_report(client, parent, Path(args.out) if args.out else None)
+    print(console_table(cells))
+    print(f"\nreport: {out_dir / 'report.html'} (also under run {parent.info.run_id} artifacts report/)")
     return 0
 
 
