@@ -4,12 +4,18 @@ Every trial is composed by Hydra from the same overrides a user could type, so a
 (`method=full`) and a value (`method.r=4`) are both just overrides, and each trial is checked
 like a single run. A trial's key is a hash of its resolved config (tracking, cluster and storage
 excluded): the same experiment always has the same key, which is how reruns find finished work.
+
+A pipeline (`sweep.stages`, orchestrator/dag.py) expands stage by stage: a downstream trial's
+`stage.init_from` / `stage.reward_from` is its upstream trial's output directory,
+storage.path/<experiment>/<upstream key>, and its key hashes the upstream keys in place of those
+paths, so it changes whenever an upstream trial does (and not with where storage lives).
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,6 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from orchestrator import dag
 from orchestrator.compose import compose
 from trainers.config import ConfigError, ExperimentConfig, to_container
 
@@ -31,6 +38,9 @@ class Trial:
     overrides: list[str]  # the sweep's own overrides for this trial (axes, variant, seed)
     cfg: ExperimentConfig
     resources: dict[str, float] = field(default_factory=dict)  # per worker
+    after: list[str] = field(default_factory=list)  # keys of the trials whose outputs it starts from
+    stage: str = ""  # its pipeline stage (a sweep.stages name); "" in a flat sweep
+    estimated_bytes: int | None = None  # predicted peak memory per worker (trainers.memory)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -75,8 +85,12 @@ def _literal(value: Any) -> str:
     return str(value)
 
 
-def trial_key(cfg: ExperimentConfig) -> str:
+def trial_key(cfg: ExperimentConfig, inputs: dict[str, str] | None = None) -> str:
+    """Hash of the resolved config; `inputs` ({stage field: upstream trial key}) replace the
+    upstream output paths, so the key follows the upstream trials, not where storage lives."""
     container = {k: v for k, v in to_container(cfg).items() if k not in NOT_IN_KEY}
+    for name, upstream_key in (inputs or {}).items():
+        container["stage"][name] = f"trial:{upstream_key}"
     blob = json.dumps(container, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -118,6 +132,12 @@ def make_plan(overrides: list[str]) -> Plan:
     """Compose and check the base config and every trial; raise ConfigError on the first bad one."""
     base = compose(overrides)
     sweep_block = OmegaConf.to_container(OmegaConf.structured(base.sweep), resolve=True)
+    if sweep_block.get("stages"):
+        trials = plan_pipeline(overrides, base, sweep_block)
+        experiment = base.tracking.experiment or base.sweep.name
+        plan = Plan(sweep=base.sweep.name, experiment=experiment, trials=trials, base=base)
+        plan.notes += cluster_notes(base)
+        return finish_plan(plan)
     multi_seed = len(sweep_block.get("seeds") or [0]) > 1
     trials: list[Trial] = []
     seen: dict[str, str] = {}
@@ -133,39 +153,181 @@ def make_plan(overrides: list[str]) -> Plan:
         if key in seen:
             raise ConfigError([("sweep", f"trials '{seen[key]}' and '{label}' resolve to the same config")])
         seen[key] = label
+        check_given_inputs(cfg)
         trials.append(Trial(key=key, label=label, overrides=trial_overrides, cfg=cfg,
                             resources=worker_resources(cfg)))
     experiment = base.tracking.experiment or base.sweep.name
     plan = Plan(sweep=base.sweep.name, experiment=experiment, trials=trials, base=base)
-    plan.max_concurrent = concurrency(plan)
-    return plan
+    plan.notes += cluster_notes(base)
+    return finish_plan(plan)
 
 
-def worker_resources(cfg: ExperimentConfig) -> dict[str, float]:
+def cluster_notes(base: ExperimentConfig) -> list[str]:
+    """What an attached cluster needs that a local Ray does not: stores every node can reach."""
+    from trainers import storage
+
+    if not base.cluster.address:
+        return []
+    notes = []
+    if base.tracking.uri.startswith("sqlite:"):
+        notes.append(f"tracking.uri={base.tracking.uri} is a file: every Ray node must see it at the same path; "
+                     "on several machines use an MLflow server (tracking.uri=http://HOST:5000)")
+    if not storage.is_remote(base.storage.path):
+        notes.append(f"storage.path={base.storage.path} is a local path: every Ray node must see it at "
+                     f"{storage.normalize(base.storage.path)} (a shared filesystem), or use s3://bucket/prefix")
+    return notes
+
+
+def check_given_inputs(cfg: ExperimentConfig) -> None:
+    """A stage input set by hand (`stage.init_from=DIR`) must be a finished stage's output."""
+    from trainers import storage
+    from trainers.recipes import RECIPES
+    from trainers.recipes.inputs import LINEAGE_FILE
+
+    for name in RECIPES[cfg.stage.name].inputs:
+        value = getattr(cfg.stage, name, None)
+        if value and not storage.exists(storage.join(storage.normalize(value), LINEAGE_FILE)):
+            raise ConfigError([(f"stage.{name}", f"{value}: not the output of a finished stage (no {LINEAGE_FILE})")])
+
+
+def plan_pipeline(overrides: list[str], base: ExperimentConfig, sweep_block: dict) -> list[Trial]:
+    """Trials of a `sweep.stages` pipeline, upstream before downstream, each wired to its inputs."""
+    from trainers import storage
+    from trainers.recipes import RECIPES
+    from trainers.recipes.base import UNMERGEABLE_METHODS
+
+    for name in ("axes", "variants"):
+        if sweep_block.get(name):
+            raise ConfigError([(f"sweep.{name}", "a pipeline (sweep.stages) sets axes and variants per stage")])
+    stages = dag.parse_stages(sweep_block["stages"])
+    specs = {spec.name: spec for spec in stages}
+    nodes = dag.expand_pipeline(stages, sweep_block.get("seeds") or [0], expand, GROUPS)
+    # Where the runner puts each trial's outputs (orchestrator/runner.py: run_sweep).
+    outputs = storage.join(storage.normalize(base.storage.path), base.tracking.experiment or base.sweep.name)
+    trials: list[Trial] = []
+    for node in nodes:
+        spec = specs[node.stage]
+        recipe_name = spec.overrides.get("stage", node.stage)
+        if recipe_name not in RECIPES:
+            raise ConfigError([(f"sweep.stages.{node.stage}.overrides.stage",
+                                f"{recipe_name!r} is not a stage recipe; known: {', '.join(sorted(RECIPES))}")])
+        upstream = {name: trials[index] for name, index in node.upstream.items()}
+        fields = dag.assign_inputs(node.stage, recipe_name, RECIPES[recipe_name].inputs,
+                                   {name: RECIPES[t.cfg.stage.name].produces for name, t in upstream.items()})
+        for name, trial in upstream.items():
+            if trial.cfg.method.name in UNMERGEABLE_METHODS:
+                raise ConfigError([(f"sweep.stages.{name}", f"method {trial.cfg.method.name} cannot be merged into "
+                                                            f"the model, so stage {node.stage} cannot start from it")])
+        # Group choices first: `method=full` must be applied before `method.*` values.
+        pairs = sorted([("stage", recipe_name)] + [kv for kv in spec.overrides.items() if kv[0] != "stage"]
+                       + node.own + [("train.seed", node.seed)], key=lambda kv: kv[0] not in GROUPS)
+        pairs += [(f"stage.{field_name}", storage.join(outputs, upstream[name].key)) for field_name, name in fields.items()]
+        trial_overrides = [override(k, v) for k, v in pairs]
+        try:
+            cfg = compose(list(overrides) + trial_overrides)
+        except ConfigError as err:
+            raise ConfigError([(key, f"{msg} (in pipeline stage {node.stage}: {node.label})")
+                               for key, msg in err.problems]) from None
+        key = trial_key(cfg, {field_name: upstream[name].key for field_name, name in fields.items()})
+        if any(t.key == key for t in trials):
+            raise ConfigError([("sweep.stages", f"trial '{node.label}' resolves to the same config as another")])
+        trials.append(Trial(key=key, label=node.label, overrides=trial_overrides, cfg=cfg,
+                            resources=worker_resources(cfg), after=[t.key for t in upstream.values()],
+                            stage=node.stage))
+    return trials
+
+
+GiB = 2**30
+
+
+def estimate_bytes(cfg: ExperimentConfig) -> int | None:
+    """Per-worker memory to reserve (peak + runtime overhead), or None if the estimator cannot tell."""
+    from trainers.memory import estimate
+
+    try:
+        return int(estimate(cfg, device="cuda" if cfg.train.use_gpu else "cpu").total_bytes)
+    except (ValueError, OSError):
+        return None
+
+
+def worker_resources(cfg: ExperimentConfig, estimated: int | None = None) -> dict[str, float]:
+    """Ray resources of one worker: CPUs; on GPU nodes the GPU fraction the estimate needs (so
+    small trials share a GPU); on CPU nodes the estimate as Ray `memory` (so trials that fit share
+    a node and the rest wait)."""
     resources = {"CPU": float(cfg.train.cpus_per_worker)}
     if cfg.train.use_gpu:
-        resources["GPU"] = 1.0
+        gpu_bytes = cfg.cluster.gpu_memory_gb * GiB
+        share = 1.0
+        if estimated is not None and cfg.train.num_workers == 1:
+            share = min(1.0, math.ceil(20 * estimated / gpu_bytes) / 20)  # in steps of 1/20 GPU
+        resources["GPU"] = share
+    elif estimated is not None:
+        resources["memory"] = float(estimated)
     return resources
 
 
+def node_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fit(trials: list[Trial], largest_node_bytes: int, where: str) -> None:
+    """Refuse, with the numbers, any trial whose estimate fits no node (or no GPU)."""
+    problems = []
+    for t in trials:
+        if t.estimated_bytes is None:
+            continue
+        if t.cfg.train.use_gpu and t.estimated_bytes > t.cfg.cluster.gpu_memory_gb * GiB:
+            problems.append(("cluster.gpu_memory_gb", f"trial '{t.label}' needs an estimated "
+                             f"{t.estimated_bytes / GiB:.1f} GiB per worker, more than one "
+                             f"{t.cfg.cluster.gpu_memory_gb:g} GiB GPU"))
+        elif not t.cfg.train.use_gpu and t.estimated_bytes > largest_node_bytes:
+            problems.append(("train", f"trial '{t.label}' needs an estimated {t.estimated_bytes / GiB:.1f} GiB per "
+                             f"worker; the largest {where} has {largest_node_bytes / GiB:.1f} GiB"))
+    if problems:
+        raise ConfigError(problems)
+
+
 def concurrency(plan: Plan) -> int | None:
-    """Trials at once: the user's cap, and for a local Ray what its CPUs hold."""
+    """Trials at once: the user's cap, and for a local Ray what its CPUs and memory hold."""
     cap = plan.base.cluster.max_concurrent_trials
     if plan.base.cluster.address is None and plan.trials:
         cpus = plan.base.cluster.num_cpus or os.cpu_count() or 1
         per_trial = max(t.resources["CPU"] * t.cfg.train.num_workers for t in plan.trials)
         fits = max(1, int(cpus // per_trial))
+        per_trial_mem = max((t.estimated_bytes or 0) * t.cfg.train.num_workers for t in plan.trials)
+        if per_trial_mem:
+            fits = max(1, min(fits, int(node_memory_bytes() // per_trial_mem)))
         cap = min(cap, fits) if cap else fits
     return cap
+
+
+def finish_plan(plan: Plan) -> Plan:
+    """Memory estimates and resources of every trial, the fit check, and the concurrency."""
+    for t in plan.trials:
+        t.estimated_bytes = estimate_bytes(t.cfg)
+        t.resources = worker_resources(t.cfg, t.estimated_bytes)
+    if plan.base.cluster.address is None:
+        check_fit(plan.trials, node_memory_bytes(), "node (this machine)")
+    plan.max_concurrent = concurrency(plan)
+    return plan
+
+
+def _amount(name: str, value: float) -> str:
+    return f"{value / 2**20:,.0f}MiB" if name == "memory" else f"{value:g}"
 
 
 def format_plan(plan: Plan) -> str:
     lines = [f"sweep {plan.sweep}: {len(plan.trials)} trial(s), experiment '{plan.experiment}', "
              f"at most {plan.max_concurrent or 'cluster-limited'} at once"]
     width = max((len(t.label) for t in plan.trials), default=5)
-    lines.append(f"  {'trial':<{width}}  {'key':<12}  {'stage':<6}  {'workers':>7}  resources/worker")
+    lines.append(f"  {'trial':<{width}}  {'key':<12}  {'stage':<6}  {'workers':>7}  {'est. mem':>9}  "
+                 "resources/worker")
+    labels = {t.key: t.label for t in plan.trials}
     for t in plan.trials:
-        res = ", ".join(f"{k}={v:g}" for k, v in t.resources.items())
-        lines.append(f"  {t.label:<{width}}  {t.key:<12}  {t.cfg.stage.name:<6}  {t.cfg.train.num_workers:>7}  {res}")
+        res = ", ".join(f"{k}={_amount(k, v)}" for k, v in t.resources.items())
+        mem = f"{t.estimated_bytes / 2**20:,.0f} MiB" if t.estimated_bytes else "?"
+        after = f"  after: {', '.join(labels[k] for k in t.after)}" if t.after else ""
+        lines.append(f"  {t.label:<{width}}  {t.key:<12}  {t.cfg.stage.name:<6}  {t.cfg.train.num_workers:>7}  "
+                     f"{mem:>9}  {res}{after}")
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)

@@ -111,3 +111,16 @@ def test_bad_axis_value_is_reported_with_its_trial():
         make_plan(["+sweep=lora_rank", "sweep.axes={method.r:[4,0]}"])
     assert "method.r" in [k for k, _ in info.value.problems]
     assert "method.r=0" in str(info.value)
+
+
+def test_plan_reserves_estimated_memory_and_refuses_what_fits_no_node():
+    plan = make_plan(["+sweep=lora_rank"])
+    for trial in plan.trials:
+        assert trial.estimated_bytes and trial.resources["memory"] == trial.estimated_bytes
+    gpu = make_plan(["+sweep=lora_rank", "train.use_gpu=true"])
+    assert all(0 < t.resources["GPU"] <= 0.1 for t in gpu.trials)  # tiny trials share one GPU
+    with pytest.raises(ConfigError) as info:
+        make_plan(["method=full", "model.name_or_path=llama-3-70b"])
+    assert "needs an estimated" in str(info.value) and "GiB" in str(info.value)
+    with pytest.raises(ConfigError, match="cluster.gpu_memory_gb"):
+        make_plan(["method=full", "model.name_or_path=llama-3-70b", "train.use_gpu=true"])

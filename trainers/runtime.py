@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -48,26 +49,25 @@ def pick_device(use_gpu: bool, local_rank: int = 0):
 
 
 class LiveTensorBytes:
-    """Bytes held by live tensor storages on one device type, and their peak since `enter()`.
+    """Bytes held by live CPU tensor storages, and their peak, from `enter()` to `exit()`.
 
-    A torch dispatch mode sees every aten op (forward, backward and optimizer alike); each storage
-    an op reads or writes is counted once (views share it) from the moment it is first seen until
-    it is freed (a weakref finalizer on the storage). Storages alive before `enter()` are ignored.
-    Reading inputs too catches tensors made outside the dispatcher, e.g. weights memory-mapped from
-    safetensors, at their first use. Allocations inside a kernel that never surface as tensors
-    (scratch space of a matmul or attention kernel) are not seen. Only the thread that called
-    `enter()` is watched (dispatch modes are thread-local).
+    A torch dispatch mode sees every aten op (forward, backward, optimizer and bitsandbytes ops
+    alike). Each storage an op reads or writes is counted once (views share it) from the moment it
+    is first seen until it is freed (a weakref callback on the storage). Storages alive before
+    `enter()` are ignored. Reading inputs too catches tensors made outside the dispatcher, such as
+    weights memory-mapped from safetensors, at their first use. Not seen: memory a kernel
+    allocates and frees internally (matmul/attention scratch), and other threads (dispatch modes
+    are thread-local).
     """
 
-    SKIP, READ, MUTATE = 0, 1, 2  # what an op can do to the set of live storages
+    SKIP, READ, RESIZE = 0, 1, 2  # what an op can do to the sizes of live storages
 
-    def __init__(self, device_type: str = "cpu"):
-        self.device_type = device_type
+    def __init__(self):
         self.live: dict[int, list] = {}  # storage key -> [bytes, weakref to the storage]
         self.live_bytes = 0
         self.peak = 0
         self._ignored: set[int] = set()
-        self._op_kinds: dict = {}
+        self._op_kinds: dict[int, tuple] = {}
         self._mode = None
 
     def enter(self) -> None:
@@ -94,23 +94,26 @@ class LiveTensorBytes:
         self._mode = None
 
     def op_kind(self, func) -> int:
-        """View ops only alias what their input holds; ops that write in place may resize."""
-        kind = self._op_kinds.get(func)
+        """View ops only alias what their input holds; resize_, set_ and out= variants may change
+        the size of a storage already counted (in-place arithmetic never does)."""
+        kind = self._op_kinds.get(id(func))  # by id: an OpOverload's own __hash__ is slow Python
         if kind is None:
-            schema = func._schema
+            name = func.overloadpacket.__name__
             kind = (self.SKIP if func.is_view else
-                    self.MUTATE if schema.is_mutable or func.overloadpacket.__name__.startswith("set_") else
+                    self.RESIZE if name.startswith(("resize", "set_")) or "out" in func._overloadname else
                     self.READ)
-            self._op_kinds[func] = kind
-        return kind
+            self._op_kinds[id(func)] = (func, kind)  # holding func keeps its id unique
+            return kind
+        return kind[1]
 
-    def _storage(self, tensor):
-        if (tensor.is_cpu if self.device_type == "cpu" else tensor.device.type == self.device_type):
-            try:
-                return tensor.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # sparse, or a subclass without storage
-                return None
-        return None
+    @staticmethod
+    def _storage(tensor):
+        if not tensor.is_cpu:
+            return None
+        try:
+            return tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse, or a subclass without storage
+            return None
 
     def _ignore(self, tensor) -> None:
         storage = self._storage(tensor)
@@ -119,20 +122,20 @@ class LiveTensorBytes:
         self._ignored.add(storage._cdata)
         weakref.finalize(storage, self._ignored.discard, storage._cdata)
 
-    def note(self, tensor, recheck: bool = False) -> None:
-        """Count `tensor`'s storage if it is new (or, with recheck, if its size changed)."""
+    def note(self, tensor, resized: bool = False) -> None:
+        """Count `tensor`'s storage if it is new (or, if it may have been resized, its new size)."""
         storage = self._storage(tensor)
         if storage is None:
             return
         key = storage._cdata
         entry = self.live.get(key)
-        if entry is not None and not recheck:
+        if entry is not None and not resized:
             return
         nbytes = storage.nbytes()
         if entry is None:
             if key in self._ignored or nbytes == 0:
                 return
-            # weakref.ref with a callback is much cheaper than weakref.finalize; keep the ref alive
+            # a weakref with a callback costs far less than weakref.finalize; the entry keeps it
             entry = self.live[key] = [0, weakref.ref(storage, functools.partial(self._free, key))]
         old = entry[0]
         if old == nbytes:
@@ -163,6 +166,12 @@ def _storage_tracking_mode():
             super().__init__()
             self.tracker = tracker
 
+        @classmethod
+        def _should_skip_dynamo(cls) -> bool:
+            # torch would wrap __torch_dispatch__ in a Dynamo-disabling frame: ~2 us on every op,
+            # a third of this mode's cost; nothing is torch.compile'd under it
+            return False
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             tracker = self.tracker
@@ -171,7 +180,7 @@ def _storage_tracking_mode():
             kind = tracker.op_kind(func)
             if kind == LiveTensorBytes.SKIP:
                 return out
-            recheck = kind == LiveTensorBytes.MUTATE
+            resized = kind == LiveTensorBytes.RESIZE
             live, note = tracker.live, tracker.note
             groups = (args, out if isinstance(out, (tuple, list)) else (out,))
             if kwargs:
@@ -185,10 +194,12 @@ def _storage_tracking_mode():
                     else:
                         continue
                     for tensor in items:
-                        # fast path: a CPU storage already counted, nothing written in place
-                        if not recheck and tensor.is_cpu and tensor.untyped_storage()._cdata in live:
+                        try:  # the common case, inlined: a CPU storage counted already
+                            if not resized and tensor.is_cpu and tensor.untyped_storage()._cdata in live:
+                                continue
+                        except (RuntimeError, NotImplementedError):
                             continue
-                        note(tensor, recheck)
+                        note(tensor, resized)
             return out
 
     _STORAGE_TRACKING_MODE = StorageTrackingMode
@@ -196,21 +207,23 @@ def _storage_tracking_mode():
 
 
 _STORAGE_TRACKING_MODE = None
+_WATCHING = threading.local()  # the LiveTensorBytes a PeakMemory left on this thread, if any
 
 
 class PeakMemory:
     """Peak bytes of tensors allocated by the work between start() and peak_bytes().
 
     The number means the same on both devices: the high-water mark of bytes held by live tensor
-    storages created after start() - parameters (at their stored width: 4-bit weights count half
-    a byte each), gradients, optimizer states, activations saved for backward, and the transient
-    tensors of each op (logits, the loss's softmax, dequantized weights...). It excludes allocator
-    caching and fragmentation, kernel scratch space, and the Python/torch runtime itself.
+    storages created after start() - parameters at their stored width (a 4-bit weight counts half
+    a byte), gradients, optimizer states, activations saved for backward, and each op's transient
+    tensors (logits, the loss's softmax, dequantized weights...). It excludes allocator caching
+    and fragmentation, kernel scratch space and the Python/torch runtime itself;
+    `trainers.memory.estimate(cfg).peak_bytes` predicts it.
 
     CUDA: torch.cuda.max_memory_allocated (allocator statistics, free).
-    CPU: LiveTensorBytes, a dispatch mode that watches every aten op; it stays on until
-    peak_bytes() (or stop()) and slows small-model training by the overhead given in
-    benchmarks/README.md. Only the thread that called start() is watched.
+    CPU: LiveTensorBytes, a dispatch mode that watches every aten op of the calling thread until
+    peak_bytes() or stop(); on the ~1M-parameter default model it adds about 35-40% CPU time
+    (benchmarks/README.md), much less on models whose ops do more work each.
     """
 
     def __init__(self, device):
@@ -224,14 +237,18 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return
-        self.stop()
-        self._tracker = LiveTensorBytes(self.device.type)
+        left_on = getattr(_WATCHING, "tracker", None)
+        if left_on is not None:  # a previous trial on this thread ended without peak_bytes()
+            left_on.exit()
+        self._tracker = _WATCHING.tracker = LiveTensorBytes()
         self._tracker.enter()
 
     def stop(self) -> None:
-        """Stop watching (CPU); the peak so far is kept."""
+        """Stop watching (CPU); the peak so far is kept. Safe to call more than once."""
         if self._tracker is not None:
             self._tracker.exit()
+            if getattr(_WATCHING, "tracker", None) is self._tracker:
+                _WATCHING.tracker = None
 
     def peak_bytes(self) -> int:
         import torch
