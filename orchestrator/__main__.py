@@ -21,7 +21,8 @@ USAGE = """usage: python -m orchestrator [+sweep=NAME] [KEY=VALUE ...]
   tracking.uri=...       MLflow store (default sqlite:///mlflow.db)
   model.name_or_path=... hub id or local directory (default: the embedded tiny model)
   data.train_file=...    JSONL; data.eval_file=... for eval loss and accuracy
-  storage.path=...       checkpoints and adapters (default ./runs)
+  storage.path=...       checkpoints and adapters: a directory every node sees, or s3://bucket/prefix
+                         (default ./runs)
   GROUP=OPTION           config groups: {groups}
 """
 
@@ -80,19 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     return run(plan, argv)
 
 
-def open_runs(plan, tracker, argv: list[str], storage: Path) -> tuple[str, dict[str, str], set[str]]:
-    """Parent and child runs of this invocation: a fresh set, or the unfinished previous one.
+def open_runs(plan, tracker, argv: list[str], storage: str) -> tuple[str, dict[str, str], set[str]]:
+    """Parent run of this invocation, fresh or the unfinished previous one, with the child runs
+    it already has (the runner creates the others as their trials start).
 
     Returns (parent run id, {trial key: child run id}, keys of trials already finished).
     """
-    import shutil
+    from trainers.storage import join, remove
 
     previous = tracker.find_unfinished_parent(plan.key) if plan.base.resume else None
     if previous is None:
         parent_id = tracker.start_parent(plan.sweep, argv, plan.key)
         for trial in plan.trials:  # a fresh run must not resume someone else's checkpoints
-            shutil.rmtree(storage / plan.experiment / trial.key / "checkpoints", ignore_errors=True)
-        return parent_id, {t.key: tracker.create_child(t, t.config) for t in plan.trials}, set()
+            remove(join(storage, plan.experiment, trial.key, "checkpoints"))
+        return parent_id, {}, set()
     children = tracker.reopen(previous)
     run_ids, done = {}, set()
     for trial in plan.trials:
@@ -104,8 +106,6 @@ def open_runs(plan, tracker, argv: list[str], storage: Path) -> tuple[str, dict[
             tracker.open_runs.add(run_id)
             tracker.set_status(run_id, "SCHEDULED")
             run_ids[trial.key] = run_id
-        else:
-            run_ids[trial.key] = tracker.create_child(trial, trial.config)
     print(f"resuming sweep run {previous.info.run_id}: {len(done)} finished trial(s) kept, "
           f"{len(plan.trials) - len(done)} to run (resume=false starts over)")
     return previous.info.run_id, run_ids, done
@@ -114,13 +114,18 @@ def open_runs(plan, tracker, argv: list[str], storage: Path) -> tuple[str, dict[
 def run(plan, argv: list[str]) -> int:
     import ray
 
+    from orchestrator.plan import check_fit
     from orchestrator.progress import ProgressBoard
     from orchestrator.report import build_report, console_table
+    from trainers.config import ConfigError
     from orchestrator.runner import Outcome, connect, run_sweep
     from orchestrator.tracking import SweepTracker
 
-    storage = Path(plan.base.storage.path).expanduser().resolve()
-    log_file = storage / "logs" / f"{plan.sweep}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    from trainers.storage import is_remote, normalize
+
+    storage = normalize(plan.base.storage.path)  # an absolute path, or a URI left as it is (s3://...)
+    logs = Path("runs").resolve() if is_remote(storage) else Path(storage)  # the driver's log stays local
+    log_file = logs / "logs" / f"{plan.sweep}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     _setup_logging(log_file)
     tracker = SweepTracker(plan.base.tracking.uri, plan.experiment)
     parent_id, run_ids, done = open_runs(plan, tracker, argv, storage)
@@ -139,7 +144,13 @@ def run(plan, argv: list[str]) -> int:
         if todo:
             ray_logs = connect(plan, log_file.parent)
             print(f"logs: {log_file} ; Ray: {ray_logs}", flush=True)
+            check_fit(todo, max(n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]),
+                      "Ray node (its `memory` resource)")
             outcome.merge(run_sweep(plan, todo, tracker, run_ids, storage, board, log_file))
+    except ConfigError as err:  # a trial that fits no node of the cluster
+        tracker.close_all("FAILED", str(err))
+        _print_errors(err)
+        return 2
     except KeyboardInterrupt:
         tracker.close_all("KILLED", "sweep interrupted")
         print("\ninterrupted: open MLflow runs marked KILLED; rerun the same command to resume", file=sys.stderr)
@@ -160,8 +171,11 @@ def run(plan, argv: list[str]) -> int:
     print(f"\nmlflow ui --backend-store-uri {tracker.uri}")
     if failed:
         labels = {t.key: t.label for t in plan.trials}
-        print(f"\n{len(failed)} trial(s) failed: " + "; ".join(f"{labels[k]} ({outcome.reasons.get(k, '')})"
-                                                           for k in failed), file=sys.stderr)
+        for state in ("FAILED", "KILLED", "SKIPPED"):
+            keys = [k for k in failed if outcome.states[k] == state]
+            if keys:
+                print(f"\n{len(keys)} trial(s) {state.lower()}: " + "; ".join(
+                    f"{labels[k]} ({outcome.reasons.get(k, '')})" for k in keys), file=sys.stderr)
         return 1
     return 0
 

@@ -87,7 +87,9 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path, make_cfg):
     from trainers.model import load_base_model, resolve_model_path
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path("embedded:base"))
-    model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    pickled = tmp_path / "pickled"
+    model.config.save_pretrained(pickled)  # transformers 5 only writes safetensors: pickle by hand
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
     cfg = make_cfg(f"model.name_or_path={tmp_path / 'pickled'}")
     with pytest.raises(OSError, match="allow_pickle"):
         load_base_model(cfg, torch.device("cpu"))

@@ -5,12 +5,15 @@ This is what a Ray Train worker runs, what `python -m trainers` runs, and what t
 
 from __future__ import annotations
 
+import hashlib
 import json
+import platform
 from pathlib import Path
 
 from trainers.config import ExperimentConfig
 from trainers.context import TrialContext
 from trainers.runtime import dist_info, pick_device, seed_everything
+from trainers.storage import TrialStorage
 from trainers.tracking import Tracker
 
 
@@ -21,26 +24,111 @@ def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | 
 
     from trainers.recipes import RECIPES
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.train.cpus_per_worker)
     seed_everything(cfg.train.seed)
     dist = dist_info()
+    # output_dir may be remote (s3://...): the trial then writes to a local staging dir and uploads.
+    storage = TrialStorage(output_dir, dist.rank)
+    output_dir = storage.local
     device = device if device is not None else pick_device(cfg.train.use_gpu, dist.local_rank)
-    ctx = TrialContext(cfg=cfg, output_dir=output_dir, device=device, dist=dist, tracker=tracker or Tracker())
-    metrics = RECIPES[cfg.stage.name].run(ctx)
+    ctx = TrialContext(cfg=cfg, output_dir=output_dir, device=device, dist=dist, tracker=tracker or Tracker(),
+                       storage=storage)
+    recipe = RECIPES[cfg.stage.name]
+    try:
+        metrics = recipe.run(ctx)
+    finally:
+        ctx.memory.stop()  # a failed trial must not leave the CPU tensor tracker installed
     if dist.is_main:
+        if "mem/estimated_peak_bytes" not in metrics:  # recipes that know their batch shapes set it
+            estimate = estimated_peak_bytes(cfg, device)
+            if estimate is not None:
+                metrics["mem/estimated_peak_bytes"] = estimate
+        from trainers.recipes.inputs import LINEAGE_FILE, write_lineage
+
         ctx.tracker.log_metrics(metrics)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        write_lineage(output_dir, cfg, recipe.produces)  # last: marks the output usable by later stages
+        storage.publish(last=("metrics.json", LINEAGE_FILE))
+    storage.cleanup()
     return metrics
+
+
+def estimated_peak_bytes(cfg: ExperimentConfig, device=None, seq_len: int | None = None,
+                         eval_seq_len: int | None = None) -> int | None:
+    """The memory estimator's prediction for this trial, logged beside the measured peak."""
+    from trainers.memory import estimate
+
+    try:
+        return estimate(cfg, device=getattr(device, "type", None), seq_len=seq_len,
+                        eval_seq_len=eval_seq_len).peak_bytes
+    except (ValueError, OSError):  # a method or model shape the estimator does not model
+        return None
+
+
+# What a result depends on besides its config (and the code: the orchestrator adds the git state).
+ENV_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "ray", "mlflow", "datasets")
+MODEL_HASH_LIMIT = 2**30  # hashing a multi-GB local checkpoint per trial costs more than it tells
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(cfg: ExperimentConfig, device=None) -> dict[str, str]:
+    """Short strings (MLflow tags `env.*`): package versions, python, device, sha256 of the data
+    files and of a local base model (the embedded one is rebuilt per machine)."""
+    from importlib import metadata
+
+    import torch
+
+    from trainers.data import resolve_path
+
+    env = {"python": platform.python_version()}
+    for name in ENV_PACKAGES:
+        try:
+            env[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            env[name] = "not installed"
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+        env["cuda"] = str(torch.version.cuda)
+    else:
+        env["device"] = f"{device.type} ({_cpu_model()})"  # CPU kernels, hence float sums, differ by ISA
+    for split, uri in (("train", cfg.data.train_file), ("eval", cfg.data.eval_file)):
+        if uri:
+            env[f"data.{split}_sha256"] = file_sha256(resolve_path(uri))
+    model_dir = resolve_path(cfg.model.name_or_path)
+    if model_dir.is_dir():
+        weights = sorted(model_dir.glob("*.safetensors"))
+        if sum(w.stat().st_size for w in weights) <= MODEL_HASH_LIMIT:
+            digest = hashlib.sha256("".join(f"{w.name}:{file_sha256(w)}\n" for w in weights).encode())
+            env["model_sha256"] = digest.hexdigest()
+    return env
 
 
 def check_inputs(cfg: ExperimentConfig) -> dict[str, int]:
     """Validate a trial's data against its tokenizer before any compute: every row's rules, and
     `data.overlength`. Raises DataError (file:line) or ConfigError (model key); returns row counts."""
     from trainers.config import ConfigError
-    from trainers.data import load_rows, tokenize_split
+    from trainers.data import DataError, load_rows, tokenize_pairs, tokenize_split
     from trainers.model import load_tokenizer
+    from trainers.recipes import RECIPES
 
     try:
         tokenizer = load_tokenizer(cfg.model)
@@ -52,11 +140,15 @@ def check_inputs(cfg: ExperimentConfig) -> dict[str, int]:
     if cfg.data.eval_file:
         files.append(("eval", cfg.data.eval_file, cfg.data.max_eval_rows))
     fmt = cfg.data.format
+    recipe = RECIPES[cfg.stage.name]
     for split, uri, limit in files:
         fmt, rows, sources = load_rows(uri, fmt, limit)
+        if fmt not in recipe.data_formats:
+            raise DataError(f"{uri}: holds {fmt} rows; stage {recipe.name} trains on "
+                            f"{' or '.join(recipe.data_formats)} data (set data.train_file/data.eval_file, or data=...)")
         if fmt in ("instruction", "chat"):
             stats = tokenize_split(tokenizer, rows, sources, fmt, cfg.data.max_seq_len, cfg.data.overlength).stats
-            counts.update(stats.as_metrics(split))
         else:
-            counts[f"data/{split}_rows"] = len(rows)
+            stats = tokenize_pairs(tokenizer, rows, sources, cfg.data.max_seq_len, cfg.data.overlength)[1]
+        counts.update(stats.as_metrics(split))
     return counts

@@ -2,6 +2,8 @@
 
 Loss only on response tokens; eval reports loss, perplexity and exact-match accuracy by greedy
 generation; the method's artifact (adapter or full model) is saved as safetensors.
+data.packing trains on rows of several examples (data.pack_examples), data.group_by_length on
+batches of similar length (training.micro_batches); evaluation always runs on unpacked examples.
 """
 
 from __future__ import annotations
@@ -9,13 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trainers.context import TrialContext
-from trainers.data import load_rows, tokenize_split
+from trainers.data import load_rows, non_pad_fraction, pack_examples, tokenize_split
 from trainers.evaluate import evaluate
 from trainers.methods import METHODS
-from trainers.model import count_parameters, load_base_model, load_tokenizer
+from trainers.model import count_parameters, load_tokenizer
 from trainers.recipes import register
 from trainers.recipes.base import RecipeSpec, StageConfig
+from trainers.recipes.inputs import load_start
 from trainers.training import train_loop
+from trainers.trial import estimated_peak_bytes
 
 
 @dataclass
@@ -35,17 +39,22 @@ def run(ctx: TrialContext) -> dict[str, float]:
         eval_fmt, eval_rows, eval_sources = load_rows(cfg.data.eval_file, fmt, cfg.data.max_eval_rows)
         evaluation = tokenize_split(tokenizer, eval_rows, eval_sources, eval_fmt, cfg.data.max_seq_len,
                                     cfg.data.overlength, with_prompts=True)
+    batches, data_metrics = train.examples, train.stats.as_metrics("train")
+    if cfg.data.packing:
+        batches = pack_examples(train.examples, cfg.data.max_seq_len, cfg.train.seed)
+        data_metrics.update({"data/packed_rows": len(batches),
+                             "data/packed_fill": non_pad_fraction(batches, cfg.train.batch_size, cfg.data.max_seq_len)})
 
     ctx.memory.start()
     spec = METHODS[cfg.method.name]
-    model = spec.apply(load_base_model(cfg, device), cfg)
+    model = spec.apply(load_start(cfg, device), cfg)  # the base, or stage.init_from merged
     trainable, total = count_parameters(model)
-    ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total,
-                             **train.stats.as_metrics("train")})
+    ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total, **data_metrics})
 
     # --- train
-    stats = train_loop(ctx.wrap_ddp(model), train.examples, cfg.train, tokenizer.pad_token_id, device, ctx.dist,
-                       ctx.tracker, checkpoints=ctx.checkpoints, faults=ctx.faults)
+    stats = train_loop(ctx.wrap_parallel(model), batches, cfg.train, tokenizer.pad_token_id, device, ctx.dist,
+                       ctx.tracker, checkpoints=ctx.checkpoints, faults=ctx.faults,
+                       group_by_length=cfg.data.group_by_length)
     metrics = {
         "model/trainable_params": trainable,
         "model/total_params": total,
@@ -56,11 +65,18 @@ def run(ctx: TrialContext) -> dict[str, float]:
     }
 
     # --- evaluate and save (rank 0; the others wait at the barrier)
+    model = ctx.gather_model(model, lambda: spec.apply(load_start(cfg, device), cfg))  # FSDP: gathers shards
     if ctx.dist.is_main:
         if evaluation is not None:
             metrics.update(evaluate(model, tokenizer, evaluation.examples, evaluation.prompts,
                                     cfg.train.eval_batch_size, cfg.data.max_new_tokens, device))
         metrics["mem/peak_bytes"] = ctx.memory.peak_bytes()
+        # Predicted for the batch shapes this trial really had, so it compares with the measurement.
+        longest = max(len(b.input_ids) for b in batches) if not cfg.data.packing else cfg.data.max_seq_len
+        eval_longest = max((len(e.input_ids) for e in evaluation.examples), default=None) if evaluation else None
+        estimate = estimated_peak_bytes(cfg, device, seq_len=longest, eval_seq_len=eval_longest)
+        if estimate is not None:
+            metrics["mem/estimated_peak_bytes"] = estimate
         artifact_dir = ctx.save_artifact(spec, model, tokenizer)
         metrics["model/adapter_bytes"] = ctx.artifact_bytes(artifact_dir)
     ctx.barrier()
