@@ -143,6 +143,7 @@ def run(plan, argv: list[str]) -> int:
         outcome = Outcome(states={k: "FINISHED" for k in done})
         if todo:
             ray_logs = connect(plan, log_file.parent)
+            signal.signal(signal.SIGTERM, terminate)  # ray.init installs its own (which aborts)
             print(f"logs: {log_file} ; Ray: {ray_logs}", flush=True)
             check_fit(todo, max(n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]),
                       "Ray node (its `memory` resource)")

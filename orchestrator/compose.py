@@ -43,6 +43,9 @@ def compose_raw(overrides: list[str]) -> DictConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     register_schemas()
+    # `${mul:2,${method.r}}`: lets a sweep tie one value to another (alpha = 2r across ranks).
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

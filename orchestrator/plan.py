@@ -221,7 +221,8 @@ def plan_pipeline(overrides: list[str], base: ExperimentConfig, sweep_block: dic
         # Group choices first: `method=full` must be applied before `method.*` values.
         pairs = sorted([("stage", recipe_name)] + [kv for kv in spec.overrides.items() if kv[0] != "stage"]
                        + node.own + [("train.seed", node.seed)], key=lambda kv: kv[0] not in GROUPS)
-        pairs += [(f"stage.{field_name}", storage.join(outputs, upstream[name].key)) for field_name, name in fields.items()]
+        pairs += [(f"stage.{field_name}", storage.join(outputs, upstream[name].key))
+                  for field_name, name in fields.items()]
         trial_overrides = [override(k, v) for k, v in pairs]
         try:
             cfg = compose(list(overrides) + trial_overrides)

@@ -1,4 +1,4 @@
-"""Live console progress: one line per trial (state, step/total, loss, tokens/s).
+"""Live console progress: one line per trial (state, step/total, loss, tokens/s, node).
 
 On a terminal the block is redrawn in place; otherwise (CI, a log file) a line is printed when
 a trial changes state and, while trials run, a progress line at most every `interval_s`.
@@ -22,6 +22,7 @@ class TrialLine:
     started: float | None = None
     ended: float | None = None
     reason: str = ""
+    node: str = ""  # ip/node-id prefix of the Ray node its rank 0 runs on
 
     def render(self, width: int) -> str:
         steps = f"{self.step}/{self.total}" if self.total else "-"
@@ -31,6 +32,8 @@ class TrialLine:
         if self.started is not None:
             elapsed = f"{(self.ended or time.monotonic()) - self.started:6.0f}s"
         text = f"  {self.label:<{width}}  {self.state:<9} {steps:>9}  loss {loss:>7}  tok/s {tps:>7}  {elapsed}"
+        if self.node:
+            text += f"  on {self.node}"
         return text + (f"  {self.reason}" if self.reason else "")
 
 

@@ -217,12 +217,12 @@ def _seeds(cell: Cell) -> str:
 
 BASE_COLUMNS = [
     Column("trial", per_cell=lambda c: c.label, always=True),
-    Column("method", per_cell=lambda c: c.method, always=True, console=False),
+    Column("method", per_cell=lambda c: c.method, always=True),
     Column("stage", per_cell=lambda c: c.stage),
     Column("r", per_cell=lambda c: c.param("method.r")),
     Column("precision", per_cell=lambda c: c.param("precision.name")),
     Column("n", per_cell=_seeds),
-    _metric("trainable", "model/trainable_params", "{:,.0f}", spread=False, console=False),
+    _metric("trainable", "model/trainable_params", "{:,.0f}", spread=False),
     Column("trainable %", per_trial=lambda r: r.trainable_pct, fmt="{:.3f}", spread=False),
     _metric("adapter", "model/adapter_bytes", "bytes", spread=False, console=False),
     _metric("est. peak mem", "mem/estimated_peak_bytes", "bytes", spread=False, console=False),

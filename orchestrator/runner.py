@@ -1,15 +1,23 @@
 """Schedule a planned sweep on Ray: each trial is a Ray Tune trial whose function runs a Ray Train
 `TorchTrainer` (Train V2) with that trial's ScalingConfig; rank 0 logs into the trial's MLflow
 child run, which the driver created and whose final status only the driver sets.
+
+Trials run in waves: each wave is one Tune run of every trial whose inputs are finished (a flat
+sweep is one wave; a pipeline, orchestrator/dag.py, releases a stage once its upstream trials
+are done). A trial's child run is created when its wave starts, so MLflow's start and end times
+are when it ran. A failed trial skips everything downstream of it: those child runs end KILLED
+with a `skip_reason` tag (MLflow has no SKIPPED status), while other branches carry on.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from orchestrator.plan import Plan
 from orchestrator.progress import ProgressBoard
@@ -17,8 +25,6 @@ from orchestrator.tracking import SweepTracker
 from trainers.faults import ENV as FAULTS_ENV
 
 log = logging.getLogger("orchestrator")
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # --------------------------------------------------------------------------- inside Ray
@@ -31,18 +37,65 @@ def train_worker(config: dict) -> None:
 
     from orchestrator.tracking import TrialTracker
     from trainers.config import from_container
-    from trainers.trial import run_trial
+    from trainers.trial import environment, run_trial
 
     cfg = from_container(config["cfg"])
-    rank = ray.train.get_context().get_world_rank()
-    tracker = TrialTracker(config["tracking_uri"], config["run_id"], rank, report=ray.train.report,
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    # Where this worker runs. On one machine several Ray nodes share an IP: the node id tells them apart.
+    node_id = ray.get_runtime_context().get_node_id()
+    node = {"node/ip": _node_ip(node_id), "node/id": node_id}
+
+    def report(metrics: dict) -> None:
+        ray.train.report({**metrics, **node})
+
+    tracker = TrialTracker(config["tracking_uri"], config["run_id"], rank, report=report,
                            total_steps=cfg.train.max_steps)
-    if rank == 0:
-        tracker.client.set_tag(config["run_id"], "node_ip", ray.util.get_node_ip_address())
     device = ray.train.torch.get_device() if cfg.train.use_gpu else None
+    nodes = _worker_nodes(node, context.get_world_size())
+    if rank == 0:
+        env = {f"env.{k}": v for k, v in environment(cfg, device).items()}
+        tags = {"node_ip": node["node/ip"], "node_id": node["node/id"], **env, **config["git"]}
+        if len(nodes) > 1:
+            tags["worker_nodes"] = " ".join(f"rank{r}={n['node/ip']}/{n['node/id'][:8]}" for r, n in enumerate(nodes))
+        tracker.set_tags(tags)
+    report({"progress/step": 0, "progress/total": cfg.train.max_steps})  # the board shows the node at once
     metrics = run_trial(cfg, config["output_dir"], tracker=tracker, device=device)
     # Not "done": Tune reads that key as "stop this trial" and would kill the trial mid-shutdown.
     ray.train.report({**metrics, "progress/step": cfg.train.max_steps, "progress/total": cfg.train.max_steps})
+
+
+def _node_ip(node_id: str) -> str:
+    """The address a node registered with (as `ray status` shows it); a worker's own guess at its
+    IP is the machine's outbound address, which differs when nodes use --node-ip-address."""
+    import ray
+
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return node["NodeManagerAddress"]
+    return ray.util.get_node_ip_address()
+
+
+def _worker_nodes(node: dict, world_size: int) -> list[dict]:
+    """The node of every rank, in rank order (a collective when there are several ranks)."""
+    if world_size == 1:
+        return [node]
+    import torch.distributed as dist
+
+    nodes: list = [None] * world_size
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
+def ray_storage(location: str) -> dict:
+    """RunConfig arguments for a storage location: a path, or a URI opened here (so that URIs
+    with query parameters and fsspec-only schemes work as they do for trial outputs)."""
+    from trainers import storage
+
+    if not storage.is_remote(location):
+        return {"storage_path": location}
+    fs, path = storage.filesystem(location)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def tune_trial(config: dict) -> None:
@@ -59,7 +112,7 @@ def tune_trial(config: dict) -> None:
         scaling_config=ScalingConfig(num_workers=train["num_workers"], use_gpu=train["use_gpu"],
                                      resources_per_worker=spec["resources"]),
         torch_config=TorchConfig(backend="nccl" if train["use_gpu"] else "gloo"),
-        run_config=RunConfig(name=f"train-{spec['key']}", storage_path=spec["ray_storage"],
+        run_config=RunConfig(name=f"train-{spec['key']}", **ray_storage(spec["ray_storage"]),
                              callbacks=[TuneReportCallback()],
                              failure_config=FailureConfig(max_failures=spec["max_failures"])),
     )
@@ -71,7 +124,7 @@ def tune_trial(config: dict) -> None:
 
 @dataclass
 class Outcome:
-    states: dict[str, str] = field(default_factory=dict)  # trial key -> FINISHED | FAILED | KILLED
+    states: dict[str, str] = field(default_factory=dict)  # trial key -> FINISHED | FAILED | SKIPPED | KILLED
     reasons: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -96,35 +149,116 @@ def _short_error(trial) -> str:
     return lines[-1][:500] if lines else "trial failed (no error text)"
 
 
-def _make_callback(board: ProgressBoard, tracker: SweepTracker, run_ids: dict[str, str], outcome: Outcome):
+class SweepEvents:
+    """What the driver does when a trial starts, reports, finishes or fails: MLflow status, board."""
+
+    def __init__(self, board: ProgressBoard, tracker: SweepTracker, run_ids: dict[str, str], outcome: Outcome):
+        self.board, self.tracker, self.run_ids, self.outcome = board, tracker, run_ids, outcome
+
+    def __call__(self, event: str, key: str, fields: dict) -> None:
+        if event == "start":
+            self.tracker.set_status(self.run_ids[key], "RUNNING")
+            self.board.update(key, state="RUNNING")
+        elif event == "result":
+            self.board.update(key, **fields)
+        elif event == "complete":
+            self.outcome.states[key] = "FINISHED"
+            self.tracker.set_status(self.run_ids[key], "FINISHED")
+            self.board.update(key, state="FINISHED")
+        elif event == "error":
+            reason = fields["reason"]
+            self.outcome.states[key] = "FAILED"
+            self.outcome.reasons[key] = reason
+            self.tracker.set_status(self.run_ids[key], "FAILED", reason)
+            self.board.update(key, state="FAILED", reason=reason[:120])
+
+
+def _node_label(result: dict) -> str | None:
+    """'10.0.0.5/3f2a9c1e': the node's IP and the start of its id (IPs repeat on one machine)."""
+    if not result.get("node/id"):
+        return None
+    return f"{result.get('node/ip', '?')}/{result['node/id'][:8]}"
+
+
+def _make_callback(send: Callable[[str, str, dict], None]):
+    """A Tune callback that turns trial events into `send(event, trial key, fields)` calls."""
     from ray.tune import Callback
 
     class SweepCallback(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
-            key = trial.config["trial"]["key"]
-            tracker.set_status(run_ids[key], "RUNNING")
-            board.update(key, state="RUNNING")
+            send("start", trial.config["trial"]["key"], {})
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            key = trial.config["trial"]["key"]
-            board.update(key, step=int(result.get("progress/step", 0)), total=int(result.get("progress/total", 0)),
-                         loss=result.get("train/loss"), tokens_per_s=result.get("train/tokens_per_s"))
+            send("result", trial.config["trial"]["key"], {
+                "step": int(result.get("progress/step", 0)), "total": int(result.get("progress/total", 0)),
+                "loss": result.get("train/loss"), "tokens_per_s": result.get("train/tokens_per_s"),
+                "node": _node_label(result)})
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            key = trial.config["trial"]["key"]
-            outcome.states[key] = "FINISHED"
-            tracker.set_status(run_ids[key], "FINISHED")
-            board.update(key, state="FINISHED")
+            send("complete", trial.config["trial"]["key"], {})
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            key = trial.config["trial"]["key"]
-            reason = _short_error(trial)
-            outcome.states[key] = "FAILED"
-            outcome.reasons[key] = reason
-            tracker.set_status(run_ids[key], "FAILED", reason)
-            board.update(key, state="FAILED", reason=reason[:120])
+            send("error", trial.config["trial"]["key"], {"reason": _short_error(trial)})
 
     return SweepCallback()
+
+
+class _Relay:
+    """Ray Client (`ray://`) runs Tune, and so its callbacks, in an actor on the cluster: they put
+    their events on a Ray queue that a driver thread drains into the local handler."""
+
+    def __init__(self, handle: Callable[[str, str, dict], None]):
+        from ray.util.queue import Queue
+
+        self.handle = handle
+        self.queue = Queue()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._pump, name="sweep-events", daemon=True)
+
+    def sender(self) -> Callable[[str, str, dict], None]:
+        queue = self.queue  # only the queue's handle travels to the cluster
+
+        def send(event: str, key: str, fields: dict) -> None:
+            queue.put((event, key, fields))
+
+        return send
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self.stop.is_set():
+            try:
+                event = self.queue.get(timeout=1)
+            except Empty:
+                continue
+            self.handle(*event)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        while not self.queue.empty():  # what arrived after the last poll
+            self.handle(*self.queue.get_nowait())
+
+
+def cluster_runtime_env() -> dict:
+    """What a job on an existing cluster brings along. Nodes have the dependencies installed (the
+    image, or `pip install .`); this tree's two packages are shipped with the job (py_modules, put
+    first on sys.path), so the workers run the driver's code whatever version a node has, and no
+    node needs a checkout (conf/ and sweeps/ are read by the driver only). Credentials are not
+    sent: each node takes them from its own environment."""
+    import orchestrator
+    import trainers
+
+    env_vars = {"RAY_TRAIN_V2_ENABLED": "1"}
+    if os.environ.get(FAULTS_ENV):  # tests and chaos runs inject faults on every node
+        env_vars[FAULTS_ENV] = os.environ[FAULTS_ENV]
+    return {"py_modules": [str(Path(orchestrator.__file__).parent), str(Path(trainers.__file__).parent)],
+            "excludes": ["__pycache__", "*.pyc", "*.partial"],
+            "env_vars": env_vars}
 
 
 def connect(plan: Plan, log_dir: Path) -> str:
@@ -139,12 +273,7 @@ def connect(plan: Plan, log_dir: Path) -> str:
     kwargs = dict(log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False,
                   configure_logging=True)
     if cluster.address:
-        # Workers need the dependencies, not this checkout: ship our two packages.
-        env_vars = {"RAY_TRAIN_V2_ENABLED": "1"}
-        if os.environ.get(FAULTS_ENV):  # tests and chaos runs inject faults on every node
-            env_vars[FAULTS_ENV] = os.environ[FAULTS_ENV]
-        kwargs["runtime_env"] = {"py_modules": [str(REPO_ROOT / "orchestrator"), str(REPO_ROOT / "trainers")],
-                                 "env_vars": env_vars}
+        kwargs["runtime_env"] = cluster_runtime_env()
         ray.init(address=cluster.address, **kwargs)
     else:
         ray.init(num_cpus=cluster.num_cpus, **kwargs)
@@ -157,12 +286,54 @@ def connect(plan: Plan, log_dir: Path) -> str:
         return f"(ray session at {session})"
 
 
-def run_sweep(plan: Plan, trials: list, tracker: SweepTracker, run_ids: dict[str, str], storage: Path,
+def run_sweep(plan: Plan, trials: list, tracker: SweepTracker, run_ids: dict[str, str], storage: str,
               board: ProgressBoard, log_file: Path) -> Outcome:
-    """Run `trials` (of `plan`) as Ray Tune trials; returns each one's final state."""
+    """Run `trials` (of `plan`; the others count as finished) in waves as their inputs finish;
+    returns each one's final state. Child runs missing from `run_ids` are created as their wave
+    starts (and added to it).
+
+    `storage` is an absolute path every node sees, or a URI (s3://...): see trainers/storage.py.
+    """
+    from orchestrator.dag import PipelineState
+
+    todo = {t.key for t in trials}
+    by_key = {t.key: t for t in plan.trials}
+    state = PipelineState([t.key for t in plan.trials], {t.key: t.after for t in plan.trials},
+                          {t.key: t.label for t in plan.trials}, done={k for k in by_key if k not in todo})
+    outcome = Outcome()
+
+    def child_run(trial) -> str:
+        if trial.key not in run_ids:
+            run_ids[trial.key] = tracker.create_child(trial, trial.config, [run_ids[k] for k in trial.after])
+        return run_ids[trial.key]
+
+    while state.ready():
+        wave = [by_key[key] for key in state.ready()]
+        for trial in wave:
+            state.start(trial.key)
+            child_run(trial)
+        result = _run_wave(plan, wave, tracker, run_ids, storage, board, log_file)
+        outcome.merge(result)
+        for trial in wave:
+            if result.states.get(trial.key) == "FINISHED":
+                state.finish(trial.key)
+                continue
+            for key, reason in state.fail(trial.key, result.reasons.get(trial.key, "")).items():
+                tracker.skip(child_run(by_key[key]), reason)
+                outcome.states[key], outcome.reasons[key] = "SKIPPED", reason
+                board.update(key, state="SKIPPED", reason=reason)
+    return outcome
+
+
+def _run_wave(plan: Plan, trials: list, tracker: SweepTracker, run_ids: dict[str, str], storage: str,
+              board: ProgressBoard, log_file: Path) -> Outcome:
+    """Run `trials` (their inputs all finished) as one Ray Tune run; returns each one's final state."""
     import contextlib
 
+    import ray
     from ray import tune
+
+    from trainers.storage import join
 
     outcome = Outcome()
     specs = []
@@ -172,11 +343,14 @@ def run_sweep(plan: Plan, trials: list, tracker: SweepTracker, run_ids: dict[str
             "cfg": trial.config,
             "run_id": run_ids[trial.key],
             "tracking_uri": tracker.uri,
-            "output_dir": str(storage / plan.experiment / trial.key),
-            "ray_storage": str(storage / "ray"),
+            "output_dir": join(storage, plan.experiment, trial.key),
+            "ray_storage": join(storage, "ray"),
             "resources": trial.resources,
             "max_failures": plan.base.cluster.max_failures,
+            "git": tracker.git,  # a resumed trial may run newer code than its run was created with
         })
+    events = SweepEvents(board, tracker, run_ids, outcome)
+    relay = _Relay(events) if ray.util.client.ray.is_connected() else None
     tuner = tune.Tuner(
         # The trial function only waits on its TorchTrainer; the workers hold the real resources.
         # (A bundle needs some resource: one byte of memory reserves nothing a worker needs.)
@@ -185,16 +359,17 @@ def run_sweep(plan: Plan, trials: list, tracker: SweepTracker, run_ids: dict[str
         tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent or 0, num_samples=1),
         run_config=tune.RunConfig(
             name=f"{plan.sweep}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(storage / "ray"),
-            callbacks=[_make_callback(board, tracker, run_ids, outcome)],
+            **ray_storage(join(storage, "ray")),
+            callbacks=[_make_callback(relay.sender() if relay else events)],
             verbose=0,
         ),
     )
     # Tune prints its own banners even at verbose=0; they go to the log, the board to the console.
-    with open(log_file, "a") as log, contextlib.redirect_stdout(log):
+    with open(log_file, "a") as log, contextlib.redirect_stdout(log), relay or contextlib.nullcontext():
         tuner.fit()
     for trial in trials:
         if trial.key not in outcome.states:
             outcome.states[trial.key] = "FAILED"
             outcome.reasons[trial.key] = "trial ended without reporting completion"
+            tracker.set_status(run_ids[trial.key], "FAILED", outcome.reasons[trial.key])
     return outcome

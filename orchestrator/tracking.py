@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -53,6 +55,30 @@ def config_params(config: dict) -> dict[str, str]:
     return params
 
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_state(root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """`env.git_commit` and `env.git_dirty` (uncommitted or untracked files) of this checkout; on a
+    cluster the workers run the driver's tree (runtime_env py_modules), so this is their code too."""
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True,
+                                timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"env.git_commit": "unknown (not a git checkout)", "env.git_dirty": "unknown"}
+    return {"env.git_commit": commit, "env.git_dirty": "true" if status.strip() else "false"}
+
+
+def replay_command(uri: str, run_id: str) -> str:
+    """One line that reruns a trial in a plain process from the config.yaml its run logged."""
+    where = f"replay-{run_id[:8]}"
+    return (f"MLFLOW_TRACKING_URI={shlex.quote(redact(uri))} mlflow artifacts download --run-id {run_id} "
+            f"--artifact-path config.yaml --dst-path {where} && "
+            f"python -m trainers --config {where}/config.yaml --output-dir {where}")
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -80,9 +106,13 @@ class SweepTracker:
             self.experiment_id = found.experiment_id
         self.parent_id: str | None = None
         self.open_runs: set[str] = set()
+        self.git = git_state()
 
     def _artifact_root(self) -> str | None:
-        # A local store keeps artifacts beside the database, as an absolute path every worker shares.
+        """Artifact location of a new experiment. A sqlite store keeps artifacts beside the database,
+        as an absolute path every worker shares. Anything else gets the store's default (None): for
+        an MLflow server (http://) that is the server's, which with --serve-artifacts is
+        `mlflow-artifacts:/`, so every worker uploads through the server, not to its own disk."""
         if self.uri.startswith("sqlite:///"):
             return (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
         return None
@@ -91,7 +121,7 @@ class SweepTracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}",
-            tags={"sweep": sweep, "plan_key": plan_key},
+            tags={"sweep": sweep, "plan_key": plan_key, **self.git},
         )
         self.parent_id = run.info.run_id
         self.open_runs.add(self.parent_id)
@@ -119,15 +149,19 @@ class SweepTracker:
                 found[key] = (child.info.run_id, child.info.status)
         return found
 
-    def create_child(self, trial, config: dict) -> str:
+    def create_child(self, trial, config: dict, input_run_ids: list[str] = ()) -> str:
+        """The child run of a trial; `input_run_ids` are the runs of the trials it starts from
+        (a pipeline stage), tagged `input_run_id` as a comma-separated list."""
+        inputs = {"input_run_id": ",".join(input_run_ids)} if input_run_ids else {}
         run = self.client.create_run(
             self.experiment_id,
             run_name=trial.label,
             tags={"mlflow.parentRunId": self.parent_id, "stage": trial.cfg.stage.name,
                   "method": trial.cfg.method.name, "trial_key": trial.key,
-                  "overrides": " ".join(trial.overrides)},
+                  "overrides": " ".join(trial.overrides), **inputs, **self.git},
         )
         run_id = run.info.run_id
+        self.client.set_tag(run_id, "replay", replay_command(self.uri, run_id))
         self.open_runs.add(run_id)
         _log_params(self.client, run_id, config_params(config))
         with tempfile.TemporaryDirectory() as tmp:
@@ -146,6 +180,12 @@ class SweepTracker:
             self.open_runs.discard(run_id)
         else:
             self.client.update_run(run_id, status=status)
+
+    def skip(self, run_id: str, reason: str) -> None:
+        """End a trial that will not run (an upstream failed): KILLED, since MLflow has no SKIPPED
+        status, with the reason in tag `skip_reason` (the report shows it as SKIPPED)."""
+        self.client.set_tag(run_id, "skip_reason", reason[:5000])
+        self.set_status(run_id, "KILLED")
 
     def close_all(self, status: str, reason: str | None = None) -> None:
         """Give every run this driver opened a terminal status (children first, then the parent)."""
@@ -183,3 +223,9 @@ class TrialTracker(Tracker):
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         if self.client is not None:
             self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.client is not None:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import trainers.embedded as embedded
+from trainers import embedded
 from trainers.embedded import world as W
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,12 +21,29 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def questions(rows: list[dict]) -> set[tuple[str, str]]:
+    return {(r["instruction"], r.get("input", "")) for r in rows}
+
+
 def test_corpus_and_tasks_are_deterministic():
     a, b = W.build_world(7), W.build_world(7)
     assert W.build_corpus(a, rounds=3) == W.build_corpus(b, rounds=3)
     assert W.to_jsonl(W.build_instruction_data(a)[0]) == W.to_jsonl(W.build_instruction_data(b)[0])
     assert W.to_jsonl(W.build_preference_data(a)[1]) == W.to_jsonl(W.build_preference_data(b)[1])
     assert W.build_corpus(W.build_world(8), rounds=3) != W.build_corpus(a, rounds=3)
+
+
+def test_tokenizer_training_is_deterministic_and_round_trips(tmp_path):
+    from trainers.embedded.tokenizer import train_tokenizer
+
+    world = W.build_world(3)
+    texts = W.build_corpus(world, rounds=1) + [W.format_prompt("Where does x live?") + "tolo"]
+    first = train_tokenizer(texts, tmp_path / "a", vocab_size=400)
+    train_tokenizer(texts, tmp_path / "b", vocab_size=400)
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    for text in ["  two spaces\n\n\tand tabs\r\n", "\nstarts with a newline", "unicode: héllo 😀\n", "x"]:
+        ids = first(text, add_special_tokens=False)["input_ids"]
+        assert first.decode(ids) == text
 
 
 def test_committed_data_matches_the_generator():
@@ -45,7 +62,6 @@ def test_eval_facts_are_held_out_of_train_but_stated_in_pretraining():
     assert len(held_out) == sum(W.EVAL_FACTS_PER_KIND.values())
     train_rows = read_jsonl(DATA / "instruct_train.jsonl")
     eval_rows = read_jsonl(DATA / "instruct_eval.jsonl")
-    questions = lambda rows: {(r["instruction"], r.get("input", "")) for r in rows}  # noqa: E731
     assert not questions(train_rows) & questions(eval_rows)
     # each held-out person fact is never asked in train, in any phrasing
     for fact in held_out:
@@ -57,8 +73,8 @@ def test_eval_facts_are_held_out_of_train_but_stated_in_pretraining():
     for fact in held_out:
         if fact.kind == "city":
             assert f"{fact.key[0]} " in corpus and f" {fact.answer} ." in corpus
-    # every eval answer is also some train answer: the format, not a new word, is what is tested
-    assert {r["output"] for r in eval_rows} <= {r["output"] for r in train_rows}
+    # every held-out person's value is also some train answer: the format, not a new word, is tested
+    assert {f.answer for f in held_out if f.kind in W.ATTRIBUTES} <= {r["output"] for r in train_rows}
 
 
 @pytest.mark.parametrize("name", ["instruct_train.jsonl", "instruct_eval.jsonl"])

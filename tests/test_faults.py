@@ -95,3 +95,11 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path, make_cfg):
         load_base_model(cfg, torch.device("cpu"))
     allowed = make_cfg(f"model.name_or_path={tmp_path / 'pickled'}", "model.allow_pickle=true")
     assert load_base_model(allowed, torch.device("cpu")) is not None
+
+
+def test_checkpoints_of_another_config_are_not_restored(make_cfg, tmp_path):
+    run_trial(make_cfg(*SMALL), tmp_path / "shared")
+    other = run_trial(make_cfg(*SMALL, "train.lr=1e-3"), tmp_path / "shared")
+    assert other["train/resumed_from_step"] == 0
+    again = run_trial(make_cfg(*SMALL, "train.lr=1e-3"), tmp_path / "shared")
+    assert again["train/resumed_from_step"] == 16  # its own checkpoints are

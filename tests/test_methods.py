@@ -406,3 +406,49 @@ def test_batched_generation_matches_one_prompt_at_a_time(base_dirs, method):
     batched = generate_answers(model, DigitTokenizer(), prompts, 8, 4, CPU)
     single = [generate_answers(model, DigitTokenizer(), [p], 1, 4, CPU)[0] for p in prompts]
     assert batched == single
+
+
+def test_prefix_tuned_generation_matches_a_manual_greedy_loop():
+    """generate() with a KV cache ignores the prefix (transformers 5 + peft 0.21); the evaluator
+    must decode prefix models so that the prefix counts."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainers.data import EvalPrompt
+    from trainers.evaluate import generate_answers
+    from trainers.methods import METHODS
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                        tie_word_embeddings=True))
+
+    from trainers.config import ExperimentConfig, PrecisionConfig
+    from trainers.methods.prefix import PrefixConfig
+
+    cfg = ExperimentConfig(method=PrefixConfig(num_virtual_tokens=4), precision=PrecisionConfig())
+    model = METHODS["prefix"].apply(base, cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 1.0)
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 63
+
+        @staticmethod
+        def decode(ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    prompt = [5, 9, 13, 2, 7]
+    got = generate_answers(model, Tok, [EvalPrompt(prompt, "")], 8, 4, torch.device("cpu"))[0]
+    cur = torch.tensor([prompt])
+    model.eval()
+    with torch.no_grad():
+        for _ in range(4):
+            nxt = model(input_ids=cur, attention_mask=torch.ones_like(cur)).logits[:, -1].argmax(-1, keepdim=True)
+            cur = torch.cat([cur, nxt], 1)
+    manual = cur[0, len(prompt):].tolist()
+    if 63 in manual:
+        manual = manual[:manual.index(63)]
+    assert got == " ".join(map(str, manual))

@@ -12,7 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+try:
+    from omegaconf import MISSING
+except ImportError:  # a bare GPU box (benchmarks/gpu_throughput.py) builds these dataclasses directly
+    MISSING = "???"
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4")
 QUANTIZED_PRECISIONS = ("int8", "nf4", "fp4")
@@ -62,9 +65,17 @@ class DataConfig:
     max_train_rows: Optional[int] = None  # None = all rows
     max_eval_rows: Optional[int] = None
     max_new_tokens: int = 8  # greedy generation budget for exact-match accuracy
+    # SFT: several examples per row of max_seq_len tokens (train.batch_size counts rows), attention
+    # kept within each example; no padding to compute, but fewer, fuller rows per step.
+    packing: bool = False
+    # SFT, unpacked: batches of examples of similar length (less padding); batch order stays shuffled.
+    group_by_length: bool = False
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        if self.packing and self.group_by_length:
+            problems.append(("data.group_by_length", "packed rows are all about max_seq_len long: use "
+                                                     "data.packing=true or data.group_by_length=true, not both"))
         if self.format not in DATA_FORMATS:
             problems.append(("data.format", f"must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}"))
         if self.overlength not in OVERLENGTH_POLICIES:
@@ -123,10 +134,19 @@ class TrainConfig:
     log_every: int = 10  # steps between train/* metrics
     seed: int = 0
     num_workers: int = 1  # Ray Train workers (DDP when > 1)
+    # num_workers > 1 and method=full: shard parameters, gradients and optimizer state (FSDP) instead
+    # of a full replica per worker (DDP); for models whose training state does not fit one device.
+    fsdp: bool = False
     cpus_per_worker: int = 1  # also torch's intra-op threads
     use_gpu: bool = False
     time_limit_s: Optional[float] = None  # per trial; None = no limit
     checkpoint_every: int = 50  # steps between atomic checkpoints (0 = none); a restart resumes there
+    # GPU only: torch.compile the training forward/backward; faster steps after a compile of a
+    # minute or more (and more at each new sequence length).
+    compile: bool = False
+    # GPU only: Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, linear + cross-entropy without
+    # the full logits); less memory and time, needs the liger-kernel package and a model it supports.
+    liger: bool = False
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -147,6 +167,17 @@ class TrainConfig:
             problems.append(("train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}"))
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             problems.append(("train.time_limit_s", f"must be > 0 or null, got {self.time_limit_s}"))
+        if self.compile and not self.use_gpu:
+            problems.append(("train.compile", "needs train.use_gpu=true: on CPU, inductor took ~190 s to compile "
+                                              "the default tiny model on 2 CPUs and recompiles at new lengths"))
+        if self.liger:
+            import importlib.util
+
+            if not self.use_gpu:
+                problems.append(("train.liger", "Liger kernels are Triton GPU kernels: needs train.use_gpu=true"))
+            elif importlib.util.find_spec("liger_kernel") is None:
+                problems.append(("train.liger", "needs the liger-kernel package, which is not installed "
+                                                "(pip install liger-kernel)"))
         return problems
 
 
@@ -158,6 +189,8 @@ class ClusterConfig:
     max_concurrent_trials: Optional[int] = None
     # Local Ray only: CPUs it may use (null = all).
     num_cpus: Optional[int] = None
+    # Memory of one GPU on the GPU nodes: trials whose estimate fits share a GPU by fraction.
+    gpu_memory_gb: float = 80.0
     # Times Ray Train restarts a trial's workers after a worker failure.
     max_failures: int = 1
 
@@ -182,6 +215,11 @@ class SweepConfig:
     # Explicit override sets, each crossed with `axes`: [{"method": "full"}, {"method.r": 8}].
     variants: List[Any] = field(default_factory=list)
     seeds: List[int] = field(default_factory=lambda: [0])
+    # A pipeline instead (e.g. RLHF: sft -> reward -> rl, sft -> dpo): stage name -> {after: [stage
+    # names], overrides: {...}, axes: {...}, variants: [...], seeds: [...]}. Each stage expands like
+    # a sweep of its own, and its trials start from the outputs of the stages it comes after
+    # (orchestrator/dag.py; sweeps/rlhf.yaml). Excludes the top-level axes and variants.
+    stages: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -237,11 +275,54 @@ def check(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     else:
         problems += [(f"method.{key}", msg) for key, msg in cfg.method.check()]
         problems += spec.check_combination(cfg)
+        recipe = RECIPES.get(getattr(cfg.stage, "name", None))
+        if recipe is not None:
+            if cfg.data.format != "auto" and cfg.data.format not in recipe.data_formats:
+                problems.append(("data.format", f"stage {recipe.name} trains on {' or '.join(recipe.data_formats)} "
+                                                f"data, got {cfg.data.format}"))
+            problems += recipe.check_combination(cfg)
+    problems += check_fsdp(cfg)
+    problems += check_batching(cfg)
     return problems
+
+
+PACKING_STAGES = ("sft",)  # stages whose loss reads data.packing / data.group_by_length
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
+
+
+def check_batching(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """data.packing / data.group_by_length against the stage and method that would use them."""
+    problems = []
+    stage = getattr(cfg.stage, "name", None)
+    for key in ("packing", "group_by_length"):
+        if getattr(cfg.data, key) and stage not in PACKING_STAGES:
+            problems.append((f"data.{key}", f"only stage {' or '.join(PACKING_STAGES)} batches this way; "
+                                            f"stage {stage} would ignore it"))
+    method = getattr(cfg.method, "name", None)
+    if cfg.data.packing and method in VIRTUAL_TOKEN_METHODS:
+        problems.append(("data.packing", f"method {method} puts virtual tokens before each row, which all "
+                                         "examples packed in it would share: use unpacked batches"))
+    return problems
+
+
+def check_fsdp(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    if not cfg.train.fsdp:
+        return []
+    if cfg.train.num_workers < 2:
+        return [("train.fsdp", f"shards the model over train.num_workers > 1 workers, got {cfg.train.num_workers}")]
+    if getattr(cfg.method, "name", None) != "full":
+        return [("train.fsdp", "is for full fine-tuning (method=full); adapter methods train few parameters: "
+                               "leave train.fsdp=false and their workers use DDP")]
+    if getattr(cfg.stage, "name", None) != "sft":
+        return [("train.fsdp", f"is supported by stage sft only, got stage {cfg.stage.name}")]
+    if cfg.precision.quantized:
+        return [("train.fsdp", f"cannot shard a quantized base (precision.name={cfg.precision.name})")]
+    return []
 
 
 def from_container(raw: dict | DictConfig) -> ExperimentConfig:
     """Typed config from a plain (resolved) mapping; raises ConfigError naming bad keys."""
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from trainers.methods import METHODS

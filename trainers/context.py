@@ -11,6 +11,7 @@ from trainers.checkpoint import CheckpointManager
 from trainers.config import ExperimentConfig
 from trainers.faults import FaultPlan
 from trainers.runtime import DistInfo, PeakMemory
+from trainers.storage import TrialStorage
 from trainers.tracking import Tracker
 
 
@@ -21,19 +22,30 @@ class TrialContext:
     device: object
     dist: DistInfo = field(default_factory=DistInfo)
     tracker: Tracker = field(default_factory=Tracker)
+    # Where the outputs persist; output_dir is its local side (a staging dir when it is remote).
+    storage: TrialStorage | None = None
 
     def __post_init__(self):
+        if self.storage is None:
+            self.storage = TrialStorage(self.output_dir, self.dist.rank)
         self.memory = PeakMemory(self.device)
-        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints")
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints",
+                                             remote=self.storage.remote_join("checkpoints"),
+                                             fingerprint=trial_fingerprint(self.cfg))
         self.faults = FaultPlan.from_env(self.output_dir, self.dist.rank)
 
-    def wrap_ddp(self, model):
-        if self.dist.world_size == 1:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
+    def wrap_parallel(self, model):
+        """The model as the training loop drives it: DDP over the ranks, or FSDP with train.fsdp."""
+        from trainers import parallel
 
-        ids = [self.device.index] if getattr(self.device, "type", "cpu") == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return parallel.wrap(model, self.dist, self.device, fsdp=self.cfg.train.fsdp)
+
+    def gather_model(self, model, build):
+        """The trained model for rank 0's evaluation and saving. Under FSDP every rank must call
+        this (it gathers the shards) and rank 0 gets a plain copy made by `build()`."""
+        from trainers import parallel
+
+        return parallel.gather_model(model, build, self.dist)
 
     def barrier(self) -> None:
         if self.dist.world_size > 1:
@@ -57,3 +69,27 @@ class TrialContext:
     @staticmethod
     def artifact_bytes(directory: Path) -> int:
         return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def trial_fingerprint(cfg: ExperimentConfig) -> str:
+    """Hash of what a trial's training state depends on: its config (where it runs aside) and
+    the identity of its base weights (config.json and weight file sizes of a local model)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from trainers.model import resolve_model_path
+
+    config = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k not in ("cluster", "tracking", "storage", "sweep", "dry_run", "resume")}
+    model_dir = Path(resolve_model_path(cfg.model.name_or_path))
+    weights = []
+    if model_dir.is_dir():
+        config_file = model_dir / "config.json"
+        weights.append(hashlib.sha256(config_file.read_bytes()).hexdigest() if config_file.is_file() else "")
+        weights += sorted(f"{p.name}:{p.stat().st_size}" for p in model_dir.glob("*.safetensors"))
+        build = model_dir / "BUILD.json"  # the embedded base records its own build
+        if build.is_file():
+            weights.append(hashlib.sha256(build.read_bytes()).hexdigest())
+    blob = json.dumps([config, weights], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -52,6 +52,9 @@ def generate_answers(model, tokenizer, prompts: list[EvalPrompt], batch_size: in
     import torch
 
     model.eval()
+    # With a KV cache, generate() (transformers 5 + peft 0.21) drops the prefix-tuning prefix,
+    # which PEFT passes as past_key_values: decode prefix models without the cache.
+    use_cache = not _is_prefix_tuned(model)
     answers: list[str] = [""] * len(prompts)
     by_length: dict[int, list[int]] = {}
     for index, prompt in enumerate(prompts):
@@ -64,7 +67,7 @@ def generate_answers(model, tokenizer, prompts: list[EvalPrompt], batch_size: in
                 out = model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                     do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                    use_cache=True,
+                    use_cache=use_cache,
                 )
                 for i, row in zip(chunk, out[:, width:].tolist()):
                     if tokenizer.eos_token_id in row:
@@ -72,6 +75,11 @@ def generate_answers(model, tokenizer, prompts: list[EvalPrompt], batch_size: in
                     answers[i] = tokenizer.decode(row, skip_special_tokens=True)
     model.train()
     return answers
+
+
+def _is_prefix_tuned(model) -> bool:
+    configs = getattr(model, "peft_config", None) or {}
+    return any(str(getattr(c, "peft_type", "")).endswith("PREFIX_TUNING") for c in configs.values())
 
 
 def exact_match(predictions: list[str], prompts: list[EvalPrompt]) -> float:

@@ -92,7 +92,22 @@ def load_base_model(cfg: ExperimentConfig, device, model_class=None, **from_pret
     if quant is None:
         model.to(device)
     model.config.use_cache = False  # training; generation turns it back on
+    if cfg.train.liger:
+        apply_liger(model, cfg.model.name_or_path)
     return model
+
+
+def apply_liger(model, name: str) -> None:
+    """Swap in Liger's fused Triton kernels (train.liger; the config check made sure the package
+    is installed and a GPU is used). Patches this instance, before any method wraps it."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # liger would only log this and go on
+        raise ValueError(f"train.liger=true: liger-kernel has no kernels for {name} (model_type {model_type}); "
+                         f"it supports {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}")
+    _apply_liger_kernel_to_instance(model=model)
 
 
 def encoded_numel(param) -> int:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 from trainers.checkpoint import CheckpointManager
 from trainers.config import TrainConfig
@@ -31,7 +32,7 @@ def build_optimizer(params, train: TrainConfig):
     if not params:
         raise ValueError("the method left no trainable parameters")
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=fused_adamw_ok(params))
     if train.optimizer == "sgd":
         return torch.optim.SGD(params, lr=train.lr, momentum=0.9, weight_decay=train.weight_decay)
     import bitsandbytes as bnb
@@ -39,6 +40,16 @@ def build_optimizer(params, train: TrainConfig):
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[train.optimizer]
     return cls(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def fused_adamw_ok(params) -> bool:
+    """torch's fused AdamW: one kernel over all tensors (default LoRA on CPU: 0.4 ms a step instead
+    of 2.1 ms for the per-tensor loop; transformers.Trainer's default too). It takes plain float
+    tensors on CPU or CUDA; FSDP's sharded (DTensor) parameters keep the default implementation."""
+    import torch
+
+    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() and type(p.data) is torch.Tensor
+               for p in params)
 
 
 def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
@@ -57,17 +68,80 @@ def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def micro_batches(examples: list[Example], batch_size: int, seed: int, dist: DistInfo) -> Iterator[list[Example]]:
-    """Endless stream of shuffled micro-batches; rank r takes every world_size-th example."""
+def no_sync(model):
+    """DDP's no_sync() (skip the gradient all-reduce of this backward); a no-op for anything else.
+    FSDP keeps its reduce-scatter: accumulating unsharded gradients would undo the sharding."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+
+
+# Batches sorted by length together (data.group_by_length). A wider window pads less but makes
+# each batch more uniform: on the embedded data, whose lengths follow the question type, batch 16
+# fills 72% of the positions unsorted, 96% with a window of 8 batches and 99% with 64, and after
+# one epoch of LoRA the eval loss was +0.02 (within seed noise) and +0.05 (beyond it) over 3 seeds.
+LENGTH_GROUP_BATCHES = 8
+
+
+def micro_batches(examples: list[Example], batch_size: int, seed: int, dist: DistInfo,
+                  group_by_length: bool = False) -> Iterator[list[Example]]:
+    """Endless stream of shuffled micro-batches; rank r takes every world_size-th example.
+
+    Every rank gets as many batches per epoch (the shuffled order is cut to a multiple of
+    world_size * batch_size), so the ranks change epochs together and the examples of one step
+    are distinct across ranks. The cut-off tail differs from epoch to epoch.
+
+    group_by_length: each window of LENGTH_GROUP_BATCHES batches of a rank's shuffled shard is
+    sorted by length and cut into batches, and the epoch's batches are shuffled; the shard is not
+    cut to whole batches (its last batch may be smaller), so every example comes once per epoch
+    (with one worker). Like the plain stream, a function of (seed, position) only, which is what
+    checkpoint resume relies on.
+    """
+    if len(examples) < dist.world_size:
+        raise ValueError(f"{len(examples)} training example(s) cannot be split over {dist.world_size} workers")
+    per_rank = len(examples) // dist.world_size
+    usable = per_rank - per_rank % batch_size or per_rank  # fewer than a batch each: one smaller batch
     epoch = 0
     while True:
         order = list(range(len(examples)))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        shard = order[dist.rank::dist.world_size]
-        usable = len(shard) - len(shard) % batch_size or len(shard)
-        for start in range(0, usable, batch_size):
-            yield [examples[i] for i in shard[start:start + batch_size]]
+        rng = random.Random(seed * 100_003 + epoch)
+        rng.shuffle(order)
+        shard = order[:per_rank * dist.world_size][dist.rank::dist.world_size]
+        if group_by_length:
+            for batch in length_grouped(shard, examples, batch_size, rng):
+                yield [examples[i] for i in batch]
+        else:
+            for start in range(0, usable, batch_size):
+                yield [examples[i] for i in shard[start:start + batch_size]]
         epoch += 1
+
+
+def length_grouped(indices: list[int], examples: list[Example], batch_size: int,
+                   rng: random.Random) -> list[list[int]]:
+    """`indices` as batches of similar length, in shuffled batch order; each index once."""
+    window = batch_size * LENGTH_GROUP_BATCHES
+    batches = []
+    for start in range(0, len(indices), window):
+        by_length = sorted(indices[start:start + window], key=lambda i: len(examples[i].input_ids))
+        batches += [by_length[b:b + batch_size] for b in range(0, len(by_length), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# loss_fn(model, micro_batch) -> (loss, tokens processed, extra metrics): what one micro-step
+# trains on. Extra metrics (e.g. rl/reward_mean) are averaged over the logging window and logged
+# beside train/loss.
+LossFn = Callable[[Any, list], "tuple[Any, int, dict[str, float]]"]
+
+
+def causal_lm_loss(pad_id: int, device) -> LossFn:
+    """Token cross-entropy on the labelled (response) tokens: the SFT objective."""
+
+    def loss_fn(model, examples: list[Example]):
+        batch = {k: v.to(device) for k, v in pad_batch(examples, pad_id).items()}
+        return model(**batch).loss, sum(len(e.input_ids) for e in examples), {}
+
+    return loss_fn
 
 
 @dataclass
@@ -77,6 +151,7 @@ class LoopStats:
     train_s: float = 0.0
     last_loss: float = float("nan")
     resumed_from: int = 0  # step of the checkpoint this run continued from (0: fresh start)
+    last_extras: dict = field(default_factory=dict)  # the loss_fn's extra metrics, last logged window
 
     @property
     def tokens_per_s(self) -> float:
@@ -85,8 +160,11 @@ class LoopStats:
 
 def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, device, dist: DistInfo,
                tracker: Tracker, checkpoints: CheckpointManager | None = None,
-               faults: FaultPlan | None = None) -> LoopStats:
-    """Runs train.max_steps optimizer steps; logs train/loss, train/lr, train/tokens_per_s.
+               faults: FaultPlan | None = None, loss_fn: LossFn | None = None,
+               group_by_length: bool = False) -> LoopStats:
+    """Runs train.max_steps optimizer steps; logs train/loss, train/lr, train/tokens_per_s (and
+    the extra metrics of `loss_fn`, which defaults to the causal-LM loss on `examples`).
+    `examples` may be PackedRows (data.pack_examples); `group_by_length` is data.group_by_length.
 
     With `checkpoints`, it resumes from the newest verified checkpoint (weights, optimizer,
     schedule, RNG and data position) and writes one every train.checkpoint_every steps.
@@ -100,26 +178,33 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
     restored = checkpoints.restore(model, optimizer, scheduler) if checkpoints else None
     start = restored.step if restored else 0
     stats.resumed_from = start
-    stream = micro_batches(examples, train.batch_size, train.seed, dist)
+    stream = micro_batches(examples, train.batch_size, train.seed, dist, group_by_length)
     for _ in range(start * train.grad_accum):  # the data position: batches already trained on
         next(stream)
+    loss_fn = loss_fn or causal_lm_loss(pad_id, device)
+    # Compiled forward and backward; checkpoints, no_sync and the caller keep the plain module.
+    forward_model = torch.compile(model) if train.compile else model
     trainable = [p for p in model.parameters() if p.requires_grad]
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    window_extras: dict[str, float] = {}
     started, tracking_s = time.perf_counter(), 0.0
     model.train()
     for step in range(start + 1, train.max_steps + 1):
         if faults:
             faults.before_step(step)
         step_loss = 0.0
-        for _ in range(train.grad_accum):
-            batch = {k: v.to(device) for k, v in pad_batch(next(stream), pad_id).items()}
-            out = model(**batch)
-            loss = out.loss / train.grad_accum
+        for micro in range(train.grad_accum):
+            loss, n_tokens, extras = loss_fn(forward_model, next(stream))
+            loss = loss / train.grad_accum
             if faults:
                 loss = faults.poison_loss(step, loss)
-            loss.backward()
+            # DDP averages gradients across ranks in backward: once per step, at the last micro-batch.
+            with no_sync(model) if micro < train.grad_accum - 1 else contextlib.nullcontext():
+                loss.backward()
             step_loss += loss.item()
-            window_tokens += int(batch["attention_mask"].sum())
+            window_tokens += n_tokens
+            for name, value in extras.items():
+                window_extras[name] = window_extras.get(name, 0.0) + value / train.grad_accum
         if not math.isfinite(step_loss):
             raise NonFiniteLossError(f"non-finite loss at step {step}")
         if train.max_grad_norm > 0:
@@ -130,8 +215,7 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
         window_loss += step_loss
         stats.steps, stats.last_loss = step, step_loss
         if checkpoints and train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
-            if dist.is_main:
-                checkpoints.save(step, model, optimizer, scheduler)
+            checkpoints.save(step, model, optimizer, scheduler, write=dist.is_main)
             if dist.world_size > 1:
                 torch_dist.barrier()
         if train.time_limit_s is not None and time.perf_counter() - started > train.time_limit_s:
@@ -139,20 +223,23 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
         if step % train.log_every == 0 or step == train.max_steps:
             elapsed = time.perf_counter() - window_start
             n_steps = min(step - start, train.log_every if step % train.log_every == 0 else step % train.log_every)
-            tokens = torch.tensor([window_tokens, window_loss], dtype=torch.float64)
+            names = sorted(window_extras)
+            tokens = torch.tensor([window_tokens, window_loss] + [window_extras[n] for n in names], dtype=torch.float64)
             if dist.world_size > 1:
                 torch_dist.all_reduce(tokens)
-                tokens[1] /= dist.world_size
+                tokens[1:] /= dist.world_size
             stats.tokens += int(tokens[0])
+            stats.last_extras = {name: float(tokens[2 + i]) / n_steps for i, name in enumerate(names)}
             logging_started = time.perf_counter()
             tracker.log_metrics({
                 "train/loss": float(tokens[1]) / n_steps,
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/tokens_per_s": float(tokens[0]) / max(elapsed, 1e-9),
+                **stats.last_extras,
             }, step=step)
             window_start = time.perf_counter()
             tracking_s += window_start - logging_started
-            window_loss, window_tokens = 0.0, 0
+            window_loss, window_tokens, window_extras = 0.0, 0, {}
     # Throughput is the trainer's: time spent handing metrics to the tracker is not training.
     stats.train_s = time.perf_counter() - started - tracking_s
     return stats

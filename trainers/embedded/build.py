@@ -9,9 +9,12 @@ version and thread count (CPU float reductions depend on both).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from trainers.embedded import world as W
 
 DATA_FILES = ("instruct_train.jsonl", "instruct_eval.jsonl", "pref_train.jsonl", "pref_eval.jsonl")
 BASE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "BUILD.json")
-DEFAULT_STEPS = 900
+DEFAULT_STEPS = 1000
 DEFAULT_ROUNDS = 40  # each fact is stated once per round in the pretraining corpus
 
 
@@ -95,10 +98,30 @@ def build_base(out: Path, steps: int = DEFAULT_STEPS, seed: int = W.DEFAULT_SEED
          f"in {record['wall_seconds']}s, saved to {base_dir}")
 
 
+@contextlib.contextmanager
+def _build_lock(out: Path):
+    """One builder per assets dir at a time: Ray workers or parallel tests may all resolve a
+    missing asset at once; the others wait, then find it built. The lock file lives in the temp
+    dir so the repository stays clean."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, concurrent first builds are the caller's problem
+        yield
+        return
+    key = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"trainers-embedded-{key}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build(out: Path, force: bool = False, steps: int = DEFAULT_STEPS, seed: int = W.DEFAULT_SEED,
           rounds: int = DEFAULT_ROUNDS, parts: tuple[str, ...] = ("data", "base")) -> None:
     out = Path(out)
-    if "data" in parts and (force or not data_complete(out)):
-        build_data(out, seed)
-    if "base" in parts and (force or not base_complete(out)):
-        build_base(out, steps=steps, seed=seed, rounds=rounds)
+    with _build_lock(out):
+        if "data" in parts and (force or not data_complete(out)):
+            build_data(out, seed)
+        if "base" in parts and (force or not base_complete(out)):
+            build_base(out, steps=steps, seed=seed, rounds=rounds)

@@ -12,20 +12,20 @@ import time
 
 # Shape of the base. Biases on every attention and MLP projection so BitFit has something to
 # train everywhere; tied embeddings keep the safetensors file under 5 MB in fp32.
-MODEL_SHAPE = dict(
-    hidden_size=128,
-    intermediate_size=384,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    attention_bias=True,
-    mlp_bias=True,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    initializer_range=0.02,
-)
+MODEL_SHAPE = {
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "attention_bias": True,
+    "mlp_bias": True,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "initializer_range": 0.02,
+}
 
 SEQ_LEN = 128
 BATCH_SIZE = 32  # 32 blocks * 128 tokens = 4,096 tokens per step

@@ -1,11 +1,12 @@
 """Train the embedded model's tokenizer offline (byte-level BPE) and save it for AutoTokenizer.
 
-Every whitespace character is its own token, and words are never glued to the space before them.
-A GPT-2 style tokenizer would give "tolo" after a newline (where a response starts) a different
-token than " tolo" inside a sentence (where the pretraining corpus states the fact), and a tiny
-model pretrained for minutes would not link the two. With whitespace isolated, a word is one token
-wherever it stands, and a prompt's tokens are always a prefix of prompt+response's tokens.
-The prompt template's section headers are added tokens, so the template costs few positions.
+Every word carries the space before it ("Ġtolo"), including a word that starts a line or the
+text: the normalizer puts a space after each newline that is followed by text, and in front of
+the whole text; the decoder takes exactly those spaces out again, so decode(encode(x)) == x.
+Why: a GPT-2 style tokenizer gives "tolo" after a newline (where a response starts) a different
+token than " tolo" inside a sentence (where the corpus states the fact), and a tiny model
+pretrained for minutes would not link the two. Here a word is one token wherever it stands, and
+a prompt ending in a newline tokenizes to a prefix of prompt + response.
 """
 
 from __future__ import annotations
@@ -14,24 +15,32 @@ from pathlib import Path
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2
-TEMPLATE_TOKENS = ["### Instruction:", "### Input:", "### Response:"]
 VOCAB_SIZE = 1024
 MODEL_MAX_LENGTH = 256
 
 
 def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = VOCAB_SIZE):
     """Train on `texts`, save a PreTrainedTokenizerFast into out_dir and return it."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r"\s"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Replace(Regex(r"\n(?=[^\n])"), "\n "), normalizers.Prepend(" ")]
     )
-    tok.decoder = decoders.ByteLevel()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.Sequence(
+        [decoders.ByteLevel(), decoders.Replace("\n ", "\n"), decoders.Strip(" ", 1, 0)]
+    )
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
@@ -40,7 +49,6 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = VOCAB_SIZ
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    tok.add_tokens(TEMPLATE_TOKENS)
     bos_id = tok.token_to_id(BOS)
     # Like Llama: a sequence starts with <s>; the pipeline appends </s> after each response.
     tok.post_processor = processors.TemplateProcessing(
@@ -53,6 +61,7 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = VOCAB_SIZ
         pad_token=PAD,
         model_max_length=MODEL_MAX_LENGTH,
         padding_side="right",
+        clean_up_tokenization_spaces=False,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))

@@ -2,8 +2,8 @@
 
 The world has made-up people with four attributes (city, favorite color, pet, job) and the numbers
 0..99 with three relations (next, previous, small sums). Every fact is stated many times in the
-pretraining corpus, as plain lowercase sentences in several paraphrases and orders, so the base
-model stores the fact itself rather than one sentence. The instruction task then asks for the same
+pretraining corpus, as plain lowercase sentences and profiles in many paraphrases and orders, so
+the base model stores the fact itself rather than one sentence. The instruction task then asks for the same
 facts in a question/answer format the base never saw; its eval split holds out whole facts (never
 asked during fine-tuning, but stated during pretraining), so exact match on it measures what
 fine-tuning taught about the format, not new knowledge.
@@ -37,6 +37,7 @@ PLUS_MAX_B = 9
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "pink", "brown"]
 PETS = ["cat", "dog", "fish", "bird", "horse", "rabbit", "goat", "frog"]
 JOBS = ["baker", "farmer", "doctor", "teacher", "painter", "singer", "driver", "tailor"]
+ATTRIBUTE_VALUES = {"color": COLORS, "pet": PETS, "job": JOBS}  # cities are made up per world
 
 ATTRIBUTES = ("city", "color", "pet", "job")
 NUMBER_RELATIONS = ("after", "before", "plus")
@@ -197,17 +198,9 @@ class World:
     attributes: dict[str, dict[str, str]]  # person -> attribute -> value
     facts: list[Fact] = field(default_factory=list)
 
-    def values(self, kind: str) -> list[str]:
-        """Every possible answer of a kind (used to draw plausible wrong answers)."""
-        if kind == "city":
-            return list(self.cities)
-        if kind == "color":
-            return list(COLORS)
-        if kind == "pet":
-            return list(PETS)
-        if kind == "job":
-            return list(JOBS)
-        return [str(n) for n in range(0, MAX_NUMBER + PLUS_MAX_B + 1)]
+    def values(self, attribute: str) -> list[str]:
+        """Every value an attribute can take (to draw plausible wrong answers)."""
+        return list(self.cities) if attribute == "city" else list(ATTRIBUTE_VALUES[attribute])
 
 
 def _made_up_words(rng: random.Random, count: int, syllables: int, taken: set[str]) -> list[str]:
@@ -239,7 +232,7 @@ def build_world(seed: int = DEFAULT_SEED) -> World:
         for p in people
     }
     facts = [Fact(kind, (p,), attributes[p][kind]) for kind in ATTRIBUTES for p in people]
-    facts += [Fact("after", (n,), str(n + 1)) for n in range(0, MAX_NUMBER)]
+    facts += [Fact("after", (n,), str(n + 1)) for n in range(MAX_NUMBER)]
     facts += [Fact("before", (n,), str(n - 1)) for n in range(1, MAX_NUMBER + 1)]
     facts += [
         Fact("plus", (a, b), str(a + b))

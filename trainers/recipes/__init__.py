@@ -15,6 +15,6 @@ def register(spec: RecipeSpec) -> RecipeSpec:
     return spec
 
 
-from trainers.recipes import sft  # noqa: E402,F401
+from trainers.recipes import dpo, reward, rl, sft  # noqa: E402,F401
 
 __all__ = ["RECIPES", "RecipeSpec", "StageConfig", "register"]

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
+    from trainers.config import ExperimentConfig
     from trainers.context import TrialContext
+
+# Data formats each `RecipeSpec.data_kind` trains on (trainers/data.py formats).
+DATA_FORMATS_OF_KIND = {
+    "instruction": ("instruction", "chat"),
+    "preference": ("preference",),
+    # prompts with a known answer: instruction/chat rows (answer = the output) or preference rows
+    # (answer = chosen)
+    "prompts": ("instruction", "chat", "preference"),
+}
 
 
 @dataclass
@@ -21,11 +31,46 @@ class StageConfig:
         return []
 
 
+def no_combination_limits(cfg: "ExperimentConfig") -> list[tuple[str, str]]:
+    return []
+
+
 @dataclass
 class RecipeSpec:
     name: str
     config_cls: type
     run: Callable[["TrialContext"], dict[str, float]]
-    # Data format the stage trains on: "instruction" (instruction/chat) or "preference".
+    # What it trains on: "instruction" (instruction/chat), "preference", or "prompts" (any format
+    # that gives a prompt and its known answer); see DATA_FORMATS_OF_KIND.
     data_kind: str = "instruction"
+    # What its output directory holds: "policy" (a causal LM) or "reward_model" (a scalar head).
+    produces: str = "policy"
+    # Stage-config fields that name another stage's output dir -> what that stage must produce.
+    # A pipeline (orchestrator/dag.py) fills each from the upstream stage that produces it.
+    inputs: dict[str, str] = field(default_factory=lambda: {"init_from": "policy"})
+    # Impossible stage x method/data/precision combinations, as (key, reason).
+    check_combination: Callable[["ExperimentConfig"], list[tuple[str, str]]] = no_combination_limits
     summary: str = ""
+
+    @property
+    def data_formats(self) -> tuple[str, ...]:
+        return DATA_FORMATS_OF_KIND[self.data_kind]
+
+
+# Methods whose artifact is folded into the weights before the next stage (merge_and_unload for
+# PEFT, in-place tensors for BitFit); the prompt-learning ones prepend virtual tokens instead and
+# bottleneck adapters insert modules, so a later stage could not start from them.
+UNMERGEABLE_METHODS = ("prefix", "prompt", "ptuning", "adapter")
+
+
+def needs_mergeable_method(stage: str) -> Callable[["ExperimentConfig"], list[tuple[str, str]]]:
+    """check_combination of the RLHF stages: their method must train the model's own forward (no
+    virtual tokens), so scores, log-probs and the next stage see one plain model."""
+
+    def check(cfg: "ExperimentConfig") -> list[tuple[str, str]]:
+        if cfg.method.name in UNMERGEABLE_METHODS:
+            return [("method.name", f"stage {stage} needs a method that merges into the model "
+                                    f"(lora, qlora, full, ia3, ln_tuning, bitfit), got {cfg.method.name}")]
+        return []
+
+    return check

@@ -1,0 +1,201 @@
+"""Pipelines of stages without Ray: expansion into trials, one shared upstream trial, keys that
+follow their upstream, topological order, skip propagation, and the runner's waves (with a
+stand-in for the Ray Tune run of a wave)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from orchestrator import dag
+from orchestrator.plan import GROUPS, expand, make_plan
+from trainers.config import ConfigError
+
+RLHF = {
+    "sft": {"overrides": {"train.max_steps": 5}},
+    "reward": {"after": ["sft"], "overrides": {"data": "embedded_pref"}},
+    "rl": {"after": ["sft", "reward"], "axes": {"method.r": [4, 16]}},
+    "dpo": {"after": ["sft"]},
+}
+
+
+def nodes_of(stages: dict, seeds=(0,)):
+    return dag.expand_pipeline(dag.parse_stages(stages), list(seeds), expand, GROUPS)
+
+
+def test_stages_expand_into_trials_sharing_one_upstream_run():
+    nodes = nodes_of(RLHF)
+    assert [n.label for n in nodes] == ["sft", "reward", "rl r=4", "rl r=16", "dpo"]
+    sft, reward, rl4, rl16, dpo = nodes
+    assert rl4.upstream == rl16.upstream == {"sft": 0, "reward": 1}  # one sft and one reward run for both
+    assert reward.upstream == dpo.upstream == {"sft": 0}
+    assert rl4.own == [("method.r", 4)] and sft.own == []
+
+
+def test_order_is_topological_whatever_the_declaration_order():
+    stages = {"rl": {"after": ["reward"]}, "reward": {"after": ["sft"]}, "dpo": {"after": ["sft"]}, "sft": {}}
+    assert [s.name for s in dag.parse_stages(stages)] == ["sft", "reward", "rl", "dpo"]
+
+
+def test_downstream_trials_pair_upstream_trials_of_the_same_lineage():
+    stages = {"sft": {"axes": {"train.lr": [0.1, 0.2]}}, "reward": {"after": ["sft"]},
+              "rl": {"after": ["sft", "reward"]}}
+    nodes = nodes_of(stages)
+    rl = [n for n in nodes if n.stage == "rl"]
+    assert len(rl) == 2  # not 2 x 2: each rl takes the reward run built on its own sft run
+    for node in rl:
+        assert nodes[node.upstream["reward"]].upstream["sft"] == node.upstream["sft"]
+    assert [n.label for n in rl] == ["rl [sft lr=0.1] [reward [sft lr=0.1]]", "rl [sft lr=0.2] [reward [sft lr=0.2]]"]
+
+
+def test_seeds_replicate_the_whole_pipeline():
+    nodes = nodes_of({"sft": {}, "dpo": {"after": ["sft"]}}, seeds=(0, 1))
+    assert [(n.label, n.seed) for n in nodes] == [("sft seed=0", 0), ("dpo seed=0", 0), ("sft seed=1", 1),
+                                                  ("dpo seed=1", 1)]
+    assert nodes[3].upstream == {"sft": 2}
+
+
+@pytest.mark.parametrize("stages,key,fragment", [
+    ({"a": {"after": ["b"]}, "b": {"after": ["a"]}}, "sweep.stages", "cycle"),
+    ({"a": {"after": ["nope"]}}, "sweep.stages.a.after", "no stage named 'nope'"),
+    ({"a": {"axis": {}}}, "sweep.stages.a.axis", "unknown key"),
+    ({"a": {"axes": {"method.r": []}}}, "sweep.stages.a.axes.method.r", "non-empty list"),
+])
+def test_bad_stage_blocks_name_the_key(stages, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        dag.parse_stages(stages)
+    (problem_key, message), = err.value.problems
+    assert problem_key == key and fragment in message
+
+
+def test_inputs_go_to_the_field_that_takes_what_the_upstream_produces():
+    fields = {"init_from": "policy", "reward_from": "reward_model"}
+    assert dag.assign_inputs("rl", "rl", fields, {"sft": "policy", "reward": "reward_model"}) == {
+        "init_from": "sft", "reward_from": "reward"}
+    with pytest.raises(ConfigError, match="does not take"):
+        dag.assign_inputs("sft2", "sft", {"init_from": "policy"}, {"reward": "reward_model"})
+    with pytest.raises(ConfigError, match="both fill stage.init_from"):
+        dag.assign_inputs("dpo", "dpo", fields, {"a": "policy", "b": "policy"})
+
+
+def test_a_failure_skips_everything_downstream_and_nothing_else():
+    after = {"sft": [], "reward": ["sft"], "rl": ["sft", "reward"], "dpo": ["sft"], "other": []}
+    state = dag.PipelineState(list(after), after, {k: k.upper() for k in after})
+    assert state.ready() == ["sft", "other"]
+    state.start("sft"), state.start("other")
+    state.finish("sft")
+    assert state.ready() == ["reward", "dpo"]
+    state.start("reward"), state.start("dpo")
+    assert state.fail("reward", "boom") == {"rl": "upstream REWARD failed"}
+    state.finish("dpo"), state.finish("other")
+    assert state.ready() == [] and state.finished
+    assert state.states == {"sft": "FINISHED", "reward": "FAILED", "rl": "SKIPPED", "dpo": "FINISHED",
+                            "other": "FINISHED"}
+
+
+def test_a_root_failure_names_itself_in_every_transitive_skip():
+    after = {"sft": [], "reward": ["sft"], "rl": ["reward"]}
+    state = dag.PipelineState(list(after), after, {"sft": "sft lr=1"})
+    state.start("sft")
+    assert state.fail("sft") == {"reward": "upstream sft lr=1 failed", "rl": "upstream sft lr=1 failed"}
+
+
+def test_kept_trials_count_as_finished_inputs():
+    after = {"sft": [], "reward": ["sft"]}
+    state = dag.PipelineState(list(after), after, {}, done={"sft"})
+    assert state.ready() == ["reward"]
+
+
+# --------------------------------------------------------------------------- through the planner
+
+
+@pytest.fixture
+def rlhf_plan(tmp_path):
+    def plan(*extra):
+        return make_plan(["+sweep=rlhf", f"storage.path={tmp_path}", *extra])
+
+    return plan
+
+
+def test_rlhf_plan_wires_each_stage_to_its_upstream_outputs(rlhf_plan, tmp_path):
+    plan = rlhf_plan()
+    trials = {t.label: t for t in plan.trials}
+    assert list(trials)[:2] == ["sft", "reward"] and set(trials) == {"sft", "reward", "rl r=4", "rl r=16", "dpo"}
+    sft, reward = trials["sft"], trials["reward"]
+    out = tmp_path / "rlhf"
+    for label in ("rl r=4", "rl r=16"):
+        rl = trials[label]
+        assert rl.after == [sft.key, reward.key]
+        assert rl.cfg.stage.init_from == str(out / sft.key) and rl.cfg.stage.reward_from == str(out / reward.key)
+    assert reward.cfg.stage.name == "reward" and reward.cfg.stage.init_from == str(out / sft.key)
+    assert reward.cfg.data.format == "preference" and sft.cfg.data.format == "instruction"
+    assert {trials["rl r=4"].cfg.method.r, trials["rl r=16"].cfg.method.r} == {4, 16}
+
+
+def test_keys_follow_upstream_keys_not_storage(rlhf_plan, tmp_path):
+    base = {t.label: t.key for t in rlhf_plan().trials}
+    moved = {t.label: t.key for t in make_plan(["+sweep=rlhf", f"storage.path={tmp_path / 'elsewhere'}"]).trials}
+    assert moved == base  # output paths differ, keys do not
+    sft_changed = {t.label: t.key for t in rlhf_plan("++sweep.stages.sft.overrides.train.max_steps=7").trials}
+    assert all(sft_changed[label] != base[label] for label in base)  # everything downstream of sft moves
+    dpo_changed = {t.label: t.key for t in rlhf_plan("++sweep.stages.dpo.overrides.stage.beta=0.3").trials}
+    assert [label for label in base if dpo_changed[label] != base[label]] == ["dpo"]
+
+
+@pytest.mark.parametrize("extra,key,fragment", [
+    (["++sweep.axes={method.r:[2]}"], "sweep.axes", "per stage"),
+    (["++sweep.stages.sft.overrides.method=prefix"], "sweep.stages.sft", "cannot be merged"),
+    (["++sweep.stages.rl.after=[sft]"], "stage.reward_from", "required"),
+])
+def test_bad_pipelines_are_refused_before_anything_runs(rlhf_plan, extra, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        rlhf_plan(*extra)
+    assert any(k == key and fragment in msg for k, msg in err.value.problems), err.value.problems
+
+
+# --------------------------------------------------------------------------- the runner's waves
+
+
+class FakeTracker:
+    def __init__(self):
+        self.created, self.skipped = [], {}
+
+    def create_child(self, trial, config, input_run_ids=()):
+        self.created.append((trial.label, list(input_run_ids)))
+        return f"run-{trial.label}"
+
+    def skip(self, run_id, reason):
+        self.skipped[run_id] = reason
+
+
+def test_waves_release_stages_as_inputs_finish_and_skip_after_a_failure(rlhf_plan, monkeypatch):
+    from orchestrator import runner
+    from orchestrator.progress import ProgressBoard
+
+    plan = rlhf_plan("++sweep.stages.dpo.after=[sft]")
+    labels = {t.key: t.label for t in plan.trials}
+    waves = []
+
+    def fake_wave(plan, trials, tracker, run_ids, storage, board, log_file):
+        waves.append([t.label for t in trials])
+        outcome = runner.Outcome()
+        for t in trials:
+            failed = t.label == "reward"
+            outcome.states[t.key] = "FAILED" if failed else "FINISHED"
+            if failed:
+                outcome.reasons[t.key] = "ValueError: boom"
+        return outcome
+
+    monkeypatch.setattr(runner, "_run_wave", fake_wave)
+    tracker, run_ids = FakeTracker(), {}
+    board = ProgressBoard(labels, stream=io.StringIO())
+    outcome = runner.run_sweep(plan, plan.trials, tracker, run_ids, "/unused", board, None)
+    assert waves == [["sft"], ["reward", "dpo"]]  # rl never starts: its reward input failed
+    states = {labels[k]: s for k, s in outcome.states.items()}
+    assert states == {"sft": "FINISHED", "reward": "FAILED", "dpo": "FINISHED", "rl r=4": "SKIPPED",
+                      "rl r=16": "SKIPPED"}
+    assert tracker.skipped == {"run-rl r=4": "upstream reward failed", "run-rl r=16": "upstream reward failed"}
+    inputs = dict(tracker.created)
+    assert inputs["sft"] == [] and inputs["reward"] == ["run-sft"] and inputs["rl r=4"] == ["run-sft", "run-reward"]
+    assert board.lines[next(k for k, v in labels.items() if v == "rl r=4")].state == "SKIPPED"

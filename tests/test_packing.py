@@ -1,0 +1,222 @@
+"""Faster batching keeps the training signal: packed rows (data.packing) never attend across
+examples and mask each example's first label; packing fills >= 97% of the embedded data's rows;
+length-grouped batches (data.group_by_length) are a deterministic, complete, shuffled cover of
+each epoch; and a resumed run continues the same batch stream in both modes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from trainers.config import DataConfig, TrainConfig
+from trainers.data import IGNORE_INDEX, Example, PackedRow, non_pad_fraction, pack_examples, pad_batch
+from trainers.runtime import DistInfo
+from trainers.tracking import Tracker
+from trainers.training import micro_batches, train_loop
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(attn_implementation: str = "sdpa", seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, use_cache=False)
+    config._attn_implementation = attn_implementation
+    return LlamaForCausalLM(config).eval()
+
+
+def random_examples(n: int, low: int = 5, high: int = 30, seed: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    examples = []
+    for i in range(n):
+        length = rng.randint(low, high)
+        ids = [rng.randrange(1, 128) for _ in range(length)]
+        prompt = rng.randint(1, length - 1)
+        examples.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:], f"ex:{i}"))
+    return examples
+
+
+@pytest.fixture(scope="module")
+def embedded_examples(tokenizer):
+    from trainers.data import load_rows, tokenize_split
+
+    data = DataConfig(train_file="embedded:instruct_train.jsonl")
+    fmt, rows, sources = load_rows(data.train_file, data.format)
+    return tokenize_split(tokenizer, rows, sources, fmt, data.max_seq_len, data.overlength).examples
+
+
+def assert_isolated(model, examples: list[Example], max_seq_len: int, pad_id: int = 0) -> None:
+    """Logits of every example inside its packed row == the example run alone (within 1e-5)."""
+    rows = pack_examples(examples, max_seq_len, seed=0)
+    assert any(len(r.position_ids) != max(r.position_ids) + 1 for r in rows), "nothing was packed"
+    batch = pad_batch(rows, pad_id)
+    assert "attention_mask" not in batch  # what turns on transformers' packed-sequence masking
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        for r, row in enumerate(rows):
+            starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row.position_ids)]
+            for start, end in zip(starts, starts[1:]):
+                alone = model(input_ids=torch.tensor([row.input_ids[start:end]])).logits[0]
+                torch.testing.assert_close(packed[r, start:end], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_never_attend_across_examples(attn):
+    assert_isolated(tiny_llama(attn), random_examples(24), max_seq_len=64)
+
+
+def test_packed_rows_never_attend_across_examples_embedded_lora(embedded_examples, tokenizer):
+    """The default path end to end: the embedded base under LoRA, real tokenized examples."""
+    from trainers.config import ExperimentConfig
+    from trainers.methods import METHODS
+    from trainers.methods.lora import LoraConfig
+    from trainers.model import load_base_model
+    from trainers.recipes.sft import SftConfig
+
+    cfg = ExperimentConfig(data=DataConfig(train_file="embedded:instruct_train.jsonl"), method=LoraConfig(),
+                           stage=SftConfig())
+    # float64: float32 matmuls of other shapes differ by ~1e-5 on logits of ~10; leakage would not
+    model = METHODS["lora"].apply(load_base_model(cfg, CPU), cfg).double().eval()
+    assert_isolated(model, embedded_examples[:12], cfg.data.max_seq_len, tokenizer.pad_token_id)
+
+
+def test_labels_are_masked_per_example_and_every_example_is_packed_once():
+    examples = random_examples(200)
+    rows = pack_examples(examples, 64, seed=3)
+    assert all(isinstance(r, PackedRow) and len(r.input_ids) <= 64 for r in rows)
+    by_tokens = Counter(tuple(e.input_ids) for e in examples)
+    seen = Counter()
+    for row in rows:
+        starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row.position_ids)]
+        for start, end in zip(starts, starts[1:]):
+            ids = tuple(row.input_ids[start:end])
+            original = next(e for e in examples if tuple(e.input_ids) == ids)
+            assert row.position_ids[start:end] == list(range(end - start))
+            # the first token would be predicted from the previous example's last one
+            assert row.labels[start] == IGNORE_INDEX
+            assert row.labels[start + 1:end] == original.labels[1:]
+            seen[ids] += 1
+    assert seen == by_tokens
+    assert pack_examples(examples, 64, seed=3) == rows  # deterministic per seed
+
+
+def test_packing_fills_rows_of_the_embedded_data(embedded_examples):
+    max_seq_len = DataConfig.max_seq_len
+    rows = pack_examples(embedded_examples, max_seq_len, seed=0)
+    fill = non_pad_fraction(rows, 16, max_seq_len)
+    unpacked = non_pad_fraction(embedded_examples, 16)
+    assert fill >= 0.97, f"packed rows are {fill:.1%} tokens"
+    assert sum(len(r.input_ids) for r in rows) == sum(len(e.input_ids) for e in embedded_examples)
+    assert fill > unpacked
+
+
+def test_group_by_length_is_deterministic_complete_and_shuffled():
+    examples = random_examples(1000, low=5, high=200)
+    batch_size, per_epoch = 8, 125
+    stream = micro_batches(examples, batch_size, seed=1, dist=DistInfo(), group_by_length=True)
+    epochs = [[next(stream) for _ in range(per_epoch)] for _ in range(2)]
+    again = micro_batches(examples, batch_size, seed=1, dist=DistInfo(), group_by_length=True)
+    assert [next(again) for _ in range(per_epoch)] == epochs[0]
+    for epoch in epochs:
+        assert sorted(e.source for batch in epoch for e in batch) == sorted(e.source for e in examples)
+    assert epochs[0] != epochs[1]
+    other_seed = micro_batches(examples, batch_size, seed=2, dist=DistInfo(), group_by_length=True)
+    assert [next(other_seed) for _ in range(per_epoch)] != epochs[0]
+
+    grouped = [e for batch in epochs[0] for e in batch]
+    plain_stream = micro_batches(examples, batch_size, seed=1, dist=DistInfo())
+    plain = [e for _ in range(per_epoch) for e in next(plain_stream)]
+    assert non_pad_fraction(grouped, batch_size) > 0.9 > non_pad_fraction(plain, batch_size)
+    # shuffled across batches: the batch order is not sorted by length
+    longest = [max(len(e.input_ids) for e in batch) for batch in epochs[0]]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def recording_loss(pad_id: int, seen: list, stop_after: int | None = None):
+    """The causal-LM loss, noting each micro-batch's sources; raises after `stop_after` of them."""
+    from trainers.training import causal_lm_loss
+
+    inner = causal_lm_loss(pad_id, CPU)
+
+    def loss_fn(model, batch):
+        if stop_after is not None and len(seen) >= stop_after:
+            raise Interrupted
+        seen.append([e.source for e in batch])
+        return inner(model, batch)
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("mode", ["packing", "group_by_length"])
+def test_resume_continues_the_same_stream(tmp_path, mode):
+    from trainers.checkpoint import CheckpointManager
+
+    examples = random_examples(60)
+    if mode == "packing":
+        examples = pack_examples(examples, 64, seed=0)
+    train = TrainConfig(max_steps=6, batch_size=4, checkpoint_every=3, log_every=3, lr=1e-2)
+    grouped = mode == "group_by_length"
+
+    straight: list = []
+    model = tiny_llama().train()
+    train_loop(model, examples, train, 0, CPU, DistInfo(), Tracker(), loss_fn=recording_loss(0, straight),
+               group_by_length=grouped)
+
+    first: list = []
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    with pytest.raises(Interrupted):  # dies in step 5, after the checkpoint of step 3
+        train_loop(tiny_llama().train(), examples, train, 0, CPU, DistInfo(), Tracker(), checkpoints=manager,
+                   loss_fn=recording_loss(0, first, stop_after=4), group_by_length=grouped)
+    assert first == straight[:4]
+    after: list = []
+    restarted = tiny_llama(seed=1).train()  # the restored weights must replace these
+    stats = train_loop(restarted, examples, train, 0, CPU, DistInfo(), Tracker(), checkpoints=manager,
+                       loss_fn=recording_loss(0, after), group_by_length=grouped)
+    assert stats.resumed_from == 3
+    assert after == straight[3:]
+    for trained, again in zip(model.parameters(), restarted.parameters()):
+        torch.testing.assert_close(again, trained, atol=1e-6, rtol=0)
+
+
+LIGER_INSTALLED = importlib.util.find_spec("liger_kernel") is not None
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["data.packing=true", "data.group_by_length=true"], "data.group_by_length"),
+    (["data.packing=true", "method=prefix"], "data.packing"),
+    (["stage=dpo", "data=embedded_pref", "data.group_by_length=true"], "data.group_by_length"),
+    (["train.compile=true"], "train.compile"),
+    (["train.liger=true"], "train.liger"),
+    pytest.param(["train.liger=true", "train.use_gpu=true"], "train.liger",
+                 marks=pytest.mark.skipif(LIGER_INSTALLED, reason="liger-kernel is installed")),
+])
+def test_batching_and_kernel_switches_are_validated(make_cfg, overrides, key):
+    from trainers.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        make_cfg(*overrides)
+    assert key in [k for k, _ in err.value.problems], err.value
+
+
+def test_packing_and_grouping_compose_for_sft(make_cfg):
+    assert make_cfg("data.packing=true").data.packing
+    assert make_cfg("data.group_by_length=true", "method=prefix").data.group_by_length

@@ -1,0 +1,226 @@
+"""The preference stages (reward, dpo, rl) without Ray, on a tiny random Llama and a toy task where
+a positive word (good, fine, nice) is preferred to a negative one (bad, poor, awful), and `good`
+is the known right answer: the reward model learns to rank the pairs, DPO's margin grows, RL's
+mean reward grows. Each stage starts from a shared SFT output
+(`stage.init_from`) that answers `good` or `bad` about equally, so the chain is exercised too:
+lineage, merging the upstream adapter, reloading a trained reward model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trainers.tracking import Tracker
+
+CPU = torch.device("cpu")
+N_TRAIN, N_EVAL = 48, 16  # prompts "pick a word N": N < N_TRAIN train, the next N_EVAL held out
+VOCAB = (["<pad>", "<s>", "</s>", "[UNK]", "###", "Instruction", "Response", ":", "pick", "a", "word", "good", "fine", "nice", "bad", "poor", "awful"]
+         + [str(n) for n in range(N_TRAIN + N_EVAL)])
+
+
+class RecordingTracker(Tracker):
+    def __init__(self):
+        self.steps: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step=None):
+        if step is not None:
+            self.steps.append((step, dict(metrics)))
+
+    def series(self, name: str) -> list[float]:
+        return [m[name] for _, m in self.steps if name in m]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """{"model": dir, "sft": jsonl, "pref_train": jsonl, "pref_eval": jsonl}: a word-level tokenizer
+    and a tiny random Llama saved together, and the toy data."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("toy")
+    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="[UNK]")
+    tokenizer.save_pretrained(root / "model")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(VOCAB), tie_word_embeddings=True,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+
+    def write(name, rows):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(root / name)
+
+    prompt = "pick a word {}".format
+
+    def pair(n, chosen):
+        return {"prompt": prompt(n), "chosen": chosen, "rejected": ("bad", "poor", "awful")[n // 3 % 3]}
+
+    return {
+        "model": str(root / "model"),
+        # Each prompt answered bad, bad, good: the SFT policy says `bad` greedily and `good` a third
+        # of the time when sampling, which leaves RL something to find.
+        "sft": write("sft.jsonl", [{"instruction": prompt(n), "output": word}
+                                   for n in range(N_TRAIN) for word in ("bad", "bad", "good")]),
+        "pref_train": write("pref_train.jsonl", [pair(n, ("good", "fine", "nice")[n % 3]) for n in range(N_TRAIN)]),
+        "pref_eval": write("pref_eval.jsonl", [pair(n, "good") for n in range(N_TRAIN, N_TRAIN + N_EVAL)]),
+        "root": root,
+    }
+
+
+def stage_cfg(make_cfg, toy, *overrides):
+    return make_cfg(f"model.name_or_path={toy['model']}", "train.checkpoint_every=0", "train.log_every=1",
+                    "train.eval_batch_size=32", "train.warmup_ratio=0", "train.scheduler=constant",
+                    "data.max_new_tokens=2", *overrides)
+
+
+def pref_data(toy):
+    return ["data=embedded_pref", f"data.train_file={toy['pref_train']}", f"data.eval_file={toy['pref_eval']}"]
+
+
+@pytest.fixture(scope="module")
+def sft_dir(toy):
+    """A policy that answers `bad` (two thirds) or `good` (a third): the start of every stage.
+    Fully fine-tuned (its artifact is model/), so the stages after it merge a full model and put
+    LoRA adapters of their own on top."""
+    from orchestrator.compose import compose
+    from trainers.trial import run_trial
+
+    cfg = compose([f"model.name_or_path={toy['model']}", "train.checkpoint_every=0", f"data.train_file={toy['sft']}",
+                   "data.eval_file=null", "method=full", "train.max_steps=150", "train.lr=1e-2", "train.log_every=50"])
+    out = toy["root"] / "sft"
+    run_trial(cfg, out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def reward_run(toy, sft_dir):
+    from orchestrator.compose import compose
+    from trainers.trial import run_trial
+
+    cfg = compose([f"model.name_or_path={toy['model']}", "train.checkpoint_every=0", *pref_data(toy),
+                   "stage=reward", f"stage.init_from={sft_dir}", "train.max_steps=60", "train.lr=1e-2",
+                   "train.log_every=1"])
+    tracker = RecordingTracker()
+    out = toy["root"] / "reward"
+    metrics = run_trial(cfg, out, tracker=tracker)
+    return cfg, str(out), metrics, tracker
+
+
+def test_reward_model_ranks_held_out_pairs_above_chance(reward_run):
+    _, out, metrics, tracker = reward_run
+    assert metrics["eval/pairwise_accuracy"] >= 0.9 and metrics["eval/reward_margin"] > 1.0
+    margins = tracker.series("reward/margin")
+    assert abs(margins[0]) < 0.5 < margins[-1]  # a fresh head barely separates; the trained one does
+    assert sum(tracker.series("reward/accuracy")[-5:]) / 5 >= 0.9
+    lineage = json.loads(open(f"{out}/lineage.json").read())
+    assert lineage["task"] == "sequence_classification" and lineage["stage"] == "reward"
+
+
+def test_saved_reward_model_reloads_to_the_logged_scores(reward_run, toy):
+    """The adapter (with its score head) and the upstream SFT adapter merge back into the model
+    that was evaluated: the reloaded reward model reproduces the logged eval numbers."""
+    from trainers.data import load_rows, tokenize_pairs
+    from trainers.model import load_tokenizer
+    from trainers.recipes.inputs import load_reward_model
+    from trainers.recipes.reward import evaluate_pairs
+
+    cfg, out, metrics, _ = reward_run
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_reward_model(cfg, out, CPU, tokenizer.pad_token_id)
+    assert not any(p.requires_grad for p in model.parameters())
+    _, rows, sources = load_rows(toy["pref_eval"], "preference")
+    pairs, _ = tokenize_pairs(tokenizer, rows, sources, cfg.data.max_seq_len, "error")
+    again = evaluate_pairs(model, pairs, tokenizer.pad_token_id, tokenizer.eos_token_id, 32, CPU)
+    assert again["eval/pairwise_accuracy"] == metrics["eval/pairwise_accuracy"]
+    assert again["eval/reward_margin"] == pytest.approx(metrics["eval/reward_margin"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("nll_weight", [0.0, 1.0])
+def test_dpo_margin_grows_and_held_out_pairs_rank_right(make_cfg, toy, sft_dir, tmp_path, nll_weight):
+    from trainers.trial import run_trial
+
+    cfg = stage_cfg(make_cfg, toy, *pref_data(toy), "stage=dpo", f"stage.init_from={sft_dir}", "train.max_steps=25",
+                    "train.lr=5e-3", "stage.beta=0.5", f"stage.nll_weight={nll_weight}")
+    tracker = RecordingTracker()
+    metrics = run_trial(cfg, tmp_path / "dpo", tracker=tracker)
+    margins = tracker.series("dpo/reward_margin")
+    assert margins[0] == pytest.approx(0.0, abs=1e-4)  # the untrained policy is the reference
+    assert margins[-1] > margins[0] + 0.5
+    if not nll_weight:
+        assert metrics["eval/reward_margin"] > 0.5 and metrics["eval/pairwise_accuracy"] == 1.0
+    else:  # RPO also makes the chosen answers likely: the greedy answer turns from bad to good
+        nll = tracker.series("dpo/chosen_nll")
+        assert nll[-1] < nll[0] / 2
+        assert metrics["eval/accuracy_init"] == 0.0 and metrics["eval/accuracy"] == 1.0
+
+
+def test_rl_mean_reward_grows_against_the_trained_reward_model(make_cfg, toy, sft_dir, reward_run, tmp_path):
+    from trainers.trial import run_trial
+
+    _, reward_dir, _, _ = reward_run
+    cfg = stage_cfg(make_cfg, toy, *pref_data(toy), "stage=rl", f"stage.init_from={sft_dir}",
+                    f"stage.reward_from={reward_dir}", "train.max_steps=15", "train.batch_size=8", "train.lr=3e-3",
+                    "stage.num_generations=4")
+    tracker = RecordingTracker()
+    metrics = run_trial(cfg, tmp_path / "rl", tracker=tracker)
+    rewards = tracker.series("rl/reward_mean")
+    assert len(rewards) == 15 and all(name in tracker.steps[0][1] for name in ("rl/kl", "rl/response_length"))
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.5, rewards
+    accuracy = tracker.series("rl/accuracy")  # rollouts that say `good`
+    assert sum(accuracy[-3:]) > sum(accuracy[:3]), accuracy
+    assert metrics["eval/accuracy_init"] == 0.0 and metrics["eval/accuracy"] == 1.0  # greedy: bad -> good
+    assert metrics["eval/reward_mean"] > metrics["eval/reward_mean_init"]
+
+
+def test_continued_sft_starts_from_the_merged_upstream(make_cfg, toy, sft_dir):
+    """stage.init_from: the starting model is the upstream's, its adapter merged into the weights."""
+    from trainers.methods import load_trained
+    from trainers.model import load_base_model
+    from trainers.recipes.inputs import load_start
+    from trainers.trial import run_trial
+
+    lora = stage_cfg(make_cfg, toy, f"data.train_file={toy['sft']}", "data.eval_file=null", f"stage.init_from={sft_dir}",
+                     "train.max_steps=5", "train.lr=1e-2")
+    run_trial(lora, toy["root"] / "sft_continued")
+    cfg = stage_cfg(make_cfg, toy, f"data.train_file={toy['sft']}", f"stage.init_from={toy['root'] / 'sft_continued'}")
+    start = load_start(cfg, CPU)
+    upstream = load_trained(load_base_model(lora, CPU), f"{sft_dir}/model")
+    reference = load_trained(upstream, toy["root"] / "sft_continued" / "adapter")
+    ids = torch.tensor([[1, 4, 5, 7, 8, 9, 10, 20, 4, 6, 7]])
+    with torch.no_grad():
+        assert torch.allclose(start(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
+    assert type(start).__name__ == "LlamaForCausalLM"  # merged: no adapter left around it
+
+
+def test_stage_inputs_must_be_finished_outputs_of_the_right_kind(make_cfg, toy, sft_dir, tmp_path):
+    from trainers.recipes.inputs import load_reward_model, load_start
+
+    cfg = stage_cfg(make_cfg, toy, *pref_data(toy), "stage=dpo", f"stage.init_from={tmp_path}")
+    with pytest.raises(FileNotFoundError, match="stage.init_from=.*no lineage.json"):
+        load_start(cfg, CPU)
+    with pytest.raises(ValueError, match="stage.reward_from=.*needs a reward model"):
+        load_reward_model(cfg, sft_dir, CPU, 0)
+
+
+@pytest.mark.parametrize("overrides,key,fragment", [
+    (["stage=rl", "data=embedded_pref"], "stage.reward_from", "required"),
+    (["stage=rl", "data=embedded_pref", "stage.reward_from=x", "stage.num_generations=1"], "stage.num_generations",
+     ">= 2"),
+    (["stage=dpo"], "data.format", "trains on preference data"),
+    (["stage=dpo", "data=embedded_pref", "stage.beta=0"], "stage.beta", "must be > 0"),
+    (["stage=reward", "data=embedded_pref", "method=prefix"], "method.name", "merges into the model"),
+])
+def test_stage_configs_are_checked_naming_the_key(make_cfg, overrides, key, fragment):
+    from trainers.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        make_cfg(*overrides)
+    assert any(k == key and fragment in msg for k, msg in err.value.problems), err.value.problems

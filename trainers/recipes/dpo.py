@@ -1,0 +1,192 @@
+"""Direct preference optimisation (Rafailov et al. 2023): the policy learns from preference pairs
+directly, no reward model, no sampling. setup -> evaluate the start -> train -> evaluate -> save.
+
+The policy is `stage.init_from` (the SFT output, merged) with a fresh adapter of the method on top;
+the reference is that same starting policy, whose log-probs of every pair are computed once before
+the first step (every mergeable method starts as the identity, so the untrained policy *is* the
+reference). Loss: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), with pi/ref the summed
+response log-probs of the chosen (c) and rejected (r) sides; beta * (pi - ref) is each side's
+implicit reward. DPO can widen the margin by pushing both sides down, the chosen answer too;
+`stage.nll_weight` adds the chosen side's per-token negative log-likelihood (RPO, Pang et al.
+2024; TRL's rpo_alpha), which keeps the chosen answers likely.
+
+Per step: `dpo/reward_margin` (implicit reward of chosen minus rejected), `dpo/reward_accuracy`
+(share of pairs with a positive margin), `dpo/chosen_reward`, `dpo/rejected_reward`,
+`dpo/chosen_nll`. Final, on
+held-out pairs and prompts: `eval/reward_margin`, `eval/pairwise_accuracy` (the implicit reward
+model ranking the pairs, comparable with a reward stage's), `eval/accuracy` (greedy answers vs the
+chosen ones) and `eval/accuracy_init` (the starting policy); with `stage.reward_from`, also the
+reward model's mean score of the answers before and after (`eval/reward_mean[_init]`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Optional
+
+from trainers.context import TrialContext
+from trainers.data import IGNORE_INDEX, PairExample, load_rows, prompts_with_answers, tokenize_pairs
+from trainers.evaluate import unwrap
+from trainers.methods import METHODS
+from trainers.model import count_parameters, load_tokenizer
+from trainers.policy import evaluate_policy, sequence_logprobs
+from trainers.recipes import register
+from trainers.recipes.base import RecipeSpec, StageConfig, needs_mergeable_method
+from trainers.recipes.inputs import load_reward_model, load_start
+from trainers.training import train_loop
+
+
+@dataclass
+class DpoConfig(StageConfig):
+    name: str = "dpo"
+    # Strength of the implicit KL anchor to the starting policy: higher stays closer to it (smaller
+    # log-prob moves for the same loss); lower lets it move further from it.
+    beta: float = 0.1
+    # Weight of the chosen answers' NLL beside the DPO loss (RPO): > 0 keeps them likely while the
+    # margin grows; 0 is plain DPO.
+    nll_weight: float = 0.0
+    # Optional output dir of a reward stage: only scores the answers before and after training.
+    reward_from: Optional[str] = None
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = [] if self.beta > 0 else [("beta", f"must be > 0, got {self.beta}")]
+        if self.nll_weight < 0:
+            problems.append(("nll_weight", f"must be >= 0, got {self.nll_weight}"))
+        return problems
+
+
+@dataclass
+class ScoredPair:
+    pair: PairExample
+    ref_chosen: float
+    ref_rejected: float
+
+
+def score_reference(model, pairs: list[PairExample], pad_id: int, batch_size: int, device) -> list[ScoredPair]:
+    """Each pair with its summed response log-probs under the (untrained) policy."""
+    import torch
+
+    model = unwrap(model)
+    model.eval()
+    scored = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            logps = sequence_logprobs(model, [p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id, device)
+            scored += [ScoredPair(p, float(c), float(r)) for p, c, r in
+                       zip(chunk, logps[:len(chunk)].tolist(), logps[len(chunk):].tolist())]
+    model.train()
+    return scored
+
+
+def implicit_rewards(model, items: list[ScoredPair], beta: float, pad_id: int, device):
+    """(beta * (pi_c - ref_c), beta * (pi_r - ref_r)), each [len(items)], the chosen side's mean
+    token NLL, and the tokens read."""
+    import torch
+
+    examples = [s.pair.chosen for s in items] + [s.pair.rejected for s in items]
+    logps = sequence_logprobs(model, examples, pad_id, device)
+    ref = torch.tensor([s.ref_chosen for s in items] + [s.ref_rejected for s in items], device=logps.device)
+    rewards = beta * (logps - ref)
+    chosen_tokens = sum(sum(label != IGNORE_INDEX for label in s.pair.chosen.labels) for s in items)
+    nll = -logps[:len(items)].sum() / max(chosen_tokens, 1)
+    tokens = sum(len(e.input_ids) for e in examples)
+    return rewards[:len(items)], rewards[len(items):], nll, tokens
+
+
+def dpo_loss(beta: float, nll_weight: float, pad_id: int, device):
+    import torch.nn.functional as F
+
+    def loss_fn(model, items: list[ScoredPair]):
+        chosen, rejected, nll, tokens = implicit_rewards(model, items, beta, pad_id, device)
+        margin = chosen - rejected
+        loss = -F.logsigmoid(margin).mean() + nll_weight * nll
+        return loss, tokens, {
+            "dpo/chosen_nll": nll.item(),
+            "dpo/reward_margin": margin.mean().item(),
+            "dpo/reward_accuracy": (margin > 0).float().mean().item(),
+            "dpo/chosen_reward": chosen.mean().item(),
+            "dpo/rejected_reward": rejected.mean().item(),
+        }
+
+    return loss_fn
+
+
+def evaluate_margins(model, items: list[ScoredPair], beta: float, pad_id: int, batch_size: int,
+                     device) -> dict[str, float]:
+    import torch
+
+    model = unwrap(model)
+    model.eval()
+    margins = []
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            chosen, rejected, _, _ = implicit_rewards(model, items[start:start + batch_size], beta, pad_id, device)
+            margins += (chosen - rejected).tolist()
+    model.train()
+    return {"eval/reward_margin": statistics.fmean(margins),
+            "eval/pairwise_accuracy": sum(m > 0 for m in margins) / len(margins)}
+
+
+def run(ctx: TrialContext) -> dict[str, float]:
+    cfg, stage, device = ctx.cfg, ctx.cfg.stage, ctx.device
+
+    # --- setup: data first, so a bad row fails before the model costs anything
+    tokenizer = load_tokenizer(cfg.model)
+    pad_id = tokenizer.pad_token_id
+    _, rows, sources = load_rows(cfg.data.train_file, "preference", cfg.data.max_train_rows)
+    train, train_stats = tokenize_pairs(tokenizer, rows, sources, cfg.data.max_seq_len, cfg.data.overlength)
+    eval_pairs = eval_prompts = None
+    if cfg.data.eval_file:
+        _, eval_rows, eval_sources = load_rows(cfg.data.eval_file, "preference", cfg.data.max_eval_rows)
+        eval_pairs, _ = tokenize_pairs(tokenizer, eval_rows, eval_sources, cfg.data.max_seq_len, cfg.data.overlength)
+        eval_prompts, _ = prompts_with_answers(tokenizer, eval_rows, eval_sources, "preference", cfg.data.max_seq_len,
+                                               cfg.data.overlength)
+
+    ctx.memory.start()
+    spec = METHODS[cfg.method.name]
+    model = spec.apply(load_start(cfg, device), cfg)
+    trainable, total = count_parameters(model)
+    ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total,
+                             **train_stats.as_metrics("train")})
+    reward_model = load_reward_model(cfg, stage.reward_from, device, pad_id) if stage.reward_from else None
+
+    # --- the reference log-probs, and the starting policy's answers (rank 0)
+    batch = cfg.train.eval_batch_size
+    scored = score_reference(model, train, pad_id, batch, device)
+    scored_eval = score_reference(model, eval_pairs, pad_id, batch, device) if eval_pairs else None
+    metrics: dict[str, float] = {}
+    if ctx.dist.is_main and eval_prompts:
+        metrics.update(evaluate_policy(model, tokenizer, eval_prompts, cfg.data.max_new_tokens, batch, device,
+                                       reward_model, suffix="_init"))
+
+    # --- train
+    stats = train_loop(ctx.wrap_parallel(model), scored, cfg.train, pad_id, device, ctx.dist, ctx.tracker,
+                       checkpoints=ctx.checkpoints, faults=ctx.faults, loss_fn=dpo_loss(stage.beta, stage.nll_weight, pad_id, device))
+    metrics.update({
+        "model/trainable_params": trainable,
+        "model/total_params": total,
+        "perf/tokens_per_s": stats.tokens_per_s,
+        "time/train_s": stats.train_s,
+        "train/final_loss": stats.last_loss,
+        "train/resumed_from_step": stats.resumed_from,
+    })
+
+    # --- evaluate and save (rank 0; the others wait at the barrier)
+    if ctx.dist.is_main:
+        if scored_eval:
+            metrics.update(evaluate_margins(model, scored_eval, stage.beta, pad_id, batch, device))
+            metrics.update(evaluate_policy(model, tokenizer, eval_prompts, cfg.data.max_new_tokens, batch, device,
+                                           reward_model))
+        metrics["mem/peak_bytes"] = ctx.memory.peak_bytes()
+        artifact_dir = ctx.save_artifact(spec, model, tokenizer)
+        metrics["model/adapter_bytes"] = ctx.artifact_bytes(artifact_dir)
+    ctx.barrier()
+    return metrics
+
+
+register(RecipeSpec(name="dpo", config_cls=DpoConfig, run=run, data_kind="preference",
+                    inputs={"init_from": "policy", "reward_from": "reward_model"},
+                    check_combination=needs_mergeable_method("dpo"),
+                    summary="direct preference optimisation against the frozen starting policy"))

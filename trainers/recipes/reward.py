@@ -1,0 +1,136 @@
+"""Reward model: a scalar head on the policy, trained so that chosen responses outscore rejected
+ones. setup -> train -> evaluate -> save.
+
+The model is the policy in `stage.init_from` (the SFT output, merged; the base model if unset)
+loaded as AutoModelForSequenceClassification with num_labels=1: a new linear `score` head reads
+the hidden state of the last response token (trainers/policy.py: reward_sequence). The method applies as in SFT (LoRA, full, ...); the head
+always trains and is saved with the artifact (PEFT keeps it as a module to save).
+Loss (Bradley-Terry): -log sigmoid(r_chosen - r_rejected). Eval: `eval/pairwise_accuracy` (the
+share of held-out pairs ranked right) and `eval/reward_margin` (mean r_chosen - r_rejected).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from trainers.context import TrialContext
+from trainers.data import PairExample, load_rows, tokenize_pairs
+from trainers.evaluate import unwrap
+from trainers.methods import METHODS
+from trainers.model import count_parameters, load_tokenizer
+from trainers.policy import reward_scores, reward_sequence
+from trainers.recipes import register
+from trainers.recipes.base import RecipeSpec, StageConfig, needs_mergeable_method
+from trainers.recipes.inputs import load_start
+from trainers.training import train_loop
+
+
+@dataclass
+class RewardConfig(StageConfig):
+    name: str = "reward"
+
+
+def pair_scores(model, pairs: list[PairExample], pad_id: int, eos_id: int, device):
+    """(r_chosen, r_rejected), each [len(pairs)], and the tokens read, from one forward over both sides."""
+    sequences = [reward_sequence([], e.input_ids, eos_id) for p in pairs for e in (p.chosen, p.rejected)]
+    scores = reward_scores(model, sequences[0::2] + sequences[1::2], pad_id, device)
+    return scores[:len(pairs)], scores[len(pairs):], sum(len(s) for s in sequences)
+
+
+def pairwise_loss(pad_id: int, eos_id: int, device):
+    import torch.nn.functional as F
+
+    def loss_fn(model, pairs: list[PairExample]):
+        chosen, rejected, tokens = pair_scores(model, pairs, pad_id, eos_id, device)
+        margin = chosen - rejected
+        return -F.logsigmoid(margin).mean(), tokens, {"reward/accuracy": (margin > 0).float().mean().item(),
+                                                      "reward/margin": margin.mean().item()}
+
+    return loss_fn
+
+
+def evaluate_pairs(model, pairs: list[PairExample], pad_id: int, eos_id: int, batch_size: int,
+                   device) -> dict[str, float]:
+    import torch
+
+    model = unwrap(model)
+    model.eval()
+    margins = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            chosen, rejected, _ = pair_scores(model, pairs[start:start + batch_size], pad_id, eos_id, device)
+            margins += (chosen - rejected).tolist()
+    model.train()
+    return {"eval/pairwise_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "eval/reward_margin": statistics.fmean(margins)}
+
+
+def train_head(model) -> None:
+    """Unfreeze the new score head (PEFT methods already train it as a module to save)."""
+    import peft
+
+    if isinstance(model, peft.PeftModel):
+        return
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no score/classifier head to train")
+    head.requires_grad_(True)
+
+
+def run(ctx: TrialContext) -> dict[str, float]:
+    cfg, device = ctx.cfg, ctx.device
+
+    # --- setup: data first, so a bad row fails before the model costs anything
+    tokenizer = load_tokenizer(cfg.model)
+    _, rows, sources = load_rows(cfg.data.train_file, "preference", cfg.data.max_train_rows)
+    train, train_stats = tokenize_pairs(tokenizer, rows, sources, cfg.data.max_seq_len, cfg.data.overlength)
+    evaluation = None
+    if cfg.data.eval_file:
+        _, eval_rows, eval_sources = load_rows(cfg.data.eval_file, "preference", cfg.data.max_eval_rows)
+        evaluation, _ = tokenize_pairs(tokenizer, eval_rows, eval_sources, cfg.data.max_seq_len, cfg.data.overlength)
+
+    ctx.memory.start()
+    spec = METHODS[cfg.method.name]
+    base = load_start(cfg, device, task="sequence_classification")
+    base.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
+    model = spec.apply(base, cfg)
+    train_head(model)
+    trainable, total = count_parameters(model)
+    ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total,
+                             **train_stats.as_metrics("train")})
+    metrics: dict[str, float] = {}
+    if ctx.dist.is_main and evaluation is not None:
+        metrics["eval/pairwise_accuracy_init"] = evaluate_pairs(
+            model, evaluation, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.train.eval_batch_size,
+            device)["eval/pairwise_accuracy"]
+
+    # --- train
+    stats = train_loop(ctx.wrap_parallel(model), train, cfg.train, tokenizer.pad_token_id, device, ctx.dist, ctx.tracker,
+                       checkpoints=ctx.checkpoints, faults=ctx.faults,
+                       loss_fn=pairwise_loss(tokenizer.pad_token_id, tokenizer.eos_token_id, device))
+    metrics.update({
+        "model/trainable_params": trainable,
+        "model/total_params": total,
+        "perf/tokens_per_s": stats.tokens_per_s,
+        "time/train_s": stats.train_s,
+        "train/final_loss": stats.last_loss,
+        "train/resumed_from_step": stats.resumed_from,
+    })
+
+    # --- evaluate and save (rank 0; the others wait at the barrier)
+    if ctx.dist.is_main:
+        if evaluation is not None:
+            metrics.update(evaluate_pairs(model, evaluation, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                          cfg.train.eval_batch_size, device))
+        metrics["mem/peak_bytes"] = ctx.memory.peak_bytes()
+        artifact_dir = ctx.save_artifact(spec, model, tokenizer)
+        metrics["model/adapter_bytes"] = ctx.artifact_bytes(artifact_dir)
+    ctx.barrier()
+    return metrics
+
+
+register(RecipeSpec(name="reward", config_cls=RewardConfig, run=run, data_kind="preference",
+                    produces="reward_model", inputs={"init_from": "policy"},
+                    check_combination=needs_mergeable_method("reward"),
+                    summary="reward model: scalar head on the policy, pairwise (Bradley-Terry) loss"))

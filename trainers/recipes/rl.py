@@ -1,0 +1,177 @@
+"""On-policy RL from a reward model (GRPO, Shao et al. 2024): the policy answers prompts, the
+trained reward model scores the answers, and the policy moves towards the better ones while a KL
+penalty holds it near where it started. setup -> evaluate the start -> train -> evaluate -> save.
+
+Each micro-step takes `train.batch_size` prompts and samples `stage.num_generations` responses to
+each (up to `data.max_new_tokens` tokens); a response's advantage is its reward minus the mean
+reward of its prompt's group (divided by the group's std with `stage.scale_rewards`), so no value
+model is needed. One gradient step per batch of rollouts keeps it on-policy (the PPO ratio is 1
+and needs no clipping). Loss per response token: -advantage * log pi(token) + kl_coef * KL, with
+KL the k3 estimate exp(ref - logp) - (ref - logp) - 1 against the starting policy (`stage.init_from`
+merged: for a PEFT method the policy with its adapter switched off).
+
+    rollouts per optimizer step = train.batch_size * stage.num_generations * train.grad_accum
+
+Per step: `rl/reward_mean` (after `stage.missing_eos_penalty`), `rl/reward_std`, `rl/kl` (per
+token), `rl/response_length` (tokens, eos included), `rl/accuracy` (rollouts equal to the known
+answer). Final, on held-out prompts with
+greedy answers: `eval/reward_mean` and `eval/accuracy`, and the same for the starting policy
+(`eval/reward_mean_init`, `eval/accuracy_init`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from trainers.context import TrialContext
+from trainers.data import EvalPrompt, load_rows, prompts_with_answers
+from trainers.evaluate import normalise_answer
+from trainers.methods import METHODS
+from trainers.model import count_parameters, load_tokenizer
+from trainers.policy import (Reference, decode, evaluate_policy, generate, reward_scores, reward_sequence,
+                             token_logprobs)
+from trainers.recipes import register
+from trainers.recipes.base import RecipeSpec, StageConfig, needs_mergeable_method
+from trainers.recipes.inputs import load_reward_model, load_start
+from trainers.training import train_loop
+
+
+@dataclass
+class RlConfig(StageConfig):
+    name: str = "rl"
+    # Output dir of a reward stage: its model scores the rollouts (a pipeline fills it in).
+    reward_from: Optional[str] = None
+    # Responses sampled per prompt; the group's mean reward is each one's baseline. More = less
+    # noisy advantages, proportionally more generation and compute.
+    num_generations: int = 8
+    temperature: float = 1.0  # of the rollouts: lower explores less
+    # Weight of the KL penalty to the starting policy: higher stays closer to it (less reward
+    # hacking, slower gains).
+    kl_coef: float = 0.05
+    # Divide advantages by the group's reward std (GRPO); false keeps raw differences (Dr. GRPO),
+    # which weighs near-unanimous groups less.
+    scale_rewards: bool = True
+    # Subtracted from the reward of a response cut off at data.max_new_tokens without eos: a reward
+    # model reads a cut-off answer like a finished one and a policy learns to ramble (TRL's
+    # missing_eos_penalty). 0 = none.
+    missing_eos_penalty: float = 0.0
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if not self.reward_from:
+            problems.append(("reward_from", "required: the output dir of a reward stage (a pipeline that runs "
+                                            "this stage after a reward stage fills it in)"))
+        if self.num_generations < 2:
+            problems.append(("num_generations", f"must be >= 2 (the group is the baseline), got {self.num_generations}"))
+        if not self.temperature > 0:
+            problems.append(("temperature", f"must be > 0, got {self.temperature}"))
+        if self.kl_coef < 0:
+            problems.append(("kl_coef", f"must be >= 0, got {self.kl_coef}"))
+        if self.missing_eos_penalty < 0:
+            problems.append(("missing_eos_penalty", f"must be >= 0, got {self.missing_eos_penalty}"))
+        return problems
+
+
+def grpo_loss(stage: RlConfig, reference: Reference, reward_model, tokenizer, max_new_tokens: int, device):
+    """The loss of one micro-step: sample, score, and weigh each response's log-prob by its advantage."""
+    import torch
+
+    group_size = stage.num_generations
+
+    def loss_fn(model, prompts: list[EvalPrompt]):
+        group = [p for p in prompts for _ in range(group_size)]
+        rollouts = generate(model, tokenizer, group, max_new_tokens, device, sample=True, temperature=stage.temperature)
+        with torch.no_grad():
+            sequences = [reward_sequence(p.prompt_ids, r, tokenizer.eos_token_id)
+                         for p, r in zip(group, rollouts.responses)]
+            rewards = reward_scores(reward_model, sequences, tokenizer.pad_token_id, device)
+            unfinished = torch.tensor([not r or r[-1] != tokenizer.eos_token_id for r in rollouts.responses],
+                                      device=rewards.device)
+            rewards = rewards - stage.missing_eos_penalty * unfinished.float()
+        grouped = rewards.view(len(prompts), group_size)
+        advantages = grouped - grouped.mean(dim=1, keepdim=True)
+        if stage.scale_rewards:
+            advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
+        advantages = advantages.reshape(-1, 1)
+
+        batch = (rollouts.input_ids, rollouts.attention_mask, rollouts.labels, rollouts.position_ids)
+        logps, mask = token_logprobs(model, *batch, temperature=stage.temperature)
+        ref_logps, _ = reference.token_logprobs(model, *batch, temperature=stage.temperature)
+        delta = (ref_logps - logps) * mask
+        kl = (delta.exp() - delta - 1) * mask
+        per_token = -advantages * logps + stage.kl_coef * kl
+        lengths = mask.sum(dim=1).clamp(min=1)
+        loss = ((per_token * mask).sum(dim=1) / lengths).mean()
+
+        answers = [normalise_answer(decode(tokenizer, r)) for r in rollouts.responses]
+        correct = [a == normalise_answer(p.answer) for a, p in zip(answers, group)]
+        return loss, int(rollouts.attention_mask.sum()), {
+            "rl/reward_mean": rewards.mean().item(),
+            "rl/reward_std": grouped.std(dim=1).mean().item(),
+            "rl/kl": (kl.sum() / mask.sum().clamp(min=1)).item(),
+            "rl/response_length": mask.sum(dim=1).float().mean().item(),
+            "rl/accuracy": sum(correct) / len(correct),
+        }
+
+    return loss_fn
+
+
+def load_prompts(uri: str, fmt: str, limit: int | None, tokenizer, cfg):
+    fmt, rows, sources = load_rows(uri, fmt, limit)
+    return prompts_with_answers(tokenizer, rows, sources, fmt, cfg.data.max_seq_len, cfg.data.overlength)
+
+
+def run(ctx: TrialContext) -> dict[str, float]:
+    cfg, stage, device = ctx.cfg, ctx.cfg.stage, ctx.device
+
+    # --- setup: data first, so a bad row fails before the model costs anything
+    tokenizer = load_tokenizer(cfg.model)
+    prompts, prompt_stats = load_prompts(cfg.data.train_file, cfg.data.format, cfg.data.max_train_rows, tokenizer, cfg)
+    eval_prompts = None
+    if cfg.data.eval_file:
+        eval_prompts, _ = load_prompts(cfg.data.eval_file, cfg.data.format, cfg.data.max_eval_rows, tokenizer, cfg)
+
+    ctx.memory.start()
+    spec = METHODS[cfg.method.name]
+    model = spec.apply(load_start(cfg, device), cfg)
+    reference = Reference(model)
+    reward_model = load_reward_model(cfg, stage.reward_from, device, tokenizer.pad_token_id)
+    trainable, total = count_parameters(model)
+    ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total,
+                             **prompt_stats.as_metrics("train")})
+    batch = cfg.train.eval_batch_size
+    metrics: dict[str, float] = {}
+    if ctx.dist.is_main and eval_prompts:
+        metrics.update(evaluate_policy(model, tokenizer, eval_prompts, cfg.data.max_new_tokens, batch, device,
+                                       reward_model, suffix="_init"))
+
+    # --- train
+    loss_fn = grpo_loss(stage, reference, reward_model, tokenizer, cfg.data.max_new_tokens, device)
+    stats = train_loop(ctx.wrap_parallel(model), prompts, cfg.train, tokenizer.pad_token_id, device, ctx.dist, ctx.tracker,
+                       checkpoints=ctx.checkpoints, faults=ctx.faults, loss_fn=loss_fn)
+    metrics.update({
+        "model/trainable_params": trainable,
+        "model/total_params": total,
+        "perf/tokens_per_s": stats.tokens_per_s,
+        "time/train_s": stats.train_s,
+        "train/final_loss": stats.last_loss,
+        "train/resumed_from_step": stats.resumed_from,
+    })
+
+    # --- evaluate and save (rank 0; the others wait at the barrier)
+    if ctx.dist.is_main:
+        if eval_prompts:
+            metrics.update(evaluate_policy(model, tokenizer, eval_prompts, cfg.data.max_new_tokens, batch, device,
+                                           reward_model))
+        metrics["mem/peak_bytes"] = ctx.memory.peak_bytes()
+        artifact_dir = ctx.save_artifact(spec, model, tokenizer)
+        metrics["model/adapter_bytes"] = ctx.artifact_bytes(artifact_dir)
+    ctx.barrier()
+    return metrics
+
+
+register(RecipeSpec(name="rl", config_cls=RlConfig, run=run, data_kind="prompts",
+                    inputs={"init_from": "policy", "reward_from": "reward_model"},
+                    check_combination=needs_mergeable_method("rl"),
+                    summary="on-policy RL (GRPO) against a trained reward model, KL to the starting policy"))
