@@ -63,9 +63,12 @@ def main() -> int:
                               start_new_session=True)
     deadline = time.time() + 900
     while time.time() < deadline:
-        run = child(8)
-        if run is not None and any(m.step >= 16 for m in client.get_metric_history(run.info.run_id, "train/loss")):
-            break
+        try:
+            run = child(8)
+            if run is not None and any(m.step >= 16 for m in client.get_metric_history(run.info.run_id, "train/loss")):
+                break
+        except Exception:  # the driver may still be creating the store
+            pass
         time.sleep(2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
