@@ -103,3 +103,12 @@ def test_checkpoints_of_another_config_are_not_restored(make_cfg, tmp_path):
     assert other["train/resumed_from_step"] == 0
     again = run_trial(make_cfg(*SMALL, "train.lr=1e-3"), tmp_path / "shared")
     assert again["train/resumed_from_step"] == 16  # its own checkpoints are
+
+
+def test_out_of_memory_fails_the_trial_with_its_reason(make_cfg, tmp_path, faults):
+    import torch
+
+    faults({"kind": "oom", "step": 3})
+    with pytest.raises(torch.OutOfMemoryError, match="out-of-memory at step 3"):
+        run_trial(make_cfg(*SMALL), tmp_path / "oom")
+    assert not (tmp_path / "oom" / "adapter").exists()  # nothing half-written is taken for a result
