@@ -57,7 +57,7 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--memory-steps", type=int, default=6)
     parser.add_argument("--multiturn", action="store_true",
-                        help="chats of 1-4 consecutive rows as turns (more varied lengths), max_seq_len 192")
+                        help="chats of 1-4 consecutive rows as turns (more varied lengths), max_seq_len 256")
     parser.add_argument("--model", default="embedded:base")
     parser.add_argument("--train-file", default="embedded:instruct_train.jsonl")
     parser.add_argument("--eval-file", default="embedded:instruct_eval.jsonl")
@@ -78,7 +78,7 @@ class Setup:
         self.args = args
         data = DataConfig(train_file=args.train_file, eval_file=args.eval_file)
         if args.multiturn:
-            data.max_seq_len = 192
+            data.max_seq_len = 256
         self.cfg = ExperimentConfig(model=ModelConfig(name_or_path=args.model), data=data,
                                     method=LoraConfig(r=args.rank, alpha=2.0 * args.rank), stage=SftConfig())
         self.tokenizer = load_tokenizer(self.cfg.model)

@@ -199,3 +199,16 @@ def test_waves_release_stages_as_inputs_finish_and_skip_after_a_failure(rlhf_pla
     inputs = dict(tracker.created)
     assert inputs["sft"] == [] and inputs["reward"] == ["run-sft"] and inputs["rl r=4"] == ["run-sft", "run-reward"]
     assert board.lines[next(k for k, v in labels.items() if v == "rl r=4")].state == "SKIPPED"
+
+
+def test_the_report_shows_a_skipped_trial_as_skipped():
+    """MLflow has no SKIPPED status: a skipped trial's run ends KILLED with a `skip_reason` tag."""
+    from types import SimpleNamespace as NS
+
+    from orchestrator.report import _status
+
+    def run(status, **tags):
+        return NS(info=NS(status=status), data=NS(tags=tags))
+
+    assert _status(run("KILLED", skip_reason="upstream sft failed")) == "SKIPPED"
+    assert _status(run("KILLED")) == "KILLED" and _status(run("FAILED", failure_reason="x")) == "FAILED"

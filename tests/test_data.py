@@ -115,3 +115,46 @@ def test_preference_rows(write_jsonl):
     empty = write_jsonl("empty.jsonl", [{**good, "prompt": ""}])
     with pytest.raises(DataError, match=r"empty.jsonl:1: field 'prompt' is empty"):
         load_rows(str(empty))
+
+
+GOOD_PAIR = {"prompt": "What number comes after 4?", "chosen": "5", "rejected": "6"}
+USER, ANSWER = {"role": "user", "content": "after 4?"}, {"role": "assistant", "content": "5"}
+
+
+@pytest.mark.parametrize("row,fragment", [
+    ({"prompt": "q", "chosen": "5"}, ":1: missing field 'rejected'"),
+    ({**GOOD_PAIR, "chosen": "  "}, ":1: field 'chosen' is empty"),
+    ({**GOOD_PAIR, "rejected": 6}, ":1: field 'rejected' must be a string, got int"),
+    ({"chosen": [USER, ANSWER], "rejected": [{"role": "user", "content": "before 4?"}, ANSWER | {"content": "3"}]},
+     ":1: chosen and rejected must share every message but the last"),
+    ({"chosen": [USER, ANSWER], "rejected": [USER]}, ":1: rejected must end with an assistant message"),
+    ({"chosen": [USER, ANSWER], "rejected": "6"}, ":1: field 'rejected' must be a non-empty list of messages"),
+])
+def test_bad_preference_rows_name_file_line_and_rule(write_jsonl, row, fragment):
+    path = write_jsonl("bad.jsonl", [row])
+    with pytest.raises(DataError) as err:
+        load_rows(str(path))
+    assert f"{path}{fragment}" in str(err.value)
+
+
+def test_long_preference_pairs_follow_overlength(write_jsonl, tokenizer):
+    from trainers.data import tokenize_pairs
+
+    long_pair = {**GOOD_PAIR, "chosen": " ".join(["5"] * 60)}
+    fmt, rows, sources = load_rows(str(write_jsonl("p.jsonl", [GOOD_PAIR, long_pair])))
+    with pytest.raises(DataError, match=r"p.jsonl:2: \d+ tokens exceeds data.max_seq_len=40"):
+        tokenize_pairs(tokenizer, rows, sources, 40, "error")
+    kept, stats = tokenize_pairs(tokenizer, rows, sources, 40, "drop")
+    assert len(kept) == 1 and stats.dropped == 1
+    cut, stats = tokenize_pairs(tokenizer, rows, sources, 40, "truncate")
+    assert stats.truncated == 1 and all(len(e.input_ids) <= 40 for p in cut for e in (p.chosen, p.rejected))
+
+
+def test_a_stage_refuses_data_of_the_wrong_kind_before_compute(write_jsonl, make_cfg):
+    from trainers.trial import check_inputs
+
+    instruction = write_jsonl("i.jsonl", [{"instruction": "a", "output": "b"}])
+    cfg = make_cfg("stage=dpo", "data=embedded_pref", "data.format=auto", f"data.train_file={instruction}",
+                   "data.eval_file=null")
+    with pytest.raises(DataError, match=r"i.jsonl: holds instruction rows; stage dpo trains on preference data"):
+        check_inputs(cfg)

@@ -32,7 +32,7 @@ MANIFEST = "manifest.json"
 KEEP_LAST = 2
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -117,7 +117,7 @@ class CheckpointManager:
         files = {}
         for path in sorted(staging.iterdir()):
             _fsync(path)
-            files[path.name] = _sha256(path)
+            files[path.name] = file_sha256(path)
         manifest = {"step": step, "files": files, "created": time.time(), "fingerprint": self.fingerprint}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _fsync(staging / MANIFEST)
@@ -163,7 +163,7 @@ class CheckpointManager:
             manifest = json.loads(manifest_path.read_text())
             if self.fingerprint is not None and manifest.get("fingerprint") != self.fingerprint:
                 return False
-            return all((path / name).is_file() and _sha256(path / name) == digest
+            return all((path / name).is_file() and file_sha256(path / name) == digest
                        for name, digest in manifest["files"].items())
         except (ValueError, KeyError, OSError):
             return False

@@ -10,6 +10,7 @@ import json
 import platform
 from pathlib import Path
 
+from trainers.checkpoint import file_sha256
 from trainers.config import ExperimentConfig
 from trainers.context import TrialContext
 from trainers.runtime import dist_info, pick_device, seed_everything
@@ -68,14 +69,6 @@ def estimated_peak_bytes(cfg: ExperimentConfig, device=None, seq_len: int | None
 # What a result depends on besides its config (and the code: the orchestrator adds the git state).
 ENV_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "ray", "mlflow", "datasets")
 MODEL_HASH_LIMIT = 2**30  # hashing a multi-GB local checkpoint per trial costs more than it tells
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _cpu_model() -> str:
