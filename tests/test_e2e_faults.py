@@ -53,7 +53,6 @@ def _steps(client, run_id):
 
 
 def test_worker_kill_resumes_and_nan_fails_only_its_trial(tmp_path):
-    from orchestrator.compose import compose
     from trainers.trial import run_trial
 
     args = COMMON + ["train.max_steps=24"]
@@ -72,7 +71,10 @@ def test_worker_kill_resumes_and_nan_fails_only_its_trial(tmp_path):
     assert killed.info.status == "FINISHED"
     assert killed.data.metrics["train/resumed_from_step"] == 8  # restarted worker resumed, not restarted
     assert _steps(client, killed.info.run_id) == [4, 8, 12, 16, 20, 24]  # no duplicate steps
-    reference = run_trial(compose(args[2:] + ["method.r=2"]), tmp_path / "reference")
+    from orchestrator.plan import make_plan
+
+    same_trial = next(t.cfg for t in make_plan(args).trials if t.cfg.method.r == 2)  # alpha = 2r, as swept
+    reference = run_trial(same_trial, tmp_path / "reference")
     assert killed.data.metrics["eval/loss"] == pytest.approx(reference["eval/loss"], abs=1e-5)
     poisoned = by_r[4]
     assert poisoned.info.status == "FAILED"
