@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 try:
     from omegaconf import MISSING
 except ImportError:  # a bare GPU box (benchmarks/gpu_throughput.py) builds these dataclasses directly
     MISSING = "???"
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4")
 QUANTIZED_PRECISIONS = ("int8", "nf4", "fp4")
