@@ -66,6 +66,12 @@ class TrialContext:
         self.tracker.log_artifacts(str(final), spec.saves)
         return final
 
+    def save_outputs(self, spec, model, tokenizer) -> dict[str, float]:
+        """Rank 0's closing step of a recipe: measured peak memory, then the saved artifact."""
+        metrics = {"mem/peak_bytes": self.memory.peak_bytes()}
+        metrics["model/adapter_bytes"] = self.artifact_bytes(self.save_artifact(spec, model, tokenizer))
+        return metrics
+
     @staticmethod
     def artifact_bytes(directory: Path) -> int:
         return sum(p.stat().st_size for p in directory.glob("*.safetensors"))

@@ -153,6 +153,12 @@ class LoopStats:
     resumed_from: int = 0  # step of the checkpoint this run continued from (0: fresh start)
     last_extras: dict = field(default_factory=dict)  # the loss_fn's extra metrics, last logged window
 
+    def as_metrics(self, trainable: int, total: int) -> dict[str, float]:
+        """The final metrics every recipe reports about its training run."""
+        return {"model/trainable_params": trainable, "model/total_params": total,
+                "perf/tokens_per_s": self.tokens_per_s, "time/train_s": self.train_s,
+                "train/final_loss": self.last_loss, "train/resumed_from_step": self.resumed_from}
+
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.train_s if self.train_s > 0 else 0.0

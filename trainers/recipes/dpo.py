@@ -164,14 +164,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
     # --- train
     stats = train_loop(ctx.wrap_parallel(model), scored, cfg.train, pad_id, device, ctx.dist, ctx.tracker,
                        checkpoints=ctx.checkpoints, faults=ctx.faults, loss_fn=dpo_loss(stage.beta, stage.nll_weight, pad_id, device))
-    metrics.update({
-        "model/trainable_params": trainable,
-        "model/total_params": total,
-        "perf/tokens_per_s": stats.tokens_per_s,
-        "time/train_s": stats.train_s,
-        "train/final_loss": stats.last_loss,
-        "train/resumed_from_step": stats.resumed_from,
-    })
+    metrics.update(stats.as_metrics(trainable, total))
 
     # --- evaluate and save (rank 0; the others wait at the barrier)
     if ctx.dist.is_main:
@@ -179,9 +172,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
             metrics.update(evaluate_margins(model, scored_eval, stage.beta, pad_id, batch, device))
             metrics.update(evaluate_policy(model, tokenizer, eval_prompts, cfg.data.max_new_tokens, batch, device,
                                            reward_model))
-        metrics["mem/peak_bytes"] = ctx.memory.peak_bytes()
-        artifact_dir = ctx.save_artifact(spec, model, tokenizer)
-        metrics["model/adapter_bytes"] = ctx.artifact_bytes(artifact_dir)
+        metrics.update(ctx.save_outputs(spec, model, tokenizer))
     ctx.barrier()
     return metrics
 

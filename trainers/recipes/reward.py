@@ -109,23 +109,14 @@ def run(ctx: TrialContext) -> dict[str, float]:
     stats = train_loop(ctx.wrap_parallel(model), train, cfg.train, tokenizer.pad_token_id, device, ctx.dist, ctx.tracker,
                        checkpoints=ctx.checkpoints, faults=ctx.faults,
                        loss_fn=pairwise_loss(tokenizer.pad_token_id, tokenizer.eos_token_id, device))
-    metrics.update({
-        "model/trainable_params": trainable,
-        "model/total_params": total,
-        "perf/tokens_per_s": stats.tokens_per_s,
-        "time/train_s": stats.train_s,
-        "train/final_loss": stats.last_loss,
-        "train/resumed_from_step": stats.resumed_from,
-    })
+    metrics.update(stats.as_metrics(trainable, total))
 
     # --- evaluate and save (rank 0; the others wait at the barrier)
     if ctx.dist.is_main:
         if evaluation is not None:
             metrics.update(evaluate_pairs(model, evaluation, tokenizer.pad_token_id, tokenizer.eos_token_id,
                                           cfg.train.eval_batch_size, device))
-        metrics["mem/peak_bytes"] = ctx.memory.peak_bytes()
-        artifact_dir = ctx.save_artifact(spec, model, tokenizer)
-        metrics["model/adapter_bytes"] = ctx.artifact_bytes(artifact_dir)
+        metrics.update(ctx.save_outputs(spec, model, tokenizer))
     ctx.barrier()
     return metrics
 

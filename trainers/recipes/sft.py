@@ -55,14 +55,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
     stats = train_loop(ctx.wrap_parallel(model), batches, cfg.train, tokenizer.pad_token_id, device, ctx.dist,
                        ctx.tracker, checkpoints=ctx.checkpoints, faults=ctx.faults,
                        group_by_length=cfg.data.group_by_length)
-    metrics = {
-        "model/trainable_params": trainable,
-        "model/total_params": total,
-        "perf/tokens_per_s": stats.tokens_per_s,
-        "time/train_s": stats.train_s,
-        "train/final_loss": stats.last_loss,
-        "train/resumed_from_step": stats.resumed_from,
-    }
+    metrics = stats.as_metrics(trainable, total)
 
     # --- evaluate and save (rank 0; the others wait at the barrier)
     model = ctx.gather_model(model, lambda: spec.apply(load_start(cfg, device), cfg))  # FSDP: gathers shards
@@ -70,15 +63,13 @@ def run(ctx: TrialContext) -> dict[str, float]:
         if evaluation is not None:
             metrics.update(evaluate(model, tokenizer, evaluation.examples, evaluation.prompts,
                                     cfg.train.eval_batch_size, cfg.data.max_new_tokens, device))
-        metrics["mem/peak_bytes"] = ctx.memory.peak_bytes()
+        metrics.update(ctx.save_outputs(spec, model, tokenizer))
         # Predicted for the batch shapes this trial really had, so it compares with the measurement.
         longest = max(len(b.input_ids) for b in batches) if not cfg.data.packing else cfg.data.max_seq_len
         eval_longest = max((len(e.input_ids) for e in evaluation.examples), default=None) if evaluation else None
         estimate = estimated_peak_bytes(cfg, device, seq_len=longest, eval_seq_len=eval_longest)
         if estimate is not None:
             metrics["mem/estimated_peak_bytes"] = estimate
-        artifact_dir = ctx.save_artifact(spec, model, tokenizer)
-        metrics["model/adapter_bytes"] = ctx.artifact_bytes(artifact_dir)
     ctx.barrier()
     return metrics
 
