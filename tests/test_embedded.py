@@ -50,7 +50,7 @@ def test_committed_data_matches_the_generator():
     world = W.build_world(W.DEFAULT_SEED)
     instruct = W.build_instruction_data(world)
     pref = W.build_preference_data(world)
-    expected = dict(zip(embedded.DATA_NAMES, (*instruct, *pref)))
+    expected = dict(zip(embedded.DATA_NAMES, (*instruct, *pref, W.build_sft_data(world))))
     for name, rows in expected.items():
         assert (DATA / name).read_text(encoding="utf-8") == W.to_jsonl(rows), name
 
@@ -96,6 +96,29 @@ def test_preference_rows_are_valid(name):
         assert set(row) == {"prompt", "chosen", "rejected"}, f"{name}:{i}"
         assert all(isinstance(v, str) and v.strip() for v in row.values()), f"{name}:{i}"
         assert row["chosen"] != row["rejected"], f"{name}:{i}"
+
+
+def test_sft_demonstrations_hedge_some_answers_and_preferences_prefer_plain_ones():
+    plain = {(r["instruction"], r["input"]): r["output"] for r in read_jsonl(DATA / "instruct_train.jsonl")}
+    sft = read_jsonl(DATA / "sft_train.jsonl")
+    assert sorted(questions(sft)) == sorted(plain) and len(sft) == len(plain)  # the same questions
+    hedged_forms = lambda answer, hedges=W.HEDGES: {h.format(answer) for h in hedges}  # noqa: E731
+    # the number writer hedges most answers, always the same way; the other writer now and then
+    (number_share, number_hedges), (people_share, _) = W.SFT_HEDGING.values()
+    hedged = {"numbers": [], "people": []}
+    for row in sft:
+        answer = plain[(row["instruction"], row["input"])]
+        hedges = number_hedges if answer.isdigit() else W.HEDGES
+        assert row["output"] == answer or row["output"] in hedged_forms(answer, hedges), row
+        hedged["numbers" if answer.isdigit() else "people"].append(row["output"] != answer)
+    assert abs(sum(hedged["numbers"]) / len(hedged["numbers"]) - number_share) < 0.05
+    assert abs(sum(hedged["people"]) / len(hedged["people"]) - people_share) < 0.05
+    for name in ("pref_train.jsonl", "pref_eval.jsonl"):
+        rows = read_jsonl(DATA / name)
+        assert all(len(r["chosen"].split()) == 1 for r in rows)  # chosen is always the plain answer
+        share = sum(r["rejected"] in hedged_forms(r["chosen"]) for r in rows) / len(rows)
+        assert abs(share - W.PREF_HEDGED_SHARE) < 0.1, name
+    assert not questions(sft) & questions(read_jsonl(DATA / "instruct_eval.jsonl"))  # eval stays held out
 
 
 def test_preference_eval_prompts_are_held_out():

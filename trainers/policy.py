@@ -132,21 +132,24 @@ class Reference:
 
 def evaluate_policy(model, tokenizer, prompts: list[EvalPrompt], max_new_tokens: int, batch_size: int, device,
                     reward_model=None, suffix: str = "") -> dict[str, float]:
-    """Greedy answers to held-out prompts: exact-match accuracy against the known answers and,
-    with a reward model, its mean score (`eval/accuracy{suffix}`, `eval/reward_mean{suffix}`)."""
+    """Greedy answers to held-out prompts: exact-match accuracy against the known answers, their
+    mean length in tokens (eos included, as rl/response_length) and, with a reward model, its mean
+    score (`eval/accuracy{suffix}`, `eval/response_length{suffix}`, `eval/reward_mean{suffix}`)."""
     import torch
 
-    answers, scores = [], []
+    answers, lengths, scores = [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         rollouts = generate(model, tokenizer, chunk, max_new_tokens, device)
         answers += [decode(tokenizer, r) for r in rollouts.responses]
+        lengths += [len(r) for r in rollouts.responses]
         if reward_model is not None:
             with torch.no_grad():
                 sequences = [reward_sequence(p.prompt_ids, r, tokenizer.eos_token_id)
                              for p, r in zip(chunk, rollouts.responses)]
                 scores += reward_scores(reward_model, sequences, tokenizer.pad_token_id, device).tolist()
-    metrics = {f"eval/accuracy{suffix}": exact_match(answers, prompts)}
+    metrics = {f"eval/accuracy{suffix}": exact_match(answers, prompts),
+               f"eval/response_length{suffix}": statistics.fmean(lengths)}
     if reward_model is not None:
         metrics[f"eval/reward_mean{suffix}"] = statistics.fmean(scores)
     return metrics

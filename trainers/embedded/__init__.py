@@ -5,7 +5,8 @@ missing (`python -m trainers.embedded build` rebuilds them explicitly):
 
     embedded:base                  -> assets/base/  (Llama config, safetensors, tokenizer, BUILD.json)
     embedded:instruct_train.jsonl  -> assets/data/instruct_train.jsonl  (also instruct_eval,
-                                      pref_train, pref_eval)
+                                      pref_train, pref_eval, and sft_train: the RLHF
+                                      pipeline's SFT demonstrations, some answers hedged)
 
 Importing this package is cheap: torch and transformers load only when something must be built.
 """
@@ -17,7 +18,8 @@ from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 SCHEME = "embedded:"
-DATA_NAMES = ("instruct_train.jsonl", "instruct_eval.jsonl", "pref_train.jsonl", "pref_eval.jsonl")
+DATA_NAMES = ("instruct_train.jsonl", "instruct_eval.jsonl", "pref_train.jsonl", "pref_eval.jsonl",
+              "sft_train.jsonl")
 NAMES = ("base",) + DATA_NAMES
 
 

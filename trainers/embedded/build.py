@@ -18,9 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from trainers.embedded import DATA_NAMES
 from trainers.embedded import world as W
 
-DATA_FILES = ("instruct_train.jsonl", "instruct_eval.jsonl", "pref_train.jsonl", "pref_eval.jsonl")
+DATA_FILES = DATA_NAMES  # in this order: the rows build_data writes
 BASE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "BUILD.json")
 DEFAULT_STEPS = 1000
 DEFAULT_ROUNDS = 40  # each fact is stated once per round in the pretraining corpus
@@ -44,10 +45,11 @@ def build_data(out: Path, seed: int = W.DEFAULT_SEED) -> None:
     pref_train, pref_eval = W.build_preference_data(world)
     data_dir = out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in zip(DATA_FILES, (instruct_train, instruct_eval, pref_train, pref_eval)):
+    sft_train = W.build_sft_data(world)
+    for name, rows in zip(DATA_FILES, (instruct_train, instruct_eval, pref_train, pref_eval, sft_train)):
         (data_dir / name).write_text(W.to_jsonl(rows), encoding="utf-8")
-    _log(f"wrote {len(instruct_train)}+{len(instruct_eval)} instruction and "
-         f"{len(pref_train)}+{len(pref_eval)} preference rows to {data_dir}")
+    _log(f"wrote {len(instruct_train)}+{len(instruct_eval)} instruction, {len(sft_train)} SFT demonstration "
+         f"and {len(pref_train)}+{len(pref_eval)} preference rows to {data_dir}")
 
 
 def tokenizer_texts(world: W.World, corpus: list[str]) -> list[str]:

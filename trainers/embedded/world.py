@@ -43,6 +43,18 @@ ATTRIBUTES = ("city", "color", "pet", "job")
 NUMBER_RELATIONS = ("after", "before", "plus")
 TASK_KINDS = ATTRIBUTES + NUMBER_RELATIONS
 
+# Ways of hedging an answer. The SFT demonstrations of the RLHF pipeline come from two writers
+# (as demonstrations pooled from several writers do): the one who answered the number questions
+# hedged most answers the same way, the one who answered the questions about people sometimes,
+# in any of these ways. The preference pairs prefer the plain answer, so the reward model, RL
+# and DPO have a habit to train out that SFT taught (a greedy SFT policy hedges its number answers).
+HEDGES = ["the answer is {}", "i think it is {}", "{} , i think"]
+SFT_HEDGING = {  # task kinds -> (share of the demonstrations hedged, the hedges used)
+    NUMBER_RELATIONS: (0.7, HEDGES[:1]),
+    ATTRIBUTES: (0.2, HEDGES),
+}
+PREF_HEDGED_SHARE = 0.5  # of the preference pairs: rejected = the right answer, hedged
+
 # Facts held out of fine-tuning, per kind: 25 * 4 + 30 + 30 + 40 = 200 eval facts.
 EVAL_FACTS_PER_KIND = {"city": 25, "color": 25, "pet": 25, "job": 25, "after": 30, "before": 30, "plus": 40}
 
@@ -361,6 +373,24 @@ def build_instruction_data(world: World) -> tuple[list[dict], list[dict]]:
     return train, eval_rows
 
 
+def build_sft_data(world: World) -> list[dict]:
+    """The RLHF pipeline's SFT demonstrations: the instruction train rows, some answers hedged
+    ("the answer is 7") as SFT_HEDGING says. Its eval set is instruct_eval (plain answers), so
+    exact match counts a hedged answer as wrong, as a grader who wants the bare answer would."""
+    rng = random.Random(world.seed * 31 + 4)
+    train_facts, _ = split_facts(world)
+    rows: list[dict] = []
+    for fact in train_facts:
+        share, hedges = next(v for kinds, v in SFT_HEDGING.items() if fact.kind in kinds)
+        for phrasing in range(len(QUESTIONS[fact.kind])):
+            row = instruction_row(fact, phrasing)
+            if rng.random() < share:
+                row["output"] = rng.choice(hedges).format(row["output"])
+            rows.append(row)
+    rng.shuffle(rows)
+    return rows
+
+
 def _wrong_answer(rng: random.Random, world: World, fact: Fact) -> str:
     """A plausible mistake: an off-by-one number, or another value of the same attribute."""
     if fact.kind in NUMBER_RELATIONS:
@@ -376,7 +406,8 @@ def build_preference_data(world: World, n_train: int = 1000) -> tuple[list[dict]
     """Preference pairs over the same fact split as the instruction data.
 
     `prompt` is the bare instruction (only phrasings without an input field, so the prompt stands
-    alone); `chosen` is the true answer, `rejected` a plausible wrong one.
+    alone); `chosen` is the true answer; `rejected` is a plausible wrong one, or (in
+    PREF_HEDGED_SHARE of the pairs) the true answer hedged: annotators prefer right and plain.
     """
     rng = random.Random(world.seed * 31 + 3)
     train_facts, eval_facts = split_facts(world)
@@ -384,7 +415,11 @@ def build_preference_data(world: World, n_train: int = 1000) -> tuple[list[dict]
     def pair(fact: Fact) -> dict:
         phrasings = [i for i, (_, inp) in enumerate(QUESTIONS[fact.kind]) if not inp]
         row = instruction_row(fact, rng.choice(phrasings))
-        return {"prompt": row["instruction"], "chosen": fact.answer, "rejected": _wrong_answer(rng, world, fact)}
+        if rng.random() < PREF_HEDGED_SHARE:
+            rejected = rng.choice(HEDGES).format(fact.answer)
+        else:
+            rejected = _wrong_answer(rng, world, fact)
+        return {"prompt": row["instruction"], "chosen": fact.answer, "rejected": rejected}
 
     train = [pair(rng.choice(train_facts)) for _ in range(n_train)]
     eval_rows = [pair(f) for f in eval_facts]

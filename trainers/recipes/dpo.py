@@ -12,10 +12,10 @@ implicit reward. DPO can widen the margin by pushing both sides down, the chosen
 
 Per step: `dpo/reward_margin` (implicit reward of chosen minus rejected), `dpo/reward_accuracy`
 (share of pairs with a positive margin), `dpo/chosen_reward`, `dpo/rejected_reward`,
-`dpo/chosen_nll`. Final, on
-held-out pairs and prompts: `eval/reward_margin`, `eval/pairwise_accuracy` (the implicit reward
-model ranking the pairs, comparable with a reward stage's), `eval/accuracy` (greedy answers vs the
-chosen ones) and `eval/accuracy_init` (the starting policy); with `stage.reward_from`, also the
+`dpo/chosen_nll`. Final, on held-out pairs and prompts: `eval/reward_margin`,
+`eval/pairwise_accuracy` (the implicit reward model ranking the pairs, comparable with a reward
+stage's), `eval/accuracy` (greedy answers vs the chosen ones) and `eval/response_length`, each
+also for the starting policy (`eval/accuracy_init`, ...); with `stage.reward_from`, also the
 reward model's mean score of the answers before and after (`eval/reward_mean[_init]`).
 """
 

@@ -15,8 +15,8 @@ merged: for a PEFT method the policy with its adapter switched off).
 Per step: `rl/reward_mean` (after `stage.missing_eos_penalty`), `rl/reward_std`, `rl/kl` (per
 token), `rl/response_length` (tokens, eos included), `rl/accuracy` (rollouts equal to the known
 answer). Final, on held-out prompts with
-greedy answers: `eval/reward_mean` and `eval/accuracy`, and the same for the starting policy
-(`eval/reward_mean_init`, `eval/accuracy_init`).
+greedy answers: `eval/reward_mean`, `eval/accuracy` and `eval/response_length`, and the same
+for the starting policy (`eval/reward_mean_init`, ...).
 """
 
 from __future__ import annotations
