@@ -72,6 +72,16 @@ class TrialContext:
         metrics["model/adapter_bytes"] = self.artifact_bytes(self.save_artifact(spec, model, tokenizer))
         return metrics
 
+    def finish(self, spec, model, tokenizer, metrics: dict[str, float], evaluate=None) -> dict[str, float]:
+        """A recipe's closing step: rank 0 evaluates the trained model (`evaluate(model)` -> metrics)
+        and saves its outputs; the other ranks wait at the barrier. Returns `metrics`, updated."""
+        if self.dist.is_main:
+            if evaluate is not None:
+                metrics.update(evaluate(model))
+            metrics.update(self.save_outputs(spec, model, tokenizer))
+        self.barrier()
+        return metrics
+
     @staticmethod
     def artifact_bytes(directory: Path) -> int:
         return sum(p.stat().st_size for p in directory.glob("*.safetensors"))

@@ -15,6 +15,28 @@ def unwrap(model):
     return model.module if hasattr(model, "module") and model.__class__.__name__.endswith("DataParallel") else model
 
 
+def score_in_batches(model, items: list, batch_size: int, score) -> list:
+    """`score(model, chunk)` -> one value per item of the chunk, over `items` in chunks of
+    `batch_size`, with the (unwrapped) model in eval mode and no gradients; train mode after."""
+    import torch
+
+    model = unwrap(model)
+    model.eval()
+    values: list = []
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            values += score(model, items[start:start + batch_size])
+    model.train()
+    return values
+
+
+def margin_metrics(margins: list[float]) -> dict[str, float]:
+    """Held-out preference pairs ranked by a (reward model's or implicit) score margin
+    chosen - rejected: the share ranked right and the mean margin."""
+    return {"eval/pairwise_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "eval/reward_margin": sum(margins) / len(margins)}
+
+
 def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, device) -> float:
     """Mean cross-entropy over all trained (response) tokens of the split."""
     import torch

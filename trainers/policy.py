@@ -153,3 +153,16 @@ def evaluate_policy(model, tokenizer, prompts: list[EvalPrompt], max_new_tokens:
     if reward_model is not None:
         metrics[f"eval/reward_mean{suffix}"] = statistics.fmean(scores)
     return metrics
+
+
+def policy_evaluation(cfg, tokenizer, prompts: list[EvalPrompt] | None, device, reward_model=None):
+    """`evaluate(model, suffix="")` -> evaluate_policy's metrics on `prompts` at the trial's
+    answer budget and eval batch size; {} when there are no prompts (no data.eval_file)."""
+
+    def evaluate(model, suffix: str = "") -> dict[str, float]:
+        if not prompts:
+            return {}
+        return evaluate_policy(model, tokenizer, prompts, cfg.data.max_new_tokens, cfg.train.eval_batch_size,
+                               device, reward_model, suffix=suffix)
+
+    return evaluate

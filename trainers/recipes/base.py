@@ -1,4 +1,5 @@
-"""Shared shapes of a stage recipe: its config base class and its registry record."""
+"""Shared shapes of a stage recipe (its config base class and registry record) and the data
+setup the preference stages share."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     from trainers.config import ExperimentConfig
     from trainers.context import TrialContext
+    from trainers.data import DatasetStats, EvalPrompt, PairExample
 
 # Data formats each `RecipeSpec.data_kind` trains on (trainers/data.py formats).
 DATA_FORMATS_OF_KIND = {
@@ -74,3 +76,28 @@ def needs_mergeable_method(stage: str) -> Callable[["ExperimentConfig"], list[tu
         return []
 
     return check
+
+
+@dataclass
+class PreferenceSplits:
+    train: list["PairExample"]
+    train_stats: "DatasetStats"
+    eval_pairs: list["PairExample"] | None = None
+    eval_prompts: list["EvalPrompt"] | None = None  # the eval pairs' prompts, answer = chosen
+
+
+def load_preference_splits(cfg: "ExperimentConfig", tokenizer, with_prompts: bool = False) -> PreferenceSplits:
+    """data.train_file's preference pairs, tokenized, and data.eval_file's (if set), also as prompts
+    with known answers when `with_prompts`. Bad rows raise DataError naming file:line."""
+    from trainers.data import load_rows, prompts_with_answers, tokenize_pairs
+
+    data = cfg.data
+    _, rows, sources = load_rows(data.train_file, "preference", data.max_train_rows)
+    splits = PreferenceSplits(*tokenize_pairs(tokenizer, rows, sources, data.max_seq_len, data.overlength))
+    if data.eval_file:
+        _, rows, sources = load_rows(data.eval_file, "preference", data.max_eval_rows)
+        splits.eval_pairs, _ = tokenize_pairs(tokenizer, rows, sources, data.max_seq_len, data.overlength)
+        if with_prompts:
+            splits.eval_prompts, _ = prompts_with_answers(tokenizer, rows, sources, "preference", data.max_seq_len,
+                                                          data.overlength)
+    return splits

@@ -21,18 +21,17 @@ reward model's mean score of the answers before and after (`eval/reward_mean[_in
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Optional
 
 from trainers.context import TrialContext
-from trainers.data import IGNORE_INDEX, PairExample, load_rows, prompts_with_answers, tokenize_pairs
-from trainers.evaluate import unwrap
+from trainers.data import IGNORE_INDEX, PairExample
+from trainers.evaluate import margin_metrics, score_in_batches
 from trainers.methods import METHODS
 from trainers.model import count_parameters, load_tokenizer
-from trainers.policy import evaluate_policy, sequence_logprobs
+from trainers.policy import policy_evaluation, sequence_logprobs
 from trainers.recipes import register
-from trainers.recipes.base import RecipeSpec, StageConfig, needs_mergeable_method
+from trainers.recipes.base import RecipeSpec, StageConfig, load_preference_splits, needs_mergeable_method
 from trainers.recipes.inputs import load_reward_model, load_start
 from trainers.training import train_loop
 
@@ -65,19 +64,13 @@ class ScoredPair:
 
 def score_reference(model, pairs: list[PairExample], pad_id: int, batch_size: int, device) -> list[ScoredPair]:
     """Each pair with its summed response log-probs under the (untrained) policy."""
-    import torch
 
-    model = unwrap(model)
-    model.eval()
-    scored = []
-    with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            logps = sequence_logprobs(model, [p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id, device)
-            scored += [ScoredPair(p, float(c), float(r)) for p, c, r in
-                       zip(chunk, logps[:len(chunk)].tolist(), logps[len(chunk):].tolist())]
-    model.train()
-    return scored
+    def score(model, chunk):
+        logps = sequence_logprobs(model, [p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id, device)
+        return [ScoredPair(p, float(c), float(r)) for p, c, r in
+                zip(chunk, logps[:len(chunk)].tolist(), logps[len(chunk):].tolist())]
+
+    return score_in_batches(model, pairs, batch_size, score)
 
 
 def implicit_rewards(model, items: list[ScoredPair], beta: float, pad_id: int, device):
@@ -115,18 +108,11 @@ def dpo_loss(beta: float, nll_weight: float, pad_id: int, device):
 
 def evaluate_margins(model, items: list[ScoredPair], beta: float, pad_id: int, batch_size: int,
                      device) -> dict[str, float]:
-    import torch
+    def margins(model, chunk):
+        chosen, rejected, _, _ = implicit_rewards(model, chunk, beta, pad_id, device)
+        return (chosen - rejected).tolist()
 
-    model = unwrap(model)
-    model.eval()
-    margins = []
-    with torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            chosen, rejected, _, _ = implicit_rewards(model, items[start:start + batch_size], beta, pad_id, device)
-            margins += (chosen - rejected).tolist()
-    model.train()
-    return {"eval/reward_margin": statistics.fmean(margins),
-            "eval/pairwise_accuracy": sum(m > 0 for m in margins) / len(margins)}
+    return margin_metrics(score_in_batches(model, items, batch_size, margins))
 
 
 def run(ctx: TrialContext) -> dict[str, float]:
@@ -134,47 +120,37 @@ def run(ctx: TrialContext) -> dict[str, float]:
 
     # --- setup: data first, so a bad row fails before the model costs anything
     tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id
-    _, rows, sources = load_rows(cfg.data.train_file, "preference", cfg.data.max_train_rows)
-    train, train_stats = tokenize_pairs(tokenizer, rows, sources, cfg.data.max_seq_len, cfg.data.overlength)
-    eval_pairs = eval_prompts = None
-    if cfg.data.eval_file:
-        _, eval_rows, eval_sources = load_rows(cfg.data.eval_file, "preference", cfg.data.max_eval_rows)
-        eval_pairs, _ = tokenize_pairs(tokenizer, eval_rows, eval_sources, cfg.data.max_seq_len, cfg.data.overlength)
-        eval_prompts, _ = prompts_with_answers(tokenizer, eval_rows, eval_sources, "preference", cfg.data.max_seq_len,
-                                               cfg.data.overlength)
+    pad_id, batch = tokenizer.pad_token_id, cfg.train.eval_batch_size
+    data = load_preference_splits(cfg, tokenizer, with_prompts=True)
 
     ctx.memory.start()
     spec = METHODS[cfg.method.name]
     model = spec.apply(load_start(cfg, device), cfg)
     trainable, total = count_parameters(model)
     ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total,
-                             **train_stats.as_metrics("train")})
+                             **data.train_stats.as_metrics("train")})
     reward_model = load_reward_model(cfg, stage.reward_from, device, pad_id) if stage.reward_from else None
 
     # --- the reference log-probs, and the starting policy's answers (rank 0)
-    batch = cfg.train.eval_batch_size
-    scored = score_reference(model, train, pad_id, batch, device)
-    scored_eval = score_reference(model, eval_pairs, pad_id, batch, device) if eval_pairs else None
+    scored = score_reference(model, data.train, pad_id, batch, device)
+    scored_eval = score_reference(model, data.eval_pairs, pad_id, batch, device) if data.eval_pairs else None
+    answers = policy_evaluation(cfg, tokenizer, data.eval_prompts, device, reward_model)
     metrics: dict[str, float] = {}
-    if ctx.dist.is_main and eval_prompts:
-        metrics.update(evaluate_policy(model, tokenizer, eval_prompts, cfg.data.max_new_tokens, batch, device,
-                                       reward_model, suffix="_init"))
+    if ctx.dist.is_main:
+        metrics.update(answers(model, suffix="_init"))
 
     # --- train
+    loss_fn = dpo_loss(stage.beta, stage.nll_weight, pad_id, device)
     stats = train_loop(ctx.wrap_parallel(model), scored, cfg.train, pad_id, device, ctx.dist, ctx.tracker,
-                       checkpoints=ctx.checkpoints, faults=ctx.faults, loss_fn=dpo_loss(stage.beta, stage.nll_weight, pad_id, device))
+                       checkpoints=ctx.checkpoints, faults=ctx.faults, loss_fn=loss_fn)
     metrics.update(stats.as_metrics(trainable, total))
 
     # --- evaluate and save (rank 0; the others wait at the barrier)
-    if ctx.dist.is_main:
-        if scored_eval:
-            metrics.update(evaluate_margins(model, scored_eval, stage.beta, pad_id, batch, device))
-            metrics.update(evaluate_policy(model, tokenizer, eval_prompts, cfg.data.max_new_tokens, batch, device,
-                                           reward_model))
-        metrics.update(ctx.save_outputs(spec, model, tokenizer))
-    ctx.barrier()
-    return metrics
+    def evaluate(model) -> dict[str, float]:
+        margins = evaluate_margins(model, scored_eval, stage.beta, pad_id, batch, device) if scored_eval else {}
+        return {**margins, **answers(model)}
+
+    return ctx.finish(spec, model, tokenizer, metrics, evaluate)
 
 
 register(RecipeSpec(name="dpo", config_cls=DpoConfig, run=run, data_kind="preference",

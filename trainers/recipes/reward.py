@@ -11,17 +11,16 @@ share of held-out pairs ranked right) and `eval/reward_margin` (mean r_chosen - 
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 
 from trainers.context import TrialContext
-from trainers.data import PairExample, load_rows, tokenize_pairs
-from trainers.evaluate import unwrap
+from trainers.data import PairExample
+from trainers.evaluate import margin_metrics, score_in_batches
 from trainers.methods import METHODS
 from trainers.model import count_parameters, load_tokenizer
 from trainers.policy import reward_scores, reward_sequence
 from trainers.recipes import register
-from trainers.recipes.base import RecipeSpec, StageConfig, needs_mergeable_method
+from trainers.recipes.base import RecipeSpec, StageConfig, load_preference_splits, needs_mergeable_method
 from trainers.recipes.inputs import load_start
 from trainers.training import train_loop
 
@@ -52,18 +51,11 @@ def pairwise_loss(pad_id: int, eos_id: int, device):
 
 def evaluate_pairs(model, pairs: list[PairExample], pad_id: int, eos_id: int, batch_size: int,
                    device) -> dict[str, float]:
-    import torch
+    def margins(model, chunk):
+        chosen, rejected, _ = pair_scores(model, chunk, pad_id, eos_id, device)
+        return (chosen - rejected).tolist()
 
-    model = unwrap(model)
-    model.eval()
-    margins = []
-    with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            chosen, rejected, _ = pair_scores(model, pairs[start:start + batch_size], pad_id, eos_id, device)
-            margins += (chosen - rejected).tolist()
-    model.train()
-    return {"eval/pairwise_accuracy": sum(m > 0 for m in margins) / len(margins),
-            "eval/reward_margin": statistics.fmean(margins)}
+    return margin_metrics(score_in_batches(model, pairs, batch_size, margins))
 
 
 def train_head(model) -> None:
@@ -83,42 +75,33 @@ def run(ctx: TrialContext) -> dict[str, float]:
 
     # --- setup: data first, so a bad row fails before the model costs anything
     tokenizer = load_tokenizer(cfg.model)
-    _, rows, sources = load_rows(cfg.data.train_file, "preference", cfg.data.max_train_rows)
-    train, train_stats = tokenize_pairs(tokenizer, rows, sources, cfg.data.max_seq_len, cfg.data.overlength)
-    evaluation = None
-    if cfg.data.eval_file:
-        _, eval_rows, eval_sources = load_rows(cfg.data.eval_file, "preference", cfg.data.max_eval_rows)
-        evaluation, _ = tokenize_pairs(tokenizer, eval_rows, eval_sources, cfg.data.max_seq_len, cfg.data.overlength)
+    data = load_preference_splits(cfg, tokenizer)
+    pad_id, eos_id, batch = tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.train.eval_batch_size
 
     ctx.memory.start()
     spec = METHODS[cfg.method.name]
     base = load_start(cfg, device, task="sequence_classification")
-    base.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
+    base.config.pad_token_id = pad_id  # the score is read at the last non-pad token
     model = spec.apply(base, cfg)
     train_head(model)
     trainable, total = count_parameters(model)
     ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total,
-                             **train_stats.as_metrics("train")})
+                             **data.train_stats.as_metrics("train")})
+
+    def evaluate(model) -> dict[str, float]:
+        return evaluate_pairs(model, data.eval_pairs, pad_id, eos_id, batch, device) if data.eval_pairs else {}
+
     metrics: dict[str, float] = {}
-    if ctx.dist.is_main and evaluation is not None:
-        metrics["eval/pairwise_accuracy_init"] = evaluate_pairs(
-            model, evaluation, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.train.eval_batch_size,
-            device)["eval/pairwise_accuracy"]
+    if ctx.dist.is_main and data.eval_pairs:
+        metrics["eval/pairwise_accuracy_init"] = evaluate(model)["eval/pairwise_accuracy"]
 
     # --- train
-    stats = train_loop(ctx.wrap_parallel(model), train, cfg.train, tokenizer.pad_token_id, device, ctx.dist, ctx.tracker,
-                       checkpoints=ctx.checkpoints, faults=ctx.faults,
-                       loss_fn=pairwise_loss(tokenizer.pad_token_id, tokenizer.eos_token_id, device))
+    stats = train_loop(ctx.wrap_parallel(model), data.train, cfg.train, pad_id, device, ctx.dist, ctx.tracker,
+                       checkpoints=ctx.checkpoints, faults=ctx.faults, loss_fn=pairwise_loss(pad_id, eos_id, device))
     metrics.update(stats.as_metrics(trainable, total))
 
     # --- evaluate and save (rank 0; the others wait at the barrier)
-    if ctx.dist.is_main:
-        if evaluation is not None:
-            metrics.update(evaluate_pairs(model, evaluation, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                                          cfg.train.eval_batch_size, device))
-        metrics.update(ctx.save_outputs(spec, model, tokenizer))
-    ctx.barrier()
-    return metrics
+    return ctx.finish(spec, model, tokenizer, metrics, evaluate)
 
 
 register(RecipeSpec(name="reward", config_cls=RewardConfig, run=run, data_kind="preference",

@@ -29,7 +29,7 @@ from trainers.data import EvalPrompt, load_rows, prompts_with_answers
 from trainers.evaluate import normalise_answer
 from trainers.methods import METHODS
 from trainers.model import count_parameters, load_tokenizer
-from trainers.policy import (Reference, decode, evaluate_policy, generate, reward_scores, reward_sequence,
+from trainers.policy import (Reference, decode, generate, policy_evaluation, reward_scores, reward_sequence,
                              token_logprobs)
 from trainers.recipes import register
 from trainers.recipes.base import RecipeSpec, StageConfig, needs_mergeable_method
@@ -140,11 +140,10 @@ def run(ctx: TrialContext) -> dict[str, float]:
     trainable, total = count_parameters(model)
     ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total,
                              **prompt_stats.as_metrics("train")})
-    batch = cfg.train.eval_batch_size
+    answers = policy_evaluation(cfg, tokenizer, eval_prompts, device, reward_model)
     metrics: dict[str, float] = {}
-    if ctx.dist.is_main and eval_prompts:
-        metrics.update(evaluate_policy(model, tokenizer, eval_prompts, cfg.data.max_new_tokens, batch, device,
-                                       reward_model, suffix="_init"))
+    if ctx.dist.is_main:
+        metrics.update(answers(model, suffix="_init"))
 
     # --- train
     loss_fn = grpo_loss(stage, reference, reward_model, tokenizer, cfg.data.max_new_tokens, device)
@@ -153,13 +152,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
     metrics.update(stats.as_metrics(trainable, total))
 
     # --- evaluate and save (rank 0; the others wait at the barrier)
-    if ctx.dist.is_main:
-        if eval_prompts:
-            metrics.update(evaluate_policy(model, tokenizer, eval_prompts, cfg.data.max_new_tokens, batch, device,
-                                           reward_model))
-        metrics.update(ctx.save_outputs(spec, model, tokenizer))
-    ctx.barrier()
-    return metrics
+    return ctx.finish(spec, model, tokenizer, metrics, answers)
 
 
 register(RecipeSpec(name="rl", config_cls=RlConfig, run=run, data_kind="prompts",

@@ -58,20 +58,19 @@ def run(ctx: TrialContext) -> dict[str, float]:
     metrics = stats.as_metrics(trainable, total)
 
     # --- evaluate and save (rank 0; the others wait at the barrier)
-    model = ctx.gather_model(model, lambda: spec.apply(load_start(cfg, device), cfg))  # FSDP: gathers shards
-    if ctx.dist.is_main:
+    def evaluate_trained(model) -> dict[str, float]:
+        results = {}
         if evaluation is not None:
-            metrics.update(evaluate(model, tokenizer, evaluation.examples, evaluation.prompts,
-                                    cfg.train.eval_batch_size, cfg.data.max_new_tokens, device))
-        metrics.update(ctx.save_outputs(spec, model, tokenizer))
+            results = evaluate(model, tokenizer, evaluation.examples, evaluation.prompts, cfg.train.eval_batch_size,
+                               cfg.data.max_new_tokens, device)
         # Predicted for the batch shapes this trial really had, so it compares with the measurement.
         longest = max(len(b.input_ids) for b in batches) if not cfg.data.packing else cfg.data.max_seq_len
         eval_longest = max((len(e.input_ids) for e in evaluation.examples), default=None) if evaluation else None
         estimate = estimated_peak_bytes(cfg, device, seq_len=longest, eval_seq_len=eval_longest)
-        if estimate is not None:
-            metrics["mem/estimated_peak_bytes"] = estimate
-    ctx.barrier()
-    return metrics
+        return results if estimate is None else {**results, "mem/estimated_peak_bytes": estimate}
+
+    model = ctx.gather_model(model, lambda: spec.apply(load_start(cfg, device), cfg))  # FSDP: gathers shards
+    return ctx.finish(spec, model, tokenizer, metrics, evaluate_trained)
 
 
 register(RecipeSpec(name="sft", config_cls=SftConfig, run=run, data_kind="instruction",
