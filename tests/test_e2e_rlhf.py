@@ -1,6 +1,7 @@
 """End to end on a real local Ray: `+sweep=rlhf` at a small size runs SFT, the reward model, two RL
 runs and DPO as dependent Ray Tune trials, and MLflow shows the pipeline: each stage started after
-the stages it consumes ended, `input_run_id` names them, and each stage logged its metrics."""
+the stages it consumes ended, `input_run_id` names them, and each stage logged its metrics. A
+second run fails the reward stage for real (its time limit): RL is skipped, DPO still finishes."""
 
 from __future__ import annotations
 
@@ -22,13 +23,10 @@ SMALL = ["++sweep.stages.sft.overrides.train.max_steps=30",
          "data.max_train_rows=200", "data.max_eval_rows=40", "cluster.num_cpus=2"]
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    work = tmp_path_factory.mktemp("rlhf")
+def run_pipeline(work: Path, *extra: str):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", "+sweep=rlhf", *SMALL], cwd=work, env=env,
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "+sweep=rlhf", *SMALL, *extra], cwd=work, env=env,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
@@ -37,6 +35,13 @@ def pipeline(tmp_path_factory):
     parent = next(r for r in runs if r.data.tags.get("sweep") == "rlhf")
     children = {r.data.tags["mlflow.runName"]: r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    return proc, client, parent, children
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    proc, client, parent, children = run_pipeline(tmp_path_factory.mktemp("rlhf"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, client, parent, children
 
 
@@ -78,3 +83,25 @@ def test_each_stage_logged_its_metrics(pipeline):
     assert {"eval/reward_margin", "eval/pairwise_accuracy", "eval/accuracy", "eval/accuracy_init"} <= set(
         dpo.data.metrics)
     assert len(client.get_metric_history(dpo.info.run_id, "dpo/reward_margin")) >= 1
+
+
+def test_a_failed_stage_skips_its_dependents_and_the_other_branch_finishes(tmp_path):
+    limit = "++sweep.stages.reward.overrides.train.time_limit_s=0.001"  # fails at its first step
+    proc, _, parent, children = run_pipeline(tmp_path, "++sweep.stages.dpo.overrides.train.max_steps=4", limit)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert parent.info.status == "FAILED"
+    states = {label: run.info.status for label, run in children.items()}
+    # MLflow has no SKIPPED status: a skipped stage's run ends KILLED with its reason in a tag
+    assert states == {"sft": "FINISHED", "reward": "FAILED", "dpo": "FINISHED", "rl r=4": "KILLED",
+                      "rl r=16": "KILLED"}
+    assert "train.time_limit_s=0.001" in children["reward"].data.tags["failure_reason"]
+    for label in ("rl r=4", "rl r=16"):
+        assert children[label].data.tags["skip_reason"] == "upstream reward failed"
+        assert "eval/accuracy" not in children[label].data.metrics  # never started
+    assert "eval/accuracy" in children["dpo"].data.metrics
+    table = proc.stdout[proc.stdout.rindex("\ntrial "):].splitlines()
+    state = {label: next(line.split()[-1] for line in table if line.startswith(label + " ")) for label in children}
+    assert state == {"sft": "FINISHED", "reward": "FAILED", "dpo": "FINISHED", "rl r=4": "SKIPPED",
+                     "rl r=16": "SKIPPED"}
+    assert "rl r=4 (" in proc.stdout and "SKIPPED - upstream reward failed" in proc.stdout
+    assert "1 trial(s) failed: reward" in proc.stderr and "2 trial(s) skipped: rl r=4" in proc.stderr
