@@ -21,6 +21,7 @@ from typing import Callable
 
 from orchestrator.plan import Plan
 from orchestrator.progress import ProgressBoard
+from trainers.config import ConfigError
 from orchestrator.tracking import SweepTracker
 from trainers.faults import ENV as FAULTS_ENV
 
@@ -273,6 +274,12 @@ def connect(plan: Plan, log_dir: Path) -> str:
     kwargs = dict(log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False,
                   configure_logging=True)
     if cluster.address:
+        if cluster.address.startswith("ray://"):
+            try:
+                import grpc  # noqa: F401  (Ray Client's transport)
+            except ImportError:
+                raise ConfigError([("cluster.address", f"{cluster.address}: Ray Client needs grpcio: "
+                                                       "pip install 'ray[client]'")]) from None
         kwargs["runtime_env"] = cluster_runtime_env()
         ray.init(address=cluster.address, **kwargs)
     else:
@@ -351,10 +358,18 @@ def _run_wave(plan: Plan, trials: list, tracker: SweepTracker, run_ids: dict[str
         })
     events = SweepEvents(board, tracker, run_ids, outcome)
     relay = _Relay(events) if ray.util.client.ray.is_connected() else None
+
+    def trial_fn(config: dict) -> None:
+        # with_resources sets an attribute on the function it gets. A module-level function
+        # travels by name and arrives without it where Tune runs elsewhere (Ray Client runs Tune in
+        # an actor on the cluster): each trial would then take a whole CPU and starve its own
+        # workers. A nested function travels by value, attribute included.
+        tune_trial(config)
+
     tuner = tune.Tuner(
         # The trial function only waits on its TorchTrainer; the workers hold the real resources.
         # (A bundle needs some resource: one byte of memory reserves nothing a worker needs.)
-        tune.with_resources(tune_trial, {"CPU": 0, "memory": 1}),
+        tune.with_resources(trial_fn, {"CPU": 0, "memory": 1}),
         param_space={"trial": tune.grid_search(specs)},
         tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent or 0, num_samples=1),
         run_config=tune.RunConfig(

@@ -129,9 +129,10 @@ def mlflow_server(workdir: Path):
 
 
 @contextlib.contextmanager
-def ray_cluster(workdir: Path, nodes: list[dict], env: dict):
+def ray_cluster(workdir: Path, nodes: list[dict], env: dict, client_port: int | None = None):
     """A Ray cluster of `len(nodes)` nodes on this machine, each `{"num_cpus": n, "resources": {...}}`,
-    the first the head; yields (the head's address HOST:PORT, the nodes' temp dir).
+    the first the head; yields (the head's address HOST:PORT, the nodes' temp dir). With
+    `client_port` the head also serves Ray Client (ray://127.0.0.1:client_port).
 
     Each node is a `ray start --block` in its own process group: stopping it stops that node's
     processes only (never `ray stop`, which would end every Ray on the machine). The nodes get their
@@ -153,6 +154,8 @@ def ray_cluster(workdir: Path, nodes: list[dict], env: dict):
                    "--disable-usage-stats"]
             if i == 0:
                 cmd += ["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false"]
+                if client_port:
+                    cmd += [f"--ray-client-server-port={client_port}"]
             else:
                 cmd += [f"--address={address}", "--node-ip-address=127.0.0.1"]
             procs.append(_start(cmd, workdir / f"ray-node{i}.log", env=env))

@@ -1,7 +1,8 @@
 """From laptop to cluster, on loopback: the CLI attaches to a real two-node Ray cluster
 (`cluster.address=HOST:PORT`), tracks into a real `mlflow server` (sqlite backend, served
 artifacts) and keeps checkpoints and adapters in a real S3 store (moto_server), all in one sweep;
-and a trial trains data-parallel over two Ray Train workers (DDP on gloo).
+the same sweep runs through Ray Client (`cluster.address=ray://HOST:PORT`); and a trial trains
+data-parallel over two Ray Train workers (DDP on gloo).
 
 Needs `moto_server` (pip install 'moto[server]') for the S3 part; without it the sweep runs with a
 shared local storage.path instead.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import RAY_ENV, mlflow_server, ray_cluster, s3_server
+from servers import RAY_ENV, free_port, mlflow_server, ray_cluster, s3_server
 
 pytestmark = pytest.mark.ray
 
@@ -115,6 +116,33 @@ def test_checkpoints_and_adapters_are_in_s3(cluster_sweep):
     # Nothing of the trials on the driver's disk: only its log.
     local = [p for p in (cluster_sweep["driver_dir"] / "runs").rglob("*") if p.is_file()]
     assert local and all(p.suffix == ".log" for p in local)
+
+
+def test_ray_client_address_runs_the_sweep_with_live_progress(tmp_path):
+    """Through Ray Client, Tune and its callbacks run in an actor on the cluster: the trials must
+    keep their zero-CPU reservation there (else two trials hold both CPUs and their workers never
+    start) and progress must still reach the driver's console."""
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    driver_dir = tmp_path / "driver"
+    driver_dir.mkdir()
+    with ray_cluster(tmp_path, [{"num_cpus": 2}], env=_node_env(), client_port=port):
+        cmd = [sys.executable, "-m", "orchestrator", "+sweep=lora_rank", "sweep.axes={method.r:[2,8]}", *SMALL,
+               f"cluster.address=ray://127.0.0.1:{port}", f"storage.path={tmp_path / 'shared'}"]
+        env = {**os.environ, **RAY_ENV, "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(cmd, cwd=driver_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{driver_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lora_rank")
+    children = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")] == [10, 20]
+        assert (tmp_path / "shared" / "lora_rank" / child.data.tags["trial_key"] / "adapter"
+                / "adapter_model.safetensors").is_file()
+    # progress relayed from the cluster-side callbacks to the board on the driver
+    assert "20/20" in proc.stdout and all(f"on {c.data.tags['node_ip']}/" in proc.stdout for c in children)
 
 
 def test_ddp_trial_on_two_workers_learns(tmp_path):
