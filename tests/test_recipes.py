@@ -224,3 +224,47 @@ def test_stage_configs_are_checked_naming_the_key(make_cfg, overrides, key, frag
     with pytest.raises(ConfigError) as err:
         make_cfg(*overrides)
     assert any(k == key and fragment in msg for k, msg in err.value.problems), err.value.problems
+
+
+def test_dpo_loss_and_margins_match_trl_dpo_trainer(toy, sft_dir, tmp_path):
+    """The dpo stage runs its own loss inside trainers' loop (checkpoints, faults, DDP, MLflow
+    names); TRL's DPOTrainer is the reference it must agree with: same pairs, same policy and
+    reference model, same beta -> the same sigmoid loss, implicit reward margin and accuracy."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from trainers.data import IGNORE_INDEX, load_rows, pad_batch, tokenize_pairs
+    from trainers.recipes.dpo import dpo_loss, score_reference
+
+    tokenizer = AutoTokenizer.from_pretrained(toy["model"])
+    _, rows, sources = load_rows(toy["pref_train"], "preference", 8)
+    pairs, _ = tokenize_pairs(tokenizer, rows, sources, 64, "error")
+    reference = AutoModelForCausalLM.from_pretrained(f"{sft_dir}/model").eval()
+    policy = AutoModelForCausalLM.from_pretrained(f"{sft_dir}/model")
+    torch.manual_seed(3)
+    with torch.no_grad():  # a policy that has moved away from the reference, both ways per pair
+        for param in policy.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    policy.eval()
+    beta, cpu = 0.1, torch.device("cpu")
+
+    scored = score_reference(reference, pairs, tokenizer.pad_token_id, 8, cpu)
+    ours, _, logs = dpo_loss(beta, 0.0, tokenizer.pad_token_id, cpu)(policy, scored)
+
+    # TRL 1.16 defaults to bf16 autocast (on its reference model too): compare in fp32
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, report_to=[], use_cpu=True, bf16=False,
+                     per_device_train_batch_size=len(pairs))
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=tokenizer,
+                         train_dataset=datasets.Dataset.from_list(rows))
+    batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "completion_mask": (batch["labels"] != IGNORE_INDEX).long()}
+    with torch.no_grad():
+        theirs = trainer.compute_loss(trainer.model, inputs)
+    metrics = {name: values[-1] for name, values in trainer._metrics["eval"].items()}
+    assert abs(ours.item() - 0.6931) > 1e-3  # the policy differs from the reference: a real comparison
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+    assert logs["dpo/reward_margin"] == pytest.approx(metrics["rewards/margins"], abs=1e-5)
+    assert logs["dpo/chosen_reward"] == pytest.approx(metrics["rewards/chosen"], abs=1e-5)
+    assert logs["dpo/reward_accuracy"] == pytest.approx(metrics["rewards/accuracies"], abs=1e-6)

@@ -17,16 +17,18 @@ def unwrap(model):
 
 def score_in_batches(model, items: list, batch_size: int, score) -> list:
     """`score(model, chunk)` -> one value per item of the chunk, over `items` in chunks of
-    `batch_size`, with the (unwrapped) model in eval mode and no gradients; train mode after."""
+    `batch_size`, with the (unwrapped) model in eval mode and no gradients; its mode after is the
+    one it had before (a frozen reference stays in eval mode)."""
     import torch
 
     model = unwrap(model)
+    was_training = model.training
     model.eval()
     values: list = []
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
             values += score(model, items[start:start + batch_size])
-    model.train()
+    model.train(was_training)
     return values
 
 
