@@ -3,7 +3,7 @@
     python benchmarks/gpu_throughput.py [--json results.json] [--peak-tflops 989]
     python benchmarks/gpu_throughput.py --tiny          # a tiny model, CPU if no GPU: checks the script
 
-A random-init Llama-style model (default: hidden 1024, 24 layers, 16 heads, MLP 2816, vocab
+A random-init Llama-style model (default: hidden 1024, 32 layers, 16 heads, MLP 2816, vocab
 32000; the parameter count is printed) is saved as bf16 safetensors and trained through the
 library's own path - `trainers.model.load_base_model` (bf16, or nf4 for QLoRA), the method
 registry, `trainers.training.train_loop` - on full rows of random tokens, for full fine-tuning,
@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-FULL_SIZE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+FULL_SIZE = dict(hidden_size=1024, num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=16,
                  intermediate_size=2816, vocab_size=32000)
 TINY_SIZE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                  intermediate_size=128, vocab_size=512)  # 4-bit CPU kernels want multiples of 64
