@@ -86,9 +86,14 @@ def _literal(value: Any) -> str:
 
 
 def trial_key(cfg: ExperimentConfig, inputs: dict[str, str] | None = None) -> str:
-    """Hash of the resolved config; `inputs` ({stage field: upstream trial key}) replace the
-    upstream output paths, so the key follows the upstream trials, not where storage lives."""
+    """Hash of the resolved config and of the data files' contents; `inputs` ({stage field:
+    upstream trial key}) replace the upstream output paths, so the key follows the upstream
+    trials, not where storage lives. Edited data is a new trial: a rerun neither keeps results
+    nor resumes checkpoints made from the old data."""
+    from trainers.data import data_fingerprint
+
     container = {k: v for k, v in to_container(cfg).items() if k not in NOT_IN_KEY}
+    container["data_sha256"] = data_fingerprint(cfg.data)
     for name, upstream_key in (inputs or {}).items():
         container["stage"][name] = f"trial:{upstream_key}"
     blob = json.dumps(container, sort_keys=True, default=str)

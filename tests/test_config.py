@@ -83,6 +83,27 @@ def test_trial_key_is_stable_and_ignores_tracking(make_cfg):
     assert trial_key(a) == trial_key(b) != trial_key(c)
 
 
+def test_edited_data_is_a_new_trial_and_a_new_checkpoint_fingerprint(make_cfg, tmp_path):
+    """Same config, data file changed in place: the key (so the output dir, the plan and resume)
+    and the checkpoint fingerprint change; restoring the bytes restores both."""
+    import os
+    import shutil
+
+    from trainers.context import trial_fingerprint
+    from trainers.data import resolve_path
+
+    data = tmp_path / "train.jsonl"
+    shutil.copy(resolve_path("embedded:instruct_train.jsonl"), data)
+    cfg = make_cfg(f"data.train_file={data}")
+    key, fingerprint = trial_key(cfg), trial_fingerprint(cfg)
+    original = data.read_bytes()
+    data.write_bytes(original.replace(b'"output": "', b'"output": "x', 1))
+    os.utime(data, ns=(1, 1))  # whatever the clock: a new (size, mtime) is a new file to hash
+    assert trial_key(cfg) != key and trial_fingerprint(cfg) != fingerprint
+    data.write_bytes(original)
+    assert trial_key(cfg) == key and trial_fingerprint(cfg) == fingerprint
+
+
 def test_override_quoting():
     assert override("method", "full") == "method=full"
     assert override("method.r", 4) == "method.r=4"

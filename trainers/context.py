@@ -88,8 +88,9 @@ class TrialContext:
 
 
 def trial_fingerprint(cfg: ExperimentConfig) -> str:
-    """Hash of what a trial's training state depends on: its config (where it runs aside) and
-    the identity of its base weights (config.json and weight file sizes of a local model)."""
+    """Hash of what a trial's training state depends on: its config (where it runs aside), its
+    data files' contents and the identity of its base weights (config.json and weight file sizes
+    of a local model)."""
     import dataclasses
     import hashlib
     import json
@@ -107,5 +108,7 @@ def trial_fingerprint(cfg: ExperimentConfig) -> str:
         build = model_dir / "BUILD.json"  # the embedded base records its own build
         if build.is_file():
             weights.append(hashlib.sha256(build.read_bytes()).hexdigest())
-    blob = json.dumps([config, weights], sort_keys=True, default=str)
+    from trainers.data import data_fingerprint
+
+    blob = json.dumps([config, weights, data_fingerprint(cfg.data)], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -58,6 +58,32 @@ def resolve_path(uri: str) -> Path:
     return Path(uri).expanduser()
 
 
+_digests: dict[tuple[str, int, int], str] = {}
+
+
+def data_fingerprint(data) -> dict[str, str]:
+    """{"train": sha256, "eval": sha256} of a DataConfig's files, "" for a file that is missing
+    (validation reports it). Cached per (path, size, mtime) in this process: a sweep's trials
+    share their files."""
+    from trainers.checkpoint import file_sha256
+
+    digests = {}
+    for split, uri in (("train", data.train_file), ("eval", data.eval_file)):
+        if not uri:
+            continue
+        path = resolve_path(uri)
+        try:
+            stat = path.stat()
+        except OSError:
+            digests[split] = ""
+            continue
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _digests:
+            _digests[key] = file_sha256(path)
+        digests[split] = _digests[key]
+    return digests
+
+
 def read_jsonl(path: Path, limit: int | None = None) -> Iterator[Row]:
     """Rows of a JSONL file; blank lines are skipped, anything else must be a JSON object."""
     with open(path, encoding="utf-8") as handle:

@@ -89,7 +89,7 @@ def environment(cfg: ExperimentConfig, device=None) -> dict[str, str]:
 
     import torch
 
-    from trainers.data import resolve_path
+    from trainers.data import data_fingerprint, resolve_path
 
     env = {"python": platform.python_version()}
     for name in ENV_PACKAGES:
@@ -103,9 +103,7 @@ def environment(cfg: ExperimentConfig, device=None) -> dict[str, str]:
         env["cuda"] = str(torch.version.cuda)
     else:
         env["device"] = f"{device.type} ({_cpu_model()})"  # CPU kernels, hence float sums, differ by ISA
-    for split, uri in (("train", cfg.data.train_file), ("eval", cfg.data.eval_file)):
-        if uri:
-            env[f"data.{split}_sha256"] = file_sha256(resolve_path(uri))
+    env.update({f"data.{split}_sha256": digest for split, digest in data_fingerprint(cfg.data).items()})
     model_dir = resolve_path(cfg.model.name_or_path)
     if model_dir.is_dir():
         weights = sorted(model_dir.glob("*.safetensors"))
