@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from orchestrator.plan import format_plan, make_plan
+    from orchestrator.runner import check_address
     from trainers.config import ConfigError
     from trainers.data import DataError
     from trainers.trial import check_inputs
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- compose, validate, plan: nothing runs and nothing is tracked until all of it passes
     try:
         plan = make_plan(argv)
+        check_address(plan.base.cluster.address)
         checked = set()
         for trial in plan.trials:
             data_key = (trial.cfg.model.name_or_path, repr(trial.cfg.data))

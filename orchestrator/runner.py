@@ -21,7 +21,6 @@ from typing import Callable
 
 from orchestrator.plan import Plan
 from orchestrator.progress import ProgressBoard
-from trainers.config import ConfigError
 from orchestrator.tracking import SweepTracker
 from trainers.faults import ENV as FAULTS_ENV
 
@@ -262,6 +261,16 @@ def cluster_runtime_env() -> dict:
             "env_vars": env_vars}
 
 
+def check_address(address: str | None) -> None:
+    """Refuse, before anything runs, an address this driver cannot attach to."""
+    import importlib.util
+
+    from trainers.config import ConfigError
+
+    if address and address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+        raise ConfigError([("cluster.address", f"{address}: Ray Client needs grpcio: pip install 'ray[client]'")])
+
+
 def connect(plan: Plan, log_dir: Path) -> str:
     """Start a local Ray or attach to `cluster.address`; returns where Ray's own logs are."""
     import ray
@@ -274,12 +283,6 @@ def connect(plan: Plan, log_dir: Path) -> str:
     kwargs = dict(log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False,
                   configure_logging=True)
     if cluster.address:
-        if cluster.address.startswith("ray://"):
-            try:
-                import grpc  # noqa: F401  (Ray Client's transport)
-            except ImportError:
-                raise ConfigError([("cluster.address", f"{cluster.address}: Ray Client needs grpcio: "
-                                                       "pip install 'ray[client]'")]) from None
         kwargs["runtime_env"] = cluster_runtime_env()
         ray.init(address=cluster.address, **kwargs)
     else:
