@@ -58,27 +58,26 @@ LN_TUNING_DEFAULTS = {"llama": ("input_layernorm", "post_attention_layernorm", "
                       "mistral": ("input_layernorm", "post_attention_layernorm", "norm"),
                       "qwen2": ("post_attention_layernorm",)}
 
+def _arch(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, vocab: int,
+          tied: bool, **extra: Any) -> dict[str, Any]:
+    """The config.json fields the estimator reads, in the order model cards list them."""
+    return dict(model_type=model_type, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, intermediate_size=mlp, vocab_size=vocab, tie_word_embeddings=tied,
+                **extra)
+
+
 # Public architecture facts (the models' config.json), so the CLI answers without a download.
+#   type, hidden, layers, heads, kv heads, MLP, vocab, tied embeddings
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
-    "llama-2-7b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, intermediate_size=11008, vocab_size=32000, tie_word_embeddings=False),
-    "llama-2-13b": dict(model_type="llama", hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
-                        num_key_value_heads=40, intermediate_size=13824, vocab_size=32000, tie_word_embeddings=False),
-    "llama-3-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
-    "llama-3-70b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
-                        num_key_value_heads=8, intermediate_size=28672, vocab_size=128256, tie_word_embeddings=False),
-    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=128256,
-                         tie_word_embeddings=True),
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, intermediate_size=14336, vocab_size=32000, tie_word_embeddings=False),
-    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+    "llama-2-7b": _arch("llama", 4096, 32, 32, 32, 11008, 32000, False),
+    "llama-2-13b": _arch("llama", 5120, 40, 40, 40, 13824, 32000, False),
+    "llama-3-8b": _arch("llama", 4096, 32, 32, 8, 14336, 128256, False),
+    "llama-3-70b": _arch("llama", 8192, 80, 64, 8, 28672, 128256, False),
+    "llama-3.2-1b": _arch("llama", 2048, 16, 32, 8, 8192, 128256, True, head_dim=64),
+    "mistral-7b": _arch("mistral", 4096, 32, 32, 8, 14336, 32000, False),
+    "qwen2.5-0.5b": _arch("qwen2", 896, 24, 14, 2, 4864, 151936, True),
+    "qwen2.5-1.5b": _arch("qwen2", 1536, 28, 12, 2, 8960, 151936, True),
+    "qwen2.5-7b": _arch("qwen2", 3584, 28, 28, 4, 18944, 152064, False),
 }
 HUB_IDS = {
     "meta-llama/Llama-2-7b-hf": "llama-2-7b", "meta-llama/Llama-2-13b-hf": "llama-2-13b",
