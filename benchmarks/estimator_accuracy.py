@@ -47,7 +47,8 @@ def default_paths() -> tuple[str, str, str]:
 def trial_config(paths, method: str, precision: str, steps: int):
     """The default trial (conf/ defaults) with this method, precision and step count; None if the
     combination is refused by validation."""
-    from trainers.config import ConfigError, from_container
+    from trainers.config import ConfigError
+    from trainers.validate import from_container
 
     model, train_file, eval_file = paths
     compute = "bf16" if precision == "bf16" else "fp32"

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainers.config import ConfigError, ExperimentConfig, from_container
+from trainers.config import ConfigError, ExperimentConfig
+from trainers.validate import from_container
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"

@@ -36,7 +36,7 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
 
     from orchestrator.tracking import TrialTracker
-    from trainers.config import from_container
+    from trainers.validate import from_container
     from trainers.trial import environment, run_trial
 
     cfg = from_container(config["cfg"])

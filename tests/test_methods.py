@@ -12,7 +12,8 @@ import warnings
 import pytest
 import torch
 
-from trainers.config import ConfigError, from_container
+from trainers.config import ConfigError
+from trainers.validate import from_container
 from trainers.data import Example
 from trainers.methods import METHODS, load_trained
 from trainers.methods.base import METHOD_CONFIG_FILE

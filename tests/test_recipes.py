@@ -124,6 +124,11 @@ def test_reward_model_ranks_held_out_pairs_above_chance(reward_run):
     assert lineage["task"] == "sequence_classification" and lineage["stage"] == "reward"
 
 
+def test_a_recipe_without_its_own_estimate_gets_the_trials(reward_run):
+    _, _, metrics, _ = reward_run
+    assert metrics["mem/estimated_peak_bytes"] > 0
+
+
 def test_saved_reward_model_reloads_to_the_logged_scores(reward_run, toy):
     """The adapter (with its score head) and the upstream SFT adapter merge back into the model
     that was evaluated: the reloaded reward model reproduces the logged eval numbers."""
@@ -189,7 +194,8 @@ def test_continued_sft_starts_from_the_merged_upstream(make_cfg, toy, sft_dir):
 
     lora = stage_cfg(make_cfg, toy, f"data.train_file={toy['sft']}", "data.eval_file=null", f"stage.init_from={sft_dir}",
                      "train.max_steps=5", "train.lr=1e-2")
-    run_trial(lora, toy["root"] / "sft_continued")
+    metrics = run_trial(lora, toy["root"] / "sft_continued")
+    assert metrics["mem/estimated_peak_bytes"] > 0  # the recipe's estimate, for the batch shapes it had
     cfg = stage_cfg(make_cfg, toy, f"data.train_file={toy['sft']}", f"stage.init_from={toy['root'] / 'sft_continued'}")
     start = load_start(cfg, CPU)
     upstream = load_trained(load_base_model(lora, CPU), f"{sft_dir}/model")

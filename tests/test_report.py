@@ -267,7 +267,7 @@ def test_environment_and_replay_name_what_a_rerun_needs(make_cfg, tmp_path, stor
     import yaml
     from mlflow.artifacts import download_artifacts
 
-    from trainers.config import from_container
+    from trainers.validate import from_container
     from trainers.data import resolve_path
     from trainers.trial import ENV_PACKAGES, environment
 

@@ -16,7 +16,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
-    from trainers.config import ConfigError, from_container
+    from trainers.config import ConfigError
+    from trainers.validate import from_container
     from trainers.data import DataError
     from trainers.tracking import ConsoleTracker
     from trainers.trial import run_trial

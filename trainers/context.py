@@ -82,6 +82,17 @@ class TrialContext:
         self.barrier()
         return metrics
 
+    def estimated_peak_bytes(self, seq_len: int | None = None, eval_seq_len: int | None = None) -> int | None:
+        """The memory estimator's prediction for this trial, logged beside the measured peak; None
+        for a method or model shape the estimator does not model."""
+        from trainers.memory import estimate
+
+        try:
+            return estimate(self.cfg, device=getattr(self.device, "type", None), seq_len=seq_len,
+                            eval_seq_len=eval_seq_len).peak_bytes
+        except (ValueError, OSError):
+            return None
+
     @staticmethod
     def artifact_bytes(directory: Path) -> int:
         return sum(p.stat().st_size for p in directory.glob("*.safetensors"))

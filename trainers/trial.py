@@ -41,7 +41,7 @@ def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | 
         ctx.memory.stop()  # a failed trial must not leave the CPU tensor tracker installed
     if dist.is_main:
         if "mem/estimated_peak_bytes" not in metrics:  # recipes that know their batch shapes set it
-            estimate = estimated_peak_bytes(cfg, device)
+            estimate = ctx.estimated_peak_bytes()
             if estimate is not None:
                 metrics["mem/estimated_peak_bytes"] = estimate
         from trainers.recipes.inputs import LINEAGE_FILE, write_lineage
@@ -52,18 +52,6 @@ def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | 
         storage.publish(last=("metrics.json", LINEAGE_FILE))
     storage.cleanup()
     return metrics
-
-
-def estimated_peak_bytes(cfg: ExperimentConfig, device=None, seq_len: int | None = None,
-                         eval_seq_len: int | None = None) -> int | None:
-    """The memory estimator's prediction for this trial, logged beside the measured peak."""
-    from trainers.memory import estimate
-
-    try:
-        return estimate(cfg, device=getattr(device, "type", None), seq_len=seq_len,
-                        eval_seq_len=eval_seq_len).peak_bytes
-    except (ValueError, OSError):  # a method or model shape the estimator does not model
-        return None
 
 
 # What a result depends on besides its config (and the code: the orchestrator adds the git state).

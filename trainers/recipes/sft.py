@@ -19,7 +19,6 @@ from trainers.recipes import register
 from trainers.recipes.base import RecipeSpec, StageConfig
 from trainers.recipes.inputs import load_start
 from trainers.training import train_loop
-from trainers.trial import estimated_peak_bytes
 
 
 @dataclass
@@ -66,7 +65,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
         # Predicted for the batch shapes this trial really had, so it compares with the measurement.
         longest = max(len(b.input_ids) for b in batches) if not cfg.data.packing else cfg.data.max_seq_len
         eval_longest = max((len(e.input_ids) for e in evaluation.examples), default=None) if evaluation else None
-        estimate = estimated_peak_bytes(cfg, device, seq_len=longest, eval_seq_len=eval_longest)
+        estimate = ctx.estimated_peak_bytes(seq_len=longest, eval_seq_len=eval_longest)
         return results if estimate is None else {**results, "mem/estimated_peak_bytes": estimate}
 
     model = ctx.gather_model(model, lambda: spec.apply(load_start(cfg, device), cfg))  # FSDP: gathers shards

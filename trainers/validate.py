@@ -1,0 +1,114 @@
+"""Whole-config validation: the checks that need the method and stage registries, and the typed
+loading of a composed (or hand-written) config, `from_container(raw) -> ExperimentConfig`.
+
+Kept apart from trainers/config.py so the dataclasses import no registry: methods and recipes
+import the config classes, this module imports both.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from trainers.config import ConfigError, ExperimentConfig
+from trainers.methods import METHODS
+from trainers.recipes import RECIPES
+
+
+def check_precision_device(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """Precision settings the chosen device cannot train with (method-independent)."""
+    if cfg.train.use_gpu:
+        return []
+    why = ("CPU fp16 kernels are slow fallbacks (no speed or memory win) and this trainer has no fp16 "
+           "loss scaling; on CPU use bf16 or fp32, or set train.use_gpu=true")
+    if cfg.precision.name == "fp16":
+        return [("precision.name", f"fp16 training needs a GPU: {why}")]
+    if cfg.precision.quantized and cfg.precision.compute_dtype == "fp16":
+        return [("precision.compute_dtype", f"fp16 compute needs a GPU: {why}")]
+    return []
+
+
+def check(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """All value problems of a composed config, each as (dotted key, message)."""
+    problems: list[tuple[str, str]] = []
+    for part in (cfg.model, cfg.data, cfg.precision, cfg.train):
+        problems += part.check()
+    if getattr(cfg.stage, "name", None) not in RECIPES:
+        problems.append(("stage.name", f"unknown stage; known: {', '.join(sorted(RECIPES))}"))
+    else:
+        problems += [(f"stage.{key}", msg) for key, msg in cfg.stage.check()]
+    problems += check_precision_device(cfg)
+    spec = METHODS.get(getattr(cfg.method, "name", None))
+    if spec is None:
+        problems.append(("method.name", f"unknown method; known: {', '.join(sorted(METHODS))}"))
+    else:
+        problems += [(f"method.{key}", msg) for key, msg in cfg.method.check()]
+        problems += spec.check_combination(cfg)
+        recipe = RECIPES.get(getattr(cfg.stage, "name", None))
+        if recipe is not None:
+            if cfg.data.format != "auto" and cfg.data.format not in recipe.data_formats:
+                problems.append(("data.format", f"stage {recipe.name} trains on {' or '.join(recipe.data_formats)} "
+                                                f"data, got {cfg.data.format}"))
+            problems += recipe.check_combination(cfg)
+    problems += check_fsdp(cfg)
+    problems += check_batching(cfg)
+    return problems
+
+
+PACKING_STAGES = ("sft",)  # stages whose loss reads data.packing / data.group_by_length
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
+
+
+def check_batching(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """data.packing / data.group_by_length against the stage and method that would use them."""
+    problems = []
+    stage = getattr(cfg.stage, "name", None)
+    for key in ("packing", "group_by_length"):
+        if getattr(cfg.data, key) and stage not in PACKING_STAGES:
+            problems.append((f"data.{key}", f"only stage {' or '.join(PACKING_STAGES)} batches this way; "
+                                            f"stage {stage} would ignore it"))
+    method = getattr(cfg.method, "name", None)
+    if cfg.data.packing and method in VIRTUAL_TOKEN_METHODS:
+        problems.append(("data.packing", f"method {method} puts virtual tokens before each row, which all "
+                                         "examples packed in it would share: use unpacked batches"))
+    return problems
+
+
+def check_fsdp(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    if not cfg.train.fsdp:
+        return []
+    if cfg.train.num_workers < 2:
+        return [("train.fsdp", f"shards the model over train.num_workers > 1 workers, got {cfg.train.num_workers}")]
+    if getattr(cfg.method, "name", None) != "full":
+        return [("train.fsdp", "is for full fine-tuning (method=full); adapter methods train few parameters: "
+                               "leave train.fsdp=false and their workers use DDP")]
+    if getattr(cfg.stage, "name", None) != "sft":
+        return [("train.fsdp", f"is supported by stage sft only, got stage {cfg.stage.name}")]
+    if cfg.precision.quantized:
+        return [("train.fsdp", f"cannot shard a quantized base (precision.name={cfg.precision.name})")]
+    return []
+
+
+def from_container(raw: dict | DictConfig) -> ExperimentConfig:
+    """Typed config from a plain (resolved) mapping; raises ConfigError naming bad keys."""
+    raw = OmegaConf.create(raw) if not isinstance(raw, DictConfig) else raw
+    schemas = {}
+    for group, registry in (("method", METHODS), ("stage", RECIPES)):
+        node = raw.get(group) or {}
+        name = node.get("name") if isinstance(node, (dict, DictConfig)) else None
+        if name not in registry:
+            raise ConfigError([(f"{group}.name", f"unknown {group} {name!r}; known: {', '.join(sorted(registry))}")])
+        schemas[group] = registry[name].config_cls
+    try:
+        schema = OmegaConf.structured(ExperimentConfig)
+        schema.method = OmegaConf.structured(schemas["method"])
+        schema.stage = OmegaConf.structured(schemas["stage"])
+        merged = OmegaConf.merge(schema, raw)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError([(key, str(err).splitlines()[0])]) from None
+    problems = check(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
