@@ -2,8 +2,9 @@
 
 Every trial is composed by Hydra from the same overrides a user could type, so a group swap
 (`method=full`) and a value (`method.r=4`) are both just overrides, and each trial is checked
-like a single run. A trial's key is a hash of its resolved config (tracking, cluster and storage
-excluded): the same experiment always has the same key, which is how reruns find finished work.
+like a single run. A trial's key is a hash of its resolved config (what trainers/identity.py
+counts as the experiment): the same experiment always has the same key, which is how reruns find
+finished work.
 
 A pipeline (`sweep.stages`, orchestrator/dag.py) expands stage by stage: a downstream trial's
 `stage.init_from` / `stage.reward_from` is its upstream trial's output directory,
@@ -13,10 +14,8 @@ paths, so it changes whenever an upstream trial does (and not with where storage
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +25,9 @@ from omegaconf import OmegaConf
 from orchestrator import dag
 from orchestrator.compose import compose
 from trainers.config import ConfigError, ExperimentConfig, to_container
+from trainers.identity import digest, identity
 
 GROUPS = ("model", "data", "method", "precision", "train", "stage", "cluster", "tracking")
-NOT_IN_KEY = ("cluster", "tracking", "storage", "sweep", "dry_run", "resume")
 
 
 @dataclass
@@ -59,8 +58,7 @@ class Plan:
     @property
     def key(self) -> str:
         """Identity of the whole sweep: its experiment and the set of its trials."""
-        blob = json.dumps([self.experiment, sorted(t.key for t in self.trials)])
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return digest([self.experiment, sorted(t.key for t in self.trials)], 12)
 
 
 def override(key: str, value: Any) -> str:
@@ -92,12 +90,11 @@ def trial_key(cfg: ExperimentConfig, inputs: dict[str, str] | None = None) -> st
     nor resumes checkpoints made from the old data."""
     from trainers.data import data_fingerprint
 
-    container = {k: v for k, v in to_container(cfg).items() if k not in NOT_IN_KEY}
+    container = identity(to_container(cfg))
     container["data_sha256"] = data_fingerprint(cfg.data)
     for name, upstream_key in (inputs or {}).items():
         container["stage"][name] = f"trial:{upstream_key}"
-    blob = json.dumps(container, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return digest(container, 12)
 
 
 def _label(pairs: list[tuple[str, Any]], cfg: ExperimentConfig, multi_seed: bool) -> str:

@@ -32,12 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainers.identity import identity
+
 log = logging.getLogger("orchestrator")
 
-# Params that do not define the experiment (where it ran, where it logged) or that follow from the
-# seed (an RLHF stage starts from its upstream trial of the same seed): ignored when grouping seeds.
-NOT_IN_CELL = ("cluster.", "tracking.", "storage.", "sweep.", "dry_run", "train.seed", "stage.init_from",
-               "stage.reward_from")
 # Final metrics of a stage beyond the SFT contract (reward model, DPO, RL) become columns of their
 # own, when some trial has them.
 STAGE_METRIC_PREFIXES = ("eval/", "reward/", "dpo/", "rl/", "ppo/", "grpo/")
@@ -86,7 +84,8 @@ class TrialRow:
 
     @property
     def cell_key(self) -> tuple:
-        return (self.stage, tuple(sorted((k, v) for k, v in self.params.items() if not k.startswith(NOT_IN_CELL))))
+        """Equal for trials of one experiment that differ only by seed (trainers/identity.py)."""
+        return (self.stage, tuple(sorted(identity(self.params, seed=False).items())))
 
 
 @dataclass

@@ -104,6 +104,33 @@ def test_edited_data_is_a_new_trial_and_a_new_checkpoint_fingerprint(make_cfg, t
     assert trial_key(cfg) == key and trial_fingerprint(cfg) == fingerprint
 
 
+@pytest.mark.parametrize("change, key_changes, cell_changes", [
+    ("tracking.uri=sqlite:///elsewhere.db", False, False),
+    ("storage.path=/elsewhere", False, False),
+    ("cluster.num_cpus=3", False, False),
+    ("resume=false", False, False),
+    ("train.seed=7", True, False),
+    ("method.r=4", True, True),
+])
+def test_trial_key_fingerprint_and_report_cell_agree_on_what_an_experiment_is(make_cfg, change, key_changes,
+                                                                              cell_changes):
+    """One exclusion list (trainers/identity.py) behind the trial key, the checkpoint fingerprint
+    and the report's cells; only the cell ignores the seed."""
+    from orchestrator.report import TrialRow
+    from orchestrator.tracking import config_params
+    from trainers.config import to_container
+    from trainers.context import trial_fingerprint
+
+    def identities(cfg):
+        row = TrialRow(run_id="", label="", method=cfg.method.name, stage=cfg.stage.name, status="FINISHED",
+                       params=config_params(to_container(cfg)), metrics={})
+        return trial_key(cfg), trial_fingerprint(cfg), row.cell_key
+
+    base, changed = identities(make_cfg("method=lora")), identities(make_cfg("method=lora", change))
+    assert (base[0] != changed[0], base[1] != changed[1], base[2] != changed[2]) == \
+        (key_changes, key_changes, cell_changes)
+
+
 def test_override_quoting():
     assert override("method", "full") == "method=full"
     assert override("method.r", 4) == "method.r=4"

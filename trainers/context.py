@@ -10,6 +10,7 @@ from pathlib import Path
 from trainers.checkpoint import CheckpointManager
 from trainers.config import ExperimentConfig
 from trainers.faults import FaultPlan
+from trainers.identity import digest, identity
 from trainers.runtime import DistInfo, PeakMemory
 from trainers.storage import TrialStorage
 from trainers.tracking import Tracker
@@ -99,17 +100,15 @@ class TrialContext:
 
 
 def trial_fingerprint(cfg: ExperimentConfig) -> str:
-    """Hash of what a trial's training state depends on: its config (where it runs aside), its
+    """Hash of what a trial's training state depends on: its config (trainers/identity.py), its
     data files' contents and the identity of its base weights (config.json and weight file sizes
     of a local model)."""
     import dataclasses
     import hashlib
-    import json
 
     from trainers.model import resolve_model_path
 
-    config = {k: v for k, v in dataclasses.asdict(cfg).items()
-              if k not in ("cluster", "tracking", "storage", "sweep", "dry_run", "resume")}
+    config = identity(dataclasses.asdict(cfg))
     model_dir = Path(resolve_model_path(cfg.model.name_or_path))
     weights = []
     if model_dir.is_dir():
@@ -121,5 +120,4 @@ def trial_fingerprint(cfg: ExperimentConfig) -> str:
             weights.append(hashlib.sha256(build.read_bytes()).hexdigest())
     from trainers.data import data_fingerprint
 
-    blob = json.dumps([config, weights, data_fingerprint(cfg.data)], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest([config, weights, data_fingerprint(cfg.data)], 16)
