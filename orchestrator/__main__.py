@@ -162,6 +162,7 @@ def run(plan, argv: list[str]) -> int:
         tracker.close_all("FAILED", f"orchestrator error: {err}")
         raise
     finally:
+        board.close()
         if ray.is_initialized():
             ray.shutdown()
 

@@ -1,7 +1,10 @@
 """Live console progress: one line per trial (state, step/total, loss, tokens/s, node).
 
-On a terminal the block is redrawn in place; otherwise (CI, a log file) a line is printed when
-a trial changes state and, while trials run, a progress line at most every `interval_s`.
+On a terminal the block is a rich Live display, redrawn in place (rich counts the rows a wrapped
+line takes, and prints from elsewhere go above it; a block taller than the terminal is cut at
+its bottom); otherwise (CI, a log file) a line is printed
+when a trial changes state and, while trials run, a progress line at most every `interval_s`.
+Call `close()` when the sweep ends, so the terminal gets its cursor back.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ class TrialLine:
         tps = f"{self.tokens_per_s:,.0f}" if self.tokens_per_s is not None else "-"
         elapsed = ""
         if self.started is not None:
-            elapsed = f"{(self.ended or time.monotonic()) - self.started:6.0f}s"
-        text = f"  {self.label:<{width}}  {self.state:<9} {steps:>9}  loss {loss:>7}  tok/s {tps:>7}  {elapsed}"
+            elapsed = f"{(self.ended or time.monotonic()) - self.started:.0f}s"
+        text = f"  {self.label:<{width}}  {self.state:<9} {steps:>9}  loss {loss:>7}  tok/s {tps:>7}  {elapsed:>6}"
         if self.node:
             text += f"  on {self.node}"
         return text + (f"  {self.reason}" if self.reason else "")
@@ -45,7 +48,7 @@ class ProgressBoard:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.interval_s = interval_s
         self.last_periodic = time.monotonic()
-        self.drawn = 0
+        self.live = None  # rich's Live display, from the first redraw on a terminal
 
     def update(self, key: str, **fields) -> None:
         line = self.lines[key]
@@ -68,16 +71,23 @@ class ProgressBoard:
                     print(other.render(self.width), file=self.stream, flush=True)
 
     def _redraw(self) -> None:
-        if self.drawn:
-            self.stream.write(f"\x1b[{self.drawn}F")
-        rows = [line.render(self.width) for line in self.lines.values()]
-        for row in rows:
-            self.stream.write("\x1b[2K" + row + "\n")
-        self.stream.flush()
-        self.drawn = len(rows)
+        if self.live is None:
+            from rich.console import Console
+            from rich.live import Live
 
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for line in self.lines.values():
-            out[line.state] = out.get(line.state, 0) + 1
-        return out
+            self.live = Live(console=Console(file=self.stream), auto_refresh=False)
+            self.live.start()
+        self.live.update(self._frame(), refresh=True)
+
+    def _frame(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        # The plain line of each trial; a line wider than the terminal folds onto the next rows.
+        return Group(*(Text(line.render(self.width), overflow="fold") for line in self.lines.values()))
+
+    def close(self) -> None:
+        """Leave the last block on screen and give the terminal back (no-op off a terminal)."""
+        if self.live is not None:
+            self.live.stop()
+            self.live = None

@@ -4,7 +4,7 @@ The driver creates every run and sets every final status, so a worker that dies 
 run RUNNING. Rank 0 of each trial logs its metrics and artifacts into the child run it is given
 (`TrialTracker`); other ranks only report progress to Ray.
 
-Names are the contract in ARCHITECTURE.md: parent tag `sweep`; child tags `mlflow.parentRunId`,
+Names are the contract (README, "MLflow contract"): parent tag `sweep`; child tags `mlflow.parentRunId`,
 `stage`, `method`, `trial_key`; params are the resolved config flattened with dotted keys.
 """
 

@@ -220,6 +220,3 @@ class CheckpointManager:
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         return Restored(step=int(state["step"]), path=path)
-
-    def clear(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)

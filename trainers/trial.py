@@ -55,7 +55,7 @@ def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | 
 
 
 # What a result depends on besides its config (and the code: the orchestrator adds the git state).
-ENV_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "ray", "mlflow", "datasets")
+ENV_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "ray", "mlflow")
 MODEL_HASH_LIMIT = 2**30  # hashing a multi-GB local checkpoint per trial costs more than it tells
 
 
