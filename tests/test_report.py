@@ -23,7 +23,9 @@ import pytest
 
 from orchestrator.plan import make_plan
 from orchestrator.report import build_report, console_table, markdown_table
-from orchestrator.tracking import SweepTracker, TrialTracker
+from orchestrator.tracking import SweepTracker, TrialTracker, git_state
+
+REPO = Path(__file__).resolve().parent.parent
 
 MIB = 2**20
 SEEDS = (0, 1, 2)
@@ -283,10 +285,40 @@ def test_environment_and_replay_name_what_a_rerun_needs(make_cfg, tmp_path, stor
     trial = plan.trials[0]
     run_id = tracker.create_child(trial, trial.config)
     tags = tracker.client.get_run(run_id).data.tags
-    assert len(tags["env.git_commit"]) == 40 or tags["env.git_commit"].startswith("unknown")
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert tags["env.git_commit"] == head  # this checkout's commit, which a rerun checks out
+    assert git_state(tmp_path)["env.git_commit"].startswith("unknown")  # not a checkout: said, not guessed
     replay = tags["replay"]
     assert f"--run-id {run_id} --artifact-path config.yaml" in replay and "python -m trainers --config" in replay
     # The config the replay command trains from is the trial's own config.
     path = download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=str(tmp_path / "replay"),
                               tracking_uri=tracker.uri)
     assert from_container(yaml.safe_load(Path(path).read_text())) == trial.cfg
+
+
+def test_the_replay_command_reproduces_the_logged_eval_loss(tmp_path, store_uri):
+    """The `replay` tag, run as a user would (a shell in an empty directory), retrains the trial
+    from its logged config.yaml and gets the eval loss its run logged."""
+    import os
+    import sys
+
+    plan = make_plan(["+sweep=lora_rank", "sweep.axes={method.r:[4]}", *SMOKE])
+    tracker = SweepTracker(store_uri, plan.experiment + "-replay")
+    tracker.start_parent(plan.sweep, [], "")
+    trial = plan.trials[0]
+    run_id = tracker.create_child(trial, trial.config)
+    from trainers.trial import run_trial
+
+    run_trial(trial.cfg, tmp_path / "trial", tracker=TrialTracker(tracker.uri, run_id, rank=0))
+    logged = tracker.client.get_run(run_id).data.metrics["eval/loss"]
+
+    replay = tracker.client.get_run(run_id).data.tags["replay"]
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    (tmp_path / "rerun").mkdir()
+    proc = subprocess.run(["bash", "-c", replay], cwd=tmp_path / "rerun", env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    replayed = json.loads(next((tmp_path / "rerun").glob("replay-*/metrics.json")).read_text())
+    assert replayed["eval/loss"] == pytest.approx(logged, rel=1e-6)
