@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -105,10 +106,39 @@ def test_checkpoints_of_another_config_are_not_restored(make_cfg, tmp_path):
     assert again["train/resumed_from_step"] == 16  # its own checkpoints are
 
 
-def test_out_of_memory_fails_the_trial_with_its_reason(make_cfg, tmp_path, faults):
-    import torch
+# Two trials, one process, under an address-space limit of what it has mapped after loading the
+# model plus LIMIT_MIB: a batch of 8 trains and evaluates in it; a batch of 2048 needs ~1 GiB for
+# its logits alone, and one of its allocations really fails.
+LIMITED_TRIALS = """
+import resource, sys
+import torch
+from orchestrator.compose import compose
+from trainers.model import load_base_model
+from trainers.trial import run_trial
 
-    faults({"kind": "oom", "step": 3})
-    with pytest.raises(torch.OutOfMemoryError, match="out-of-memory at step 3"):
-        run_trial(make_cfg(*SMALL), tmp_path / "oom")
-    assert not (tmp_path / "oom" / "adapter").exists()  # nothing half-written is taken for a result
+common = ["train.max_steps=2", "train.eval_batch_size=8", "data.max_eval_rows=8", "train.cpus_per_worker=1"]
+load_base_model(compose(common), torch.device("cpu"))  # libraries and first allocations mapped before the limit
+mapped = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (mapped + %d * 2**20, resource.RLIM_INFINITY))
+run_trial(compose(common + ["train.batch_size=8"]), sys.argv[1] + "/fits")
+run_trial(compose(common + ["train.batch_size=2048"]), sys.argv[1] + "/too-big")
+"""
+LIMIT_MIB = 256
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/status are Linux's")
+def test_out_of_memory_fails_the_trial_with_its_reason(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", LIMITED_TRIALS % LIMIT_MIB, str(tmp_path)], cwd=repo,
+                          env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "fits" / "metrics.json").exists(), proc.stderr[-3000:]  # the limit alone fails nothing
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("trainers.trial.TrialOutOfMemoryError: out of memory on cpu"), proc.stderr[-3000:]
+    assert "train.batch_size=2048" in last and "can't allocate memory" in last
+    # Nothing half-written is taken for a result.
+    assert not any((tmp_path / "too-big" / name).exists() for name in ("adapter", "metrics.json", "lineage.json"))

@@ -3,7 +3,8 @@
 FTLAB_FAULTS is a JSON list of faults, e.g.
     [{"kind": "kill", "step": 12, "trial": "3f2a"}, {"kind": "nan", "step": 5, "trial": "*"}]
 kind: kill (SIGKILL this worker), raise (RuntimeError), nan (the step's loss becomes NaN),
-      oom (torch.OutOfMemoryError), sleep (seconds=N, to trip time limits).
+      sleep (seconds=N, to trip time limits). Out-of-memory is not simulated: tests make a real
+      allocation fail (tests/test_faults.py).
 trial: prefix of the trial key (the output directory's name), or "*" for every trial.
 once (default true): fires only on the first attempt of the trial, so a restarted worker
       resumes instead of dying again; a marker file in the trial's output directory records it.
@@ -50,15 +51,11 @@ class FaultPlan:
 
     def before_step(self, step: int) -> None:
         """Faults that act before the step's forward pass."""
-        for fault in self._due(step, ("kill", "raise", "oom", "sleep")):
+        for fault in self._due(step, ("kill", "raise", "sleep")):
             if fault.kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if fault.kind == "raise":
                 raise RuntimeError(f"injected fault at step {step}")
-            if fault.kind == "oom":
-                import torch
-
-                raise torch.OutOfMemoryError(f"injected out-of-memory at step {step}")
             if fault.kind == "sleep":
                 time.sleep(fault.seconds)
 

@@ -37,6 +37,10 @@ def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | 
     recipe = RECIPES[cfg.stage.name]
     try:
         metrics = recipe.run(ctx)
+    except Exception as err:
+        if out_of_memory(err):
+            raise TrialOutOfMemoryError(out_of_memory_reason(cfg, device, err)) from err
+        raise
     finally:
         ctx.memory.stop()  # a failed trial must not leave the CPU tensor tracker installed
     if dist.is_main:
@@ -52,6 +56,29 @@ def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | 
         storage.publish(last=("metrics.json", LINEAGE_FILE))
     storage.cleanup()
     return metrics
+
+
+class TrialOutOfMemoryError(RuntimeError):
+    """An allocation of the trial really failed: its batch, sequence length or model does not fit."""
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's,
+    which torch raises as a plain RuntimeError."""
+    import torch
+
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err)
+
+
+def out_of_memory_reason(cfg: ExperimentConfig, device, err: BaseException) -> str:
+    """The failure reason a sweep shows: which settings decide the memory, and the allocator's words."""
+    detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return (f"out of memory on {device} (stage={cfg.stage.name}, method={cfg.method.name}, "
+            f"train.batch_size={cfg.train.batch_size}, data.max_seq_len={cfg.data.max_seq_len}): lower "
+            f"train.batch_size (raise train.grad_accum to keep the effective batch) or data.max_seq_len; "
+            f"`python -m trainers.memory` estimates the peak. {detail}")
 
 
 # What a result depends on besides its config (and the code: the orchestrator adds the git state).
