@@ -52,20 +52,15 @@ def fused_adamw_ok(params) -> bool:
                for p in params)
 
 
-def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
+def build_scheduler(optimizer, train: TrainConfig):
+    """transformers' schedules (those of HF Trainer, so baselines compare like for like): linear
+    warmup over the first warmup_ratio of max_steps from 0, then cosine or linear decay to 0, or
+    constant."""
+    from transformers import get_scheduler
+
     warmup = int(train.warmup_ratio * train.max_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, train.max_steps - warmup)
-        if train.scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        if train.scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
-
-    return factor
+    name = "constant_with_warmup" if train.scheduler == "constant" else train.scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=train.max_steps)
 
 
 def no_sync(model):
@@ -179,7 +174,7 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
     import torch.distributed as torch_dist
 
     optimizer = build_optimizer(model.parameters(), train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+    scheduler = build_scheduler(optimizer, train)
     stats = LoopStats()
     restored = checkpoints.restore(model, optimizer, scheduler) if checkpoints else None
     start = restored.step if restored else 0
