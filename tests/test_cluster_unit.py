@@ -235,8 +235,11 @@ def _examples():
                     labels=[(start + i) % 30 + 1 for i in range(10)]) for start in range(64)]
 
 
-def _rank_main(rank: int, mode: str, out_dir: str, port: int, max_steps: int) -> None:
-    """One rank of a 2-process data-parallel run (mode: ddp | fsdp); rank 0 writes result.json."""
+def _rank_main(rank: int, mode: str, out_dir: str, port: int, max_steps: int, world: int,
+               remote: str | None) -> None:
+    """One rank of a `world`-process data-parallel run (mode: ddp | fsdp | restore, an FSDP run
+    that only restores the newest checkpoint); rank 0 writes result.json. With `remote`, the
+    checkpoints go there, each rank staging its own (as a trial with storage.path=s3://...)."""
     import torch
     import torch.distributed as dist
 
@@ -255,25 +258,51 @@ def _rank_main(rank: int, mode: str, out_dir: str, port: int, max_steps: int) ->
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        info = DistInfo(rank, 2, rank)
+        info = DistInfo(rank, world, rank)
         cpu = torch.device("cpu")
-        model = parallel.wrap(_tiny_llama(), info, cpu, fsdp=mode == "fsdp")
+        model = parallel.wrap(_tiny_llama(), info, cpu, fsdp=mode != "ddp")
         train = TrainConfig(max_steps=max_steps, batch_size=4, grad_accum=2, lr=1e-2, warmup_ratio=0.0,
                             log_every=2, checkpoint_every=CKPT_AT, max_grad_norm=1.0)
-        tracker = Recorder()
-        checkpoints = CheckpointManager(os.path.join(out_dir, "checkpoints"))
-        stats = train_loop(model, _examples(), train, 0, cpu, info, tracker, checkpoints=checkpoints)
-        plain = parallel.gather_model(model, _tiny_llama, info)
+        staging = os.path.join(out_dir, f"rank{rank}") if remote else out_dir
+        checkpoints = CheckpointManager(os.path.join(staging, "checkpoints"), remote=remote)
+        if mode == "restore":
+            result = _restored_state(model, train, checkpoints)
+        else:
+            tracker = Recorder()
+            stats = train_loop(model, _examples(), train, 0, cpu, info, tracker, checkpoints=checkpoints)
+            plain = parallel.gather_model(model, _tiny_llama, info)
+            result = {"losses": tracker.losses, "resumed_from": stats.resumed_from, "sharded": parallel.is_sharded(model),
+                      "tokens": stats.tokens} if rank == 0 else {}
+            if rank == 0:
+                result["weights"] = {n: p.detach().flatten()[:4].tolist() for n, p in plain.named_parameters()}
         if rank == 0:
-            weights = {n: p.detach().flatten()[:4].tolist() for n, p in plain.named_parameters()}
-            result = {"losses": tracker.losses, "resumed_from": stats.resumed_from, "weights": weights,
-                      "sharded": parallel.is_sharded(model), "tokens": stats.tokens}
             with open(os.path.join(out_dir, "result.json"), "w") as handle:
                 json.dump(result, handle)
     finally:
         dist.destroy_process_group()
+
+
+def _restored_state(model, train, checkpoints) -> dict:
+    """Restore into `model` (sharded over this run's ranks, or whole on one) and return the full
+    weights and Adam moments it then has (rank 0's view; a collective)."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    from trainers import parallel
+    from trainers.training import build_optimizer
+
+    optimizer = build_optimizer(model.parameters(), train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    restored = checkpoints.restore(model, optimizer, scheduler)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=full)
+    moments = get_optimizer_state_dict(model, optimizer, options=full).get("state", {})  # {} on ranks > 0
+    return {"step": restored.step, "sharded": parallel.is_sharded(model),
+            "model": {n: t.flatten().tolist() for n, t in weights.items()},
+            "exp_avg_sq": {n: s["exp_avg_sq"].flatten().tolist() for n, s in moments.items()}}
 
 
 def _rank_process(rank: int, *args) -> None:
@@ -287,10 +316,11 @@ def _rank_process(rank: int, *args) -> None:
     os._exit(0)
 
 
-def _run(mode: str, out_dir, max_steps: int = N_STEPS) -> dict:
+def _run(mode: str, out_dir, max_steps: int = N_STEPS, world: int = 2, remote: str | None = None) -> dict:
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_process, args=(mode, str(out_dir), _free_port(), max_steps), nprocs=2, join=True)
+    args = (mode, str(out_dir), _free_port(), max_steps, world, remote)
+    mp.spawn(_rank_process, args=args, nprocs=world, join=True)
     return json.loads((out_dir / "result.json").read_text())
 
 
@@ -316,14 +346,49 @@ def test_fsdp_on_gloo_trains_the_same_model_as_ddp_and_resumes(ddp_run, tmp_path
         assert sharded["losses"][step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
     for name, values in ddp_run["weights"].items():
         assert sharded["weights"][name] == pytest.approx(values, rel=1e-3, abs=1e-5), name
-    # The checkpoint holds full (gathered) tensors: a run that restarts from it ends where this one did.
+    # Each rank wrote its own shards (nothing gathered to rank 0), all in the manifest.
     newest = CheckpointManager(tmp_path / "fsdp" / "checkpoints").latest()
     assert newest.name == f"step-{CKPT_AT:06d}"
+    files = json.loads((newest / "manifest.json").read_text())["files"]
+    assert {"sharded/__0_0.distcp", "sharded/__1_0.distcp", "sharded/.metadata", "state.pt"} <= set(files)
+    assert not (newest / "trainable.safetensors").exists()
+    # A run that restarts from it on the same 2 workers ends where this one did.
     (tmp_path / "fsdp" / "result.json").unlink()
     resumed = _run("fsdp", tmp_path / "fsdp")
     assert resumed["resumed_from"] == CKPT_AT
     for name, values in sharded["weights"].items():
         assert resumed["weights"][name] == pytest.approx(values, rel=1e-4, abs=1e-6), name
+
+
+@pytest.fixture(scope="module")
+def sharded_on_s3(s3, tmp_path_factory):
+    """A checkpoint of 2 FSDP workers on S3, each rank staging and uploading its own shards."""
+    remote = f"s3://{BUCKET}/unit/fsdp/checkpoints"
+    _run("fsdp", tmp_path_factory.mktemp("fsdp-s3"), max_steps=CKPT_AT + 1, remote=remote)
+    return remote
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_sharded_checkpoint_restores_on_another_number_of_workers(sharded_on_s3, tmp_path, world):
+    """Restored whole on 1 worker or sharded over 3: the same weights and optimizer moments as
+    the checkpoint holds (read back independently, as one torch.save)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    step = f"step-{CKPT_AT:06d}"
+    files = _s3_files(f"{BUCKET}/unit/fsdp/checkpoints/{step}")
+    assert {"sharded/__0_0.distcp", "sharded/__1_0.distcp", "sharded/.metadata", "state.pt",
+            "manifest.json"} <= set(files)
+    restored = _run("restore", tmp_path, max_steps=CKPT_AT, world=world, remote=sharded_on_s3)
+    assert restored["step"] == CKPT_AT and restored["sharded"] == (world > 1)
+    storage.download(f"{sharded_on_s3}/{step}", tmp_path / "saved")
+    dcp_to_torch_save(tmp_path / "saved" / "sharded", tmp_path / "saved.pt")
+    saved = torch.load(tmp_path / "saved.pt", weights_only=False)
+    assert set(restored["model"]) == set(saved["model"])
+    for name, tensor in saved["model"].items():
+        assert restored["model"][name] == pytest.approx(tensor.flatten().tolist(), abs=0), name
+    for name, state in saved["optimizer"]["state"].items():
+        assert restored["exp_avg_sq"][name] == pytest.approx(state["exp_avg_sq"].flatten().tolist(), abs=0), name
 
 
 # --------------------------------------------------------------------------- driver side

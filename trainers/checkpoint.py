@@ -7,14 +7,27 @@ Layout under a trial's output directory:
         state.pt                optimizer + scheduler state, RNG states, data position
         manifest.json           written last: step and the sha256 of every file above
 
+A sharded (FSDP) model is saved without gathering it: every rank writes its own shards of the
+weights and optimizer state with torch.distributed.checkpoint (DCP) and hashes them, rank 0
+collects the hashes:
+
+    checkpoints/step-000050/
+        sharded/.metadata, sharded/__<rank>_0.distcp   weights + optimizer state, per rank
+        state.pt                scheduler state, RNG states, data position
+        manifest.json           written last
+
+DCP reshards on load, so such a checkpoint resumes on the same or another number of workers, or
+on one (a whole model); a checkpoint of a whole model resumes into a sharded one too.
+
 A checkpoint is written into `.step-000050.partial/`, flushed to disk, and renamed into place;
 the manifest is written last, so a directory without a manifest whose hashes match is never
-restored from (a crash mid-write leaves only a `.partial` directory, which is cleared).
+restored from (a crash mid-write leaves only a `.partial` directory, which is cleared). On
+restore the ranks of a sharded trial split the hashing and agree on the result.
 
 With a remote location (`storage.path=s3://...`, see trainers/storage.py) `root` is a local
-staging directory: each checkpoint is also uploaded to `remote/step-000050/`, manifest last, so
-an upload cut short is no checkpoint; restoring downloads the newest one whose manifest is there
-and whose files match it.
+staging directory (one per rank): each checkpoint is also uploaded to `remote/step-000050/`,
+every rank its own files, then the manifest last, so an upload cut short is no checkpoint;
+restoring downloads the newest one whose manifest is there and whose files match it.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+SHARDED = "sharded"  # the DCP directory of a sharded model
 KEEP_LAST = 2
 
 
@@ -92,50 +106,108 @@ class CheckpointManager:
 
     def save(self, step: int, model, optimizer, scheduler, extra: dict | None = None,
              write: bool = True) -> Path | None:
-        """Write a checkpoint (when `write`: rank 0). Every rank calls it: gathering the state of
-        a sharded (FSDP) model is a collective."""
-        import torch
+        """Write a checkpoint (when `write`: rank 0). Every rank calls it: a sharded (FSDP) model
+        is saved by all ranks together, each writing its own shards."""
         from safetensors.torch import save_file
 
         from trainers import parallel
 
-        if not write and not parallel.is_sharded(model):
-            return None
-        trainable = parallel.trainable_state(model)
-        optimizer_state = parallel.optimizer_state(model, optimizer)
+        if parallel.is_sharded(model):
+            return self._save_sharded(step, model, optimizer, scheduler, extra)
         if not write:
             return None
-        self.root.mkdir(parents=True, exist_ok=True)
+        staging, final = self._prepare(step)
+        save_file(parallel.trainable_state(model), str(staging / "trainable.safetensors"))
+        self._write_state(staging, step, scheduler, extra, optimizer=optimizer.state_dict())
+        files = {path.name: self._flushed_sha256(path) for path in sorted(staging.iterdir())}
+        self._commit(staging, final, step, files)
+        if self.remote:
+            self._upload(final)
+        return final
+
+    def _save_sharded(self, step: int, model, optimizer, scheduler, extra: dict | None) -> Path:
+        """All ranks: each writes and hashes its shards, rank 0 adds the rest and the manifest. A
+        local root is the trial's directory, shared by its ranks (rank 0 prepares and renames it);
+        a remote trial's root is a staging directory per rank, whose files that rank uploads."""
+        import torch.distributed as dist
+
+        from trainers import parallel, storage
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        owner = rank == 0 or self.remote is not None
+        staging, final = self._prepare(step) if owner else self._paths(step)
+        if rank == 0 and self.remote:
+            storage.remove(storage.join(self.remote, final.name))  # what an interrupted upload left
+        dist.barrier()
+        parallel.save_sharded(model, optimizer, staging / SHARDED)  # DCP fsyncs what it writes
+        own = [f"{SHARDED}/{p.name}" for p in (staging / SHARDED).iterdir()
+               if p.name.startswith(f"__{rank}_") or (rank == 0 and not p.name.startswith("__"))]
+        digests = {name: file_sha256(staging / name) for name in own}
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, digests)
+        if rank == 0:
+            self._write_state(staging, step, scheduler, extra)
+            own.append("state.pt")
+            files = {name: digest for part in everyone for name, digest in part.items()}
+            files["state.pt"] = self._flushed_sha256(staging / "state.pt")
+            self._commit(staging, final, step, files)
+        elif owner:  # a remote trial's other ranks: their own staged shards
+            os.replace(staging, final)
+            self._prune()
+        if self.remote:
+            self._upload_files(final, [final / name for name in own])
+        dist.barrier()  # every rank's files are in place (and uploaded) before the manifest goes up
+        if rank == 0 and self.remote:
+            self._upload_files(final, [final / MANIFEST])
+            self._prune_remote()
+        return final
+
+    def _paths(self, step: int) -> tuple[Path, Path]:
         name = f"step-{step:06d}"
-        staging = self.root / f".{name}.partial"
-        final = self.root / name
+        return self.root / f".{name}.partial", self.root / name
+
+    def _prepare(self, step: int) -> tuple[Path, Path]:
+        """(an empty staging directory, the final path) of the checkpoint of `step`."""
+        staging, final = self._paths(step)
+        self.root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        save_file(trainable, str(staging / "trainable.safetensors"))
-        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(), "extra": extra or {}}, staging / "state.pt")
-        files = {}
-        for path in sorted(staging.iterdir()):
-            _fsync(path)
-            files[path.name] = file_sha256(path)
+        return staging, final
+
+    @staticmethod
+    def _write_state(staging: Path, step: int, scheduler, extra: dict | None, **more) -> None:
+        import torch
+
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra or {},
+                    **more}, staging / "state.pt")
+
+    @staticmethod
+    def _flushed_sha256(path: Path) -> str:
+        _fsync(path)
+        return file_sha256(path)
+
+    def _commit(self, staging: Path, final: Path, step: int, files: dict[str, str]) -> None:
+        """Manifest last, then the rename into place."""
         manifest = {"step": step, "files": files, "created": time.time(), "fingerprint": self.fingerprint}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _fsync(staging / MANIFEST)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         self._prune()
-        if self.remote:
-            self._upload(final)
-        return final
 
     def _upload(self, final: Path) -> None:
         from trainers import storage
 
-        target = storage.join(self.remote, final.name)
-        storage.remove(target)  # what an interrupted upload of the same step left
-        for path in sorted(final.iterdir(), key=lambda p: p.name == MANIFEST):
-            storage.upload(path, storage.join(target, path.name))
+        storage.remove(storage.join(self.remote, final.name))  # what an interrupted upload of the same step left
+        self._upload_files(final, sorted(final.iterdir(), key=lambda p: p.name == MANIFEST))
         self._prune_remote()
+
+    def _upload_files(self, final: Path, paths: list[Path]) -> None:
+        from trainers import storage
+
+        target = storage.join(self.remote, final.name)
+        for path in paths:
+            storage.upload(path, storage.join(target, *path.relative_to(final).parts))
 
     def _prune_remote(self) -> None:
         """Keep the newest `keep_last` complete checkpoints; drop older ones and old partial uploads."""
@@ -153,9 +225,10 @@ class CheckpointManager:
         for old in complete[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def verify(self, path: Path) -> bool:
+    def verify(self, path: Path, share: tuple[int, int] = (0, 1)) -> bool:
         """True when the manifest exists, belongs to this trial, and every file it names has its
-        recorded hash."""
+        recorded hash. share=(i, n): hash only every n-th file from the i-th (the other ranks
+        hash the rest)."""
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             return False
@@ -163,21 +236,26 @@ class CheckpointManager:
             manifest = json.loads(manifest_path.read_text())
             if self.fingerprint is not None and manifest.get("fingerprint") != self.fingerprint:
                 return False
-            return all((path / name).is_file() and file_sha256(path / name) == digest
-                       for name, digest in manifest["files"].items())
+            names = sorted(manifest["files"])
+            if not all((path / name).is_file() for name in names):
+                return False
+            return all(file_sha256(path / name) == manifest["files"][name] for name in names[share[0]::share[1]])
         except (ValueError, KeyError, OSError):
             return False
 
     def latest(self) -> Path | None:
-        """Newest verified checkpoint; half-written or corrupted ones are skipped."""
+        """Newest verified checkpoint; half-written or corrupted ones are skipped. Called by every
+        rank of a distributed trial (a collective there): over a shared directory the ranks split
+        the hashing and take a checkpoint only when all of them found their share intact."""
         if self.remote:
             return self._fetch_latest()
         if not self.root.is_dir():
             return None
         for leftover in self.root.glob(".*.partial"):
             shutil.rmtree(leftover, ignore_errors=True)
+        rank, world = _rank_and_world()
         for path in sorted((p for p in self.root.glob("step-*") if p.is_dir()), reverse=True):
-            if self.verify(path):
+            if _all_agree(self.verify(path, share=(rank, world)), world):
                 return path
         return None
 
@@ -201,7 +279,8 @@ class CheckpointManager:
         return None
 
     def restore(self, model, optimizer, scheduler) -> Restored | None:
-        """Every rank restores the same newest checkpoint (from its own copy when remote)."""
+        """Every rank restores the same newest checkpoint (from its own copy when remote), into
+        the model however it is spread now."""
         import torch
         from safetensors.torch import load_file
 
@@ -210,13 +289,37 @@ class CheckpointManager:
         path = self.latest()
         if path is None:
             return None
-        tensors = load_file(str(path / "trainable.safetensors"))
-        names = set(parallel.trainable_names(model))
-        unknown = [n for n in tensors if n not in names]
-        if unknown:
-            raise RuntimeError(f"checkpoint {path} does not match the model (unknown parameters {unknown[:3]})")
         state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-        parallel.load_state(model, optimizer, tensors, state["optimizer"])
+        if (path / SHARDED).is_dir():
+            parallel.load_sharded(model, optimizer, path / SHARDED)
+        else:
+            tensors = load_file(str(path / "trainable.safetensors"))
+            names = set(parallel.trainable_names(model))
+            unknown = [n for n in tensors if n not in names]
+            if unknown:
+                raise RuntimeError(f"checkpoint {path} does not match the model (unknown parameters {unknown[:3]})")
+            parallel.load_state(model, optimizer, tensors, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         return Restored(step=int(state["step"]), path=path)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_agree(ok: bool, world: int) -> bool:
+    """True when `ok` holds on every rank (each rank passes its own)."""
+    if world == 1:
+        return ok
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

@@ -5,8 +5,9 @@ its state that checkpoints and the final save need.
 - FSDP (`train.fsdp=true`, full fine-tuning): parameters, gradients and optimizer state are
   sharded over the ranks with torch's FSDP2 (`fully_shard`, one unit per decoder layer plus the
   root), so a model whose training state does not fit one device trains on several. It runs on
-  NCCL (GPU) and on gloo (CPU). Reading the full weights is then a collective: every rank calls
-  `trainable_state` / `optimizer_state` / `gather_model`, rank 0 gets the result.
+  NCCL (GPU) and on gloo (CPU). Checkpoints stay sharded (`save_sharded` / `load_sharded`:
+  each rank writes and reads its own shards, and a checkpoint loads into another sharding);
+  only the final model is gathered, by every rank calling `gather_model`, for rank 0.
 """
 
 from __future__ import annotations
@@ -59,29 +60,13 @@ def trainable_names(model) -> list[str]:
 
 
 def trainable_state(model) -> dict:
-    """{name: full CPU tensor} of the trainable parameters. Sharded: a collective whose result
-    only rank 0 gets (the others get {})."""
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        names = set(trainable_names(model))
-        return {k: v.contiguous() for k, v in full.items() if k in names}
+    """{name: CPU tensor} of the trainable parameters of a model that is not sharded."""
     return {n: p.detach().to("cpu").contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
 
 
-def optimizer_state(model, optimizer) -> dict:
-    """The optimizer's state dict; sharded: the full one (a collective, rank 0 gets it)."""
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
-
-
 def load_state(model, optimizer, tensors: dict, optim_state: dict) -> None:
-    """Put saved full tensors and optimizer state back (every rank calls it, with the same data)."""
+    """Put saved full tensors and optimizer state back (every rank calls it, with the same data);
+    a sharded model takes each rank's part of them."""
     import torch
 
     if is_sharded(model):
@@ -97,6 +82,29 @@ def load_state(model, optimizer, tensors: dict, optim_state: dict) -> None:
         for name, tensor in tensors.items():
             params[name].copy_(tensor.to(params[name].device))
     optimizer.load_state_dict(optim_state)
+
+
+def save_sharded(model, optimizer, directory) -> None:
+    """Weights and optimizer state with torch.distributed.checkpoint: a collective in which each
+    rank writes only its own shards (nothing is gathered), fsynced, plus rank 0 the metadata."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer)
+    dcp.save({"model": weights, "optimizer": optim}, storage_writer=dcp.FileSystemWriter(str(directory)))
+
+
+def load_sharded(model, optimizer, directory) -> None:
+    """A `save_sharded` checkpoint into the model as it is spread now: sharded over the same or
+    another number of ranks (DCP reshards), or whole (one worker, or DDP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    module = unwrap(model)
+    weights, optim = get_state_dict(module, optimizer)  # the layout to fill (initializes empty optimizer state)
+    state = {"model": weights, "optimizer": optim}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def gather_model(model, build: Callable[[], object], dist: DistInfo):
