@@ -16,11 +16,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-SCHEME = "embedded:"
-DATA_NAMES = ("instruct_train.jsonl", "instruct_eval.jsonl", "pref_train.jsonl", "pref_eval.jsonl",
-              "sft_train.jsonl")
-NAMES = ("base",) + DATA_NAMES
+from trainers.embedded.names import ASSETS_DIR, DATA_NAMES, NAMES, SCHEME
+
+__all__ = ["ASSETS_DIR", "DATA_NAMES", "NAMES", "SCHEME", "is_embedded", "resolve"]
 
 
 def is_embedded(uri: object) -> bool:

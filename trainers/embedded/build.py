@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from trainers.embedded import DATA_NAMES
+from trainers.embedded.names import DATA_NAMES
 from trainers.embedded import world as W
 
 DATA_FILES = DATA_NAMES  # in this order: the rows build_data writes

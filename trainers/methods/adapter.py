@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from trainers.methods import register
+from trainers.methods.base import register
 from trainers.methods.base import MethodConfig, TensorsMethodSpec, positive, prepare_quantized_base
 
 NONLINEARITIES = ("relu", "gelu", "silu", "tanh")

@@ -153,3 +153,14 @@ def fp16_weights_problem(cfg: "ExperimentConfig", what: str) -> list[tuple[str, 
              f"{what} trains fp16 tensors directly; with train.optimizer=adamw the first step sends them to "
              "inf (Adam's g^2 and eps underflow to 0 in fp16): use precision=bf16 or fp32, or an optimizer "
              "with fp32 math inside (train.optimizer=adamw_8bit, paged_adamw_8bit or paged_adamw_32bit)")]
+
+
+# Every method module registers itself here when trainers.methods imports it.
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.name in METHODS:
+        raise ValueError(f"method {spec.name!r} registered twice")
+    METHODS[spec.name] = spec
+    return spec

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainers.methods import register
+from trainers.methods.base import register
 from trainers.methods.base import MethodConfig, TensorsMethodSpec, fp16_weights_problem, prepare_quantized_base
 
 

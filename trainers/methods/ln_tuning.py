@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from trainers.methods import register
+from trainers.methods.base import register
 from trainers.methods.base import MethodConfig, MethodSpec, fp16_weights_problem, peft_task_type, prepare_quantized_base
 
 

@@ -18,7 +18,7 @@ from trainers.methods.base import METHOD_CONFIG_FILE
 
 def load_trained(base_model, artifact_dir):
     """The trained model for inference: `base_model` with the artifact in `artifact_dir` applied."""
-    from trainers.methods import METHODS
+    from trainers.methods.base import METHODS
 
     artifact_dir = Path(artifact_dir)
     if (artifact_dir / METHOD_CONFIG_FILE).is_file():

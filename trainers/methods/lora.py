@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from trainers.methods import register
+from trainers.methods.base import register
 from trainers.methods.base import MethodConfig, MethodSpec, peft_task_type, prepare_quantized_base
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainers.methods import register
+from trainers.methods.base import register
 from trainers.methods.base import MethodConfig, MethodSpec, positive, prepare_quantized_base
 
 PROMPT_INITS = ("random", "sample_vocab", "text")

@@ -101,3 +101,14 @@ def load_preference_splits(cfg: "ExperimentConfig", tokenizer, with_prompts: boo
             splits.eval_prompts, _ = prompts_with_answers(tokenizer, rows, sources, "preference", data.max_seq_len,
                                                           data.overlength)
     return splits
+
+
+# Every recipe module registers itself here when trainers.recipes imports it.
+RECIPES: dict[str, RecipeSpec] = {}
+
+
+def register(spec: RecipeSpec) -> RecipeSpec:
+    if spec.name in RECIPES:
+        raise ValueError(f"recipe {spec.name!r} registered twice")
+    RECIPES[spec.name] = spec
+    return spec

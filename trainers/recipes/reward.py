@@ -19,7 +19,7 @@ from trainers.evaluate import margin_metrics, score_in_batches
 from trainers.methods import METHODS
 from trainers.model import count_parameters, load_tokenizer
 from trainers.policy import reward_scores, reward_sequence
-from trainers.recipes import register
+from trainers.recipes.base import register
 from trainers.recipes.base import RecipeSpec, StageConfig, load_preference_splits, needs_mergeable_method
 from trainers.recipes.inputs import load_start
 from trainers.training import train_loop

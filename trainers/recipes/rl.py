@@ -31,7 +31,7 @@ from trainers.methods import METHODS
 from trainers.model import count_parameters, load_tokenizer
 from trainers.policy import (Reference, decode, generate, policy_evaluation, reward_scores, reward_sequence,
                              token_logprobs)
-from trainers.recipes import register
+from trainers.recipes.base import register
 from trainers.recipes.base import RecipeSpec, StageConfig, needs_mergeable_method
 from trainers.recipes.inputs import load_reward_model, load_start
 from trainers.training import train_loop

@@ -15,7 +15,7 @@ from trainers.data import load_rows, non_pad_fraction, pack_examples, tokenize_s
 from trainers.evaluate import evaluate
 from trainers.methods import METHODS
 from trainers.model import count_parameters, load_tokenizer
-from trainers.recipes import register
+from trainers.recipes.base import register
 from trainers.recipes.base import RecipeSpec, StageConfig
 from trainers.recipes.inputs import load_start
 from trainers.training import train_loop
