@@ -68,12 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = make_plan(argv)
         check_address(plan.base.cluster.address)
-        checked = set()
+        templates: dict[tuple, str] = {}  # data checked -> the template it resolved to
         for trial in plan.trials:
             data_key = (trial.cfg.model.name_or_path, repr(trial.cfg.data))
-            if data_key not in checked:
+            if data_key not in templates:
                 check_inputs(trial.cfg)
-                checked.add(data_key)
+                templates[data_key] = trial.cfg.data.template
+            # Runs log (and replay) the template used, not `auto`; the trial key keeps the setting.
+            trial.cfg.data.template = templates[data_key]
     except (ConfigError, DataError) as err:
         _print_errors(err)
         return 2

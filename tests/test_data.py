@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainers.data import (IGNORE_INDEX, DataError, encode_row, eval_prompt, format_prompt, load_rows,
-                           tokenize_split)
+from trainers.data import IGNORE_INDEX, DataError, encode_row, eval_prompt, load_rows, tokenize_split
+from trainers.templates import format_prompt
 
 GOOD = {"instruction": "What number comes after 4?", "output": "5"}
 
@@ -108,7 +108,7 @@ def test_preference_rows(write_jsonl):
     chat = {"chosen": [{"role": "user", "content": "after 4?"}, {"role": "assistant", "content": "5"}],
             "rejected": [{"role": "user", "content": "after 4?"}, {"role": "assistant", "content": "6"}]}
     fmt, rows, _ = load_rows(str(write_jsonl("p.jsonl", [good, chat])))
-    assert fmt == "preference" and rows[1]["chosen"] == "5" and "after 4?" in rows[1]["prompt"]
+    assert fmt == "preference" and rows[1]["chosen"] == "5" and rows[1]["prompt"] == chat["chosen"][:1]
     same = write_jsonl("same.jsonl", [good, {**good, "rejected": "5"}])
     with pytest.raises(DataError, match=r"same.jsonl:2: chosen and rejected are identical"):
         load_rows(str(same))

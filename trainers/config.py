@@ -25,6 +25,9 @@ OPTIMIZERS = ("adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32b
 SCHEDULERS = ("cosine", "linear", "constant")
 OVERLENGTH_POLICIES = ("error", "truncate", "drop")
 DATA_FORMATS = ("auto", "instruction", "chat", "preference")
+DATA_TEMPLATES = ("auto", "model", "plain")
+# What data.columns may map a column to: the fields of the three formats.
+DATA_FIELDS = ("instruction", "input", "output", "messages", "prompt", "chosen", "rejected")
 
 
 class ConfigError(ValueError):
@@ -72,6 +75,12 @@ class DataConfig:
     packing: bool = False
     # SFT, unpacked: batches of examples of similar length (less padding); batch order stays shuffled.
     group_by_length: bool = False
+    # How rows become text: auto = the tokenizer's chat template when it has one, else plain;
+    # model = its chat template (an instruct model trains and is evaluated in its own format);
+    # plain = the project's "### Instruction:" / "### User:" headers. Logged resolved (model|plain).
+    template: str = "auto"
+    # {field: column} when the data's columns have other names, e.g. {instruction: question, output: answer}.
+    columns: Dict[str, str] = field(default_factory=dict)
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -92,6 +101,13 @@ class DataConfig:
                 problems.append((f"data.{key}", f"must be > 0 or null, got {value}"))
         if self.max_new_tokens <= 0:
             problems.append(("data.max_new_tokens", f"must be > 0, got {self.max_new_tokens}"))
+        if self.template not in DATA_TEMPLATES:
+            problems.append(("data.template", f"must be one of {', '.join(DATA_TEMPLATES)}, got {self.template!r}"))
+        for name, column in self.columns.items():
+            if name not in DATA_FIELDS:
+                problems.append((f"data.columns.{name}", f"not a data field; fields are {', '.join(DATA_FIELDS)}"))
+            elif not isinstance(column, str) or not column:
+                problems.append((f"data.columns.{name}", f"must name a column, got {column!r}"))
         return problems
 
 

@@ -1,41 +1,32 @@
-"""JSONL data: validation that names `file:line`, prompt templates, tokenization with loss masks.
+"""Data rows: validation that names `source:row` (`file:line`), tokenization with loss masks.
 
-Formats (one JSON object per line):
+Formats (one object per row; sources and `data.columns` in trainers.sources):
   instruction  {"instruction": str, "input": str (optional), "output": str}
   chat         {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
   preference   {"prompt": str, "chosen": str, "rejected": str}
                (or chosen/rejected as message lists, the common form of public preference sets)
 
-A bad row is an error naming `file:line` and the rule it breaks; nothing is dropped silently.
-Rows longer than `data.max_seq_len` tokens follow `data.overlength` (error | truncate | drop),
-and truncated/dropped rows are counted in `DatasetStats`.
+A bad row is an error naming its `source:row` and the rule it breaks; nothing is dropped silently.
+Rows become tokens through the template `data.template` chooses (trainers.templates), the same
+for training and evaluation. Rows longer than `data.max_seq_len` tokens follow `data.overlength`
+(error | truncate | drop, one rule: `fit_length`), and truncated/dropped rows are counted in
+`DatasetStats`.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding tokens)
+from trainers.sources import DataError, Row, local_path, read_rows, resolve_path
+from trainers.templates import IGNORE_INDEX, TemplateError, chat_template
 
-PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
-PROMPT_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-CHAT_ROLE_HEADER = "### {role}:\n"
+__all__ = ["DataError", "IGNORE_INDEX", "Row", "resolve_path"]  # re-exported: callers import them from here
+
 CHAT_ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A data file breaks a rule; the message starts with `file:line:`."""
-
-
-@dataclass
-class Row:
-    source: str  # "file:line"
-    data: dict[str, Any]
 
 
 @dataclass
@@ -49,59 +40,40 @@ class DatasetStats:
                 f"data/{split}_dropped": self.dropped}
 
 
-def resolve_path(uri: str) -> Path:
-    """`embedded:NAME` -> a file shipped with the project; anything else is a filesystem path."""
-    from trainers import embedded
-
-    if embedded.is_embedded(uri):
-        return embedded.resolve(uri)
-    return Path(uri).expanduser()
-
-
 _digests: dict[tuple[str, int, int], str] = {}
 
 
 def data_fingerprint(data) -> dict[str, str]:
-    """{"train": sha256, "eval": sha256} of a DataConfig's files, "" for a file that is missing
-    (validation reports it). Cached per (path, size, mtime) in this process: a sweep's trials
-    share their files."""
-    from trainers.checkpoint import file_sha256
+    """{"train": sha256, "eval": sha256} of a DataConfig's sources, "" for one that is missing
+    (validation reports it). A file hashes its bytes; a directory its files' names and bytes; a
+    hub dataset (hf:NAME) is named, not hashed: its sha256 is of the name. Cached per
+    (path, size, mtime) in this process: a sweep's trials share their files."""
+    import hashlib
 
     digests = {}
     for split, uri in (("train", data.train_file), ("eval", data.eval_file)):
         if not uri:
             continue
-        path = resolve_path(uri)
-        try:
-            stat = path.stat()
-        except OSError:
-            digests[split] = ""
-            continue
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key not in _digests:
-            _digests[key] = file_sha256(path)
-        digests[split] = _digests[key]
+        path = local_path(uri)
+        if path is None:
+            digests[split] = hashlib.sha256(uri.encode()).hexdigest() if uri.startswith("hf:") else ""
+        elif path.is_file():
+            digests[split] = _file_digest(path)
+        else:
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            listing = "".join(f"{f.relative_to(path)}:{_file_digest(f)}\n" for f in files)
+            digests[split] = hashlib.sha256(listing.encode()).hexdigest()
     return digests
 
 
-def read_jsonl(path: Path, limit: int | None = None) -> Iterator[Row]:
-    """Rows of a JSONL file; blank lines are skipped, anything else must be a JSON object."""
-    with open(path, encoding="utf-8") as handle:
-        count = 0
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield Row(where, obj)
-            count += 1
-            if limit is not None and count >= limit:
-                return
+def _file_digest(path) -> str:
+    from trainers.checkpoint import file_sha256
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _digests:
+        _digests[key] = file_sha256(path)
+    return _digests[key]
 
 
 def detect_format(row: Row) -> str:
@@ -178,10 +150,10 @@ def validate_row(row: Row, fmt: str) -> dict[str, Any]:
             rejected_m = _check_messages(row, rejected, "rejected")
             if chosen_m[:-1] != rejected_m[:-1]:
                 raise DataError(f"{row.source}: chosen and rejected must share every message but the last")
-            prompt = render_chat_prompt(chosen_m[:-1])
+            prompt = chosen_m[:-1]  # the shared history; the template renders it
             chosen, rejected = chosen_m[-1]["content"], rejected_m[-1]["content"]
         else:
-            prompt = format_prompt(_require_text(row, "prompt"), "")
+            prompt = _require_text(row, "prompt")
             chosen, rejected = _require_text(row, "chosen"), _require_text(row, "rejected")
         if chosen.strip() == rejected.strip():
             raise DataError(f"{row.source}: chosen and rejected are identical")
@@ -189,32 +161,39 @@ def validate_row(row: Row, fmt: str) -> dict[str, Any]:
     raise ValueError(f"unknown data format {fmt!r}")
 
 
-def load_rows(uri: str, fmt: str = "auto", limit: int | None = None) -> tuple[str, list[dict[str, Any]], list[str]]:
-    """(format, normalised rows, their `file:line` sources) of a JSONL file; validates every row."""
-    path = resolve_path(uri)
-    if not path.is_file():
-        raise DataError(f"{uri}: data file not found")
+def load_rows(uri: str, fmt: str = "auto", limit: int | None = None,
+              columns: dict[str, str] | None = None) -> tuple[str, list[dict[str, Any]], list[str]]:
+    """(format, normalised rows, their `source:row`s) of a data source (trainers.sources), columns
+    renamed per `data.columns`; validates every row."""
     rows, sources = [], []
-    for row in read_jsonl(path, limit):
+    for row in read_rows(uri, columns, limit):
         if fmt == "auto":
             fmt = detect_format(row)
         rows.append(validate_row(row, fmt))
         sources.append(row.source)
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{uri}: no rows")
     return fmt, rows, sources
 
 
-def format_prompt(instruction: str, input_text: str = "") -> str:
-    if input_text.strip():
-        return PROMPT_TEMPLATE_WITH_INPUT.format(instruction=instruction, input=input_text)
-    return PROMPT_TEMPLATE.format(instruction=instruction)
+@contextmanager
+def rendering(source: str):
+    """A row the template cannot render is a DataError naming the row."""
+    try:
+        yield
+    except TemplateError as err:
+        raise DataError(f"{source}: {err}") from None
 
 
-def render_chat_prompt(messages: list[dict]) -> str:
-    """Conversation so far plus the header that asks for the assistant's next turn."""
-    text = "".join(CHAT_ROLE_HEADER.format(role=m["role"].capitalize()) + m["content"] + "\n\n" for m in messages)
-    return text + CHAT_ROLE_HEADER.format(role="Assistant")
+def fit_length(source: str, length: int, max_seq_len: int, overlength: str, what: str = "") -> str:
+    """The one overlength rule: "keep" when `length` tokens fit max_seq_len, else data.overlength's
+    "truncate" or "drop"; "error" raises naming the row. How a kind of row truncates is its own."""
+    if length <= max_seq_len:
+        return "keep"
+    if overlength == "error":
+        raise DataError(f"{source}: {what}{length} tokens exceeds data.max_seq_len={max_seq_len} "
+                        "(set data.overlength=truncate or drop to allow)")
+    return overlength
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -241,77 +220,41 @@ class TokenizedSplit:
     stats: DatasetStats = field(default_factory=DatasetStats)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def encode_row(tokenizer, row: dict, fmt: str, template="auto") -> tuple[list[int], list[int]]:
+    """Token ids and labels of an instruction/chat row: prompt tokens masked, the assistant's
+    response through its end (eos, or the chat template's end-of-turn token) trained."""
+    return chat_template(tokenizer, template).encode(row, fmt)
 
 
-def _bos(tokenizer) -> list[int]:
-    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
-        return [tokenizer.bos_token_id]
-    return []
-
-
-def _encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Piecewise encoding (as generation sees it): role header, then content; assistant turns train."""
-    ids = _bos(tokenizer)
-    labels = [IGNORE_INDEX] * len(ids)
-    for i, message in enumerate(messages):
-        header = _ids(tokenizer, CHAT_ROLE_HEADER.format(role=message["role"].capitalize()))
-        trains = message["role"] == "assistant"
-        if message["role"] == "assistant":
-            body = _ids(tokenizer, message["content"]) + [tokenizer.eos_token_id]
-            tail = _ids(tokenizer, "\n\n") if i < len(messages) - 1 else []
-        else:
-            body, tail = _ids(tokenizer, message["content"] + "\n\n"), []
-        ids += header + body + tail
-        labels += [IGNORE_INDEX] * len(header) + (body if trains else [IGNORE_INDEX] * len(body))
-        labels += [IGNORE_INDEX] * len(tail)
-    return ids, labels
-
-
-def encode_row(tokenizer, row: dict, fmt: str) -> tuple[list[int], list[int]]:
-    """Token ids and labels: prompt tokens masked, response tokens + eos trained."""
-    if fmt == "instruction":
-        prompt = _bos(tokenizer) + _ids(tokenizer, format_prompt(row["instruction"], row["input"]))
-        answer = _ids(tokenizer, row["output"]) + [tokenizer.eos_token_id]
-        return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
-    if fmt == "chat":
-        return _encode_chat(tokenizer, row["messages"])
-    raise ValueError(f"encode_row does not handle format {fmt!r}")
-
-
-def eval_prompt(tokenizer, row: dict, fmt: str) -> tuple[list[int], str]:
-    """Prompt ids for generation and the expected answer (instruction: output; chat: last turn)."""
-    if fmt == "instruction":
-        return _bos(tokenizer) + _ids(tokenizer, format_prompt(row["instruction"], row["input"])), row["output"]
-    history, _ = _encode_chat(tokenizer, row["messages"][:-1]) if len(row["messages"]) > 1 else (_bos(tokenizer), [])
-    header = _ids(tokenizer, CHAT_ROLE_HEADER.format(role="Assistant"))
-    return history + header, row["messages"][-1]["content"]
+def eval_prompt(tokenizer, row: dict, fmt: str, template="auto") -> tuple[list[int], str]:
+    """Prompt ids for generation and the expected answer (instruction: output; chat: last turn;
+    preference: chosen)."""
+    return chat_template(tokenizer, template).prompt(row, fmt)
 
 
 def tokenize_split(tokenizer, rows: list[dict], sources: list[str], fmt: str, max_seq_len: int,
-                   overlength: str, with_prompts: bool = False) -> TokenizedSplit:
+                   overlength: str, with_prompts: bool = False, template="auto") -> TokenizedSplit:
+    """Instruction/chat rows as Examples (and their eval prompts when `with_prompts`), rendered by
+    `template` (a data.template setting or a template); long rows follow `overlength`."""
+    template = chat_template(tokenizer, template)
     split = TokenizedSplit()
     for row, source in zip(rows, sources):
-        ids, labels = encode_row(tokenizer, row, fmt)
-        if len(ids) > max_seq_len:
-            if overlength == "error":
-                raise DataError(
-                    f"{source}: {len(ids)} tokens exceeds data.max_seq_len={max_seq_len} "
-                    "(set data.overlength=truncate or drop to allow)"
-                )
-            if overlength == "drop":
-                split.stats.dropped += 1
-                continue
+        with rendering(source):
+            ids, labels = template.encode(row, fmt)
+            prompt = template.prompt(row, fmt) if with_prompts else None
+        action = fit_length(source, len(ids), max_seq_len, overlength)
+        if action == "drop":
+            split.stats.dropped += 1
+            continue
+        if action == "truncate":
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
             if all(label == IGNORE_INDEX for label in labels):
                 split.stats.dropped += 1  # nothing left to learn from
                 continue
             split.stats.truncated += 1
         split.examples.append(Example(ids, labels, source))
-        if with_prompts:
-            prompt_ids, answer = eval_prompt(tokenizer, row, fmt)
-            split.prompts.append(EvalPrompt(prompt_ids, answer, source))
+        if prompt is not None:
+            split.prompts.append(EvalPrompt(prompt[0], prompt[1], source))
     split.stats.rows = len(split.examples)
     if not split.examples:
         raise DataError(f"no usable rows left after data.overlength={overlength} (max_seq_len={max_seq_len})")
@@ -465,32 +408,26 @@ class PairExample:
     source: str = ""
 
 
-def encode_pair(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, chosen ids + eos, rejected ids + eos) of a normalised preference row."""
-    prompt = _bos(tokenizer) + _ids(tokenizer, row["prompt"])
-    return (prompt, _ids(tokenizer, row["chosen"]) + [tokenizer.eos_token_id],
-            _ids(tokenizer, row["rejected"]) + [tokenizer.eos_token_id])
-
-
 def tokenize_pairs(tokenizer, rows: list[dict], sources: list[str], max_seq_len: int,
-                   overlength: str) -> tuple[list[PairExample], DatasetStats]:
+                   overlength: str, template="auto") -> tuple[list[PairExample], DatasetStats]:
     """Preference rows as PairExamples; a pair whose longer side exceeds max_seq_len follows
     `overlength` (truncate cuts both sides; a side left without response tokens drops the pair)."""
+    template = chat_template(tokenizer, template)
     pairs, stats = [], DatasetStats()
     for row, source in zip(rows, sources):
-        prompt, chosen, rejected = encode_pair(tokenizer, row)
-        longest = len(prompt) + max(len(chosen), len(rejected))
-        if longest > max_seq_len:
-            if overlength == "error":
-                raise DataError(f"{source}: {longest} tokens exceeds data.max_seq_len={max_seq_len} "
-                                "(set data.overlength=truncate or drop to allow)")
-            room = max_seq_len - len(prompt)
-            if overlength == "drop" or room <= 0:
-                stats.dropped += 1
-                continue
-            chosen, rejected = chosen[:room], rejected[:room]
-            stats.truncated += 1
-        sides = [Example(prompt + side, [IGNORE_INDEX] * len(prompt) + side, source) for side in (chosen, rejected)]
+        with rendering(source):
+            prompt, chosen, rejected = template.pair(row)
+        room = max_seq_len - len(prompt)
+        action = fit_length(source, len(prompt) + max(len(chosen[0]), len(rejected[0])), max_seq_len, overlength)
+        if action == "truncate":
+            chosen, rejected = (chosen[0][:room], chosen[1][:room]), (rejected[0][:room], rejected[1][:room])
+            if room <= 0 or any(all(label == IGNORE_INDEX for label in side[1]) for side in (chosen, rejected)):
+                action = "drop"
+        if action == "drop":
+            stats.dropped += 1
+            continue
+        stats.truncated += action == "truncate"
+        sides = [Example(prompt + ids, [IGNORE_INDEX] * len(prompt) + labels, source) for ids, labels in (chosen, rejected)]
         pairs.append(PairExample(sides[0], sides[1], source))
     stats.rows = len(pairs)
     if not pairs:
@@ -499,23 +436,20 @@ def tokenize_pairs(tokenizer, rows: list[dict], sources: list[str], max_seq_len:
 
 
 def prompts_with_answers(tokenizer, rows: list[dict], sources: list[str], fmt: str, max_seq_len: int,
-                         overlength: str) -> tuple[list[EvalPrompt], DatasetStats]:
+                         overlength: str, template="auto") -> tuple[list[EvalPrompt], DatasetStats]:
     """Prompts to generate from and their known answers: an instruction's output, a chat's last
     assistant turn, a preference pair's chosen response. A prompt longer than max_seq_len follows
     `overlength` (truncate keeps its end, where the response header is)."""
+    template = chat_template(tokenizer, template)
     prompts, stats = [], DatasetStats()
     for row, source in zip(rows, sources):
-        if fmt == "preference":
-            prompt_ids, answer = _bos(tokenizer) + _ids(tokenizer, row["prompt"]), row["chosen"]
-        else:
-            prompt_ids, answer = eval_prompt(tokenizer, row, fmt)
-        if len(prompt_ids) > max_seq_len:
-            if overlength == "error":
-                raise DataError(f"{source}: prompt of {len(prompt_ids)} tokens exceeds data.max_seq_len={max_seq_len} "
-                                "(set data.overlength=truncate or drop to allow)")
-            if overlength == "drop":
-                stats.dropped += 1
-                continue
+        with rendering(source):
+            prompt_ids, answer = template.prompt(row, fmt)
+        action = fit_length(source, len(prompt_ids), max_seq_len, overlength, what="prompt of ")
+        if action == "drop":
+            stats.dropped += 1
+            continue
+        if action == "truncate":
             prompt_ids = prompt_ids[-max_seq_len:]
             stats.truncated += 1
         prompts.append(EvalPrompt(prompt_ids, answer, source))

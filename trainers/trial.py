@@ -99,12 +99,14 @@ def _cpu_model() -> str:
 
 def environment(cfg: ExperimentConfig, device=None) -> dict[str, str]:
     """Short strings (MLflow tags `env.*`): package versions, python, device, sha256 of the data
-    files and of a local base model (the embedded one is rebuilt per machine)."""
+    sources, of the chat template and of a local base model (the embedded one is rebuilt per machine)."""
     from importlib import metadata
 
     import torch
 
     from trainers.data import data_fingerprint, resolve_path
+    from trainers.model import load_tokenizer
+    from trainers.templates import chat_template
 
     env = {"python": platform.python_version()}
     for name in ENV_PACKAGES:
@@ -119,6 +121,9 @@ def environment(cfg: ExperimentConfig, device=None) -> dict[str, str]:
     else:
         env["device"] = f"{device.type} ({_cpu_model()})"  # CPU kernels, hence float sums, differ by ISA
     env.update({f"data.{split}_sha256": digest for split, digest in data_fingerprint(cfg.data).items()})
+    # Which template the rows were rendered with (param data.template says model or plain; a
+    # model's template text changes between revisions, its hash tells the runs apart).
+    env["data.template_sha256"] = chat_template(load_tokenizer(cfg.model), cfg.data.template).sha256
     model_dir = resolve_path(cfg.model.name_or_path)
     if model_dir.is_dir():
         weights = sorted(model_dir.glob("*.safetensors"))
@@ -129,18 +134,23 @@ def environment(cfg: ExperimentConfig, device=None) -> dict[str, str]:
 
 
 def check_inputs(cfg: ExperimentConfig) -> dict[str, int]:
-    """Validate a trial's data against its tokenizer before any compute: every row's rules, and
-    `data.overlength`. Raises DataError (file:line) or ConfigError (model key); returns row counts."""
+    """Validate a trial's data against its tokenizer before any compute: every row's rules, its
+    rendering by the chat template (eval prompts too), and `data.overlength`. Raises DataError
+    (source:row) or ConfigError (model or data key); returns row counts. Sets `data.template` of
+    `cfg` to the template it resolved to (model | plain): the value a run logs and replays."""
     from trainers.config import ConfigError
     from trainers.data import DataError, load_rows, tokenize_pairs, tokenize_split
     from trainers.model import load_tokenizer
     from trainers.recipes import RECIPES
+    from trainers.templates import chat_template
 
     try:
         tokenizer = load_tokenizer(cfg.model)
     except (OSError, ValueError) as err:
         raise ConfigError([("model.name_or_path", f"cannot load tokenizer of {cfg.model.name_or_path!r}: "
                                                   f"{str(err).splitlines()[0]}")]) from None
+    template = chat_template(tokenizer, cfg.data.template)
+    cfg.data.template = template.name
     counts = {}
     files = [("train", cfg.data.train_file, cfg.data.max_train_rows)]
     if cfg.data.eval_file:
@@ -148,13 +158,15 @@ def check_inputs(cfg: ExperimentConfig) -> dict[str, int]:
     fmt = cfg.data.format
     recipe = RECIPES[cfg.stage.name]
     for split, uri, limit in files:
-        fmt, rows, sources = load_rows(uri, fmt, limit)
+        fmt, rows, sources = load_rows(uri, fmt, limit, cfg.data.columns)
         if fmt not in recipe.data_formats:
             raise DataError(f"{uri}: holds {fmt} rows; stage {recipe.name} trains on "
                             f"{' or '.join(recipe.data_formats)} data (set data.train_file/data.eval_file, or data=...)")
         if fmt in ("instruction", "chat"):
-            stats = tokenize_split(tokenizer, rows, sources, fmt, cfg.data.max_seq_len, cfg.data.overlength).stats
+            stats = tokenize_split(tokenizer, rows, sources, fmt, cfg.data.max_seq_len, cfg.data.overlength,
+                                   with_prompts=split == "eval", template=template).stats
         else:
-            stats = tokenize_pairs(tokenizer, rows, sources, cfg.data.max_seq_len, cfg.data.overlength)[1]
+            stats = tokenize_pairs(tokenizer, rows, sources, cfg.data.max_seq_len, cfg.data.overlength,
+                                   template=template)[1]
         counts.update(stats.as_metrics(split))
     return counts

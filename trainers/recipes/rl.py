@@ -118,8 +118,9 @@ def grpo_loss(stage: RlConfig, reference: Reference, reward_model, tokenizer, ma
 
 
 def load_prompts(uri: str, fmt: str, limit: int | None, tokenizer, cfg):
-    fmt, rows, sources = load_rows(uri, fmt, limit)
-    return prompts_with_answers(tokenizer, rows, sources, fmt, cfg.data.max_seq_len, cfg.data.overlength)
+    fmt, rows, sources = load_rows(uri, fmt, limit, cfg.data.columns)
+    return prompts_with_answers(tokenizer, rows, sources, fmt, cfg.data.max_seq_len, cfg.data.overlength,
+                                template=cfg.data.template)
 
 
 def run(ctx: TrialContext) -> dict[str, float]:

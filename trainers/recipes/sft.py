@@ -31,13 +31,14 @@ def run(ctx: TrialContext) -> dict[str, float]:
 
     # --- setup: data first, so a bad row fails before the model costs anything
     tokenizer = load_tokenizer(cfg.model)
-    fmt, rows, sources = load_rows(cfg.data.train_file, cfg.data.format, cfg.data.max_train_rows)
-    train = tokenize_split(tokenizer, rows, sources, fmt, cfg.data.max_seq_len, cfg.data.overlength)
+    data = cfg.data
+    fmt, rows, sources = load_rows(data.train_file, data.format, data.max_train_rows, data.columns)
+    train = tokenize_split(tokenizer, rows, sources, fmt, data.max_seq_len, data.overlength, template=data.template)
     evaluation = None
-    if cfg.data.eval_file:
-        eval_fmt, eval_rows, eval_sources = load_rows(cfg.data.eval_file, fmt, cfg.data.max_eval_rows)
-        evaluation = tokenize_split(tokenizer, eval_rows, eval_sources, eval_fmt, cfg.data.max_seq_len,
-                                    cfg.data.overlength, with_prompts=True)
+    if data.eval_file:
+        eval_fmt, eval_rows, eval_sources = load_rows(data.eval_file, fmt, data.max_eval_rows, data.columns)
+        evaluation = tokenize_split(tokenizer, eval_rows, eval_sources, eval_fmt, data.max_seq_len,
+                                    data.overlength, with_prompts=True, template=data.template)
     batches, data_metrics = train.examples, train.stats.as_metrics("train")
     if cfg.data.packing:
         batches = pack_examples(train.examples, cfg.data.max_seq_len, cfg.train.seed)

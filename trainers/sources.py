@@ -1,0 +1,199 @@
+"""Where data rows come from: the values `data.train_file` / `data.eval_file` accept.
+
+    PATH.jsonl        JSON Lines, one object a line             rows named PATH:LINE
+    PATH.json         a JSON array of objects (or JSON Lines)   PATH:row N (PATH:LINE)
+    PATH.csv          a header line, then rows; cells are text  PATH:LINE
+    PATH.parquet                                                PATH:row N
+    DIR               a `datasets` save_to_disk directory       DIR:row N
+    DIR:SPLIT         one split of a saved DatasetDict          DIR:SPLIT:row N
+    hf:NAME[:SPLIT]   datasets.load_dataset(NAME, split=SPLIT or train): a hub dataset (needs the
+                      network) or a local dataset directory     hf:NAME:SPLIT:row N
+    embedded:NAME     a file shipped with the project
+
+Row N counts from 1 (row 1 is dataset[0]). `data.columns` ({field: column}) renames columns to
+the fields the formats use (instruction/input/output, messages, prompt/chosen/rejected); a
+column it names that the data lacks is an error naming it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+class DataError(ValueError):
+    """A data source breaks a rule; the message starts with `source:row:` (or `file:line:`)."""
+
+
+@dataclass
+class Row:
+    source: str  # "file:line" or "source:row N"
+    data: dict[str, Any]
+
+
+HF_PREFIX = "hf:"
+
+
+def resolve_path(uri: str) -> Path:
+    """`embedded:NAME` -> a file shipped with the project; anything else is a filesystem path."""
+    from trainers import embedded
+
+    if embedded.is_embedded(uri):
+        return embedded.resolve(uri)
+    return Path(uri).expanduser()
+
+
+def split_suffix(uri: str) -> tuple[str, str | None]:
+    """`NAME:SPLIT` -> (NAME, SPLIT); a last part with a slash is a path, not a split."""
+    head, sep, tail = uri.rpartition(":")
+    if sep and head and tail and "/" not in tail:
+        return head, tail
+    return uri, None
+
+
+def local_path(uri: str) -> Path | None:
+    """The local file or directory a source reads (to fingerprint it); None when missing or remote."""
+    if uri.startswith(HF_PREFIX):
+        uri = split_suffix(uri[len(HF_PREFIX):])[0]
+    for candidate in (uri, split_suffix(uri)[0]):
+        path = resolve_path(candidate)
+        if path.exists():
+            return path
+    return None
+
+
+def read_rows(uri: str, columns: dict[str, str] | None = None, limit: int | None = None) -> Iterator[Row]:
+    """The rows of a source (up to `limit`), columns renamed per `data.columns`."""
+    rows = _raw_rows(uri)
+    count = 0
+    for row in rows:
+        if columns:
+            row = Row(row.source, _renamed(row, columns))
+        yield row
+        count += 1
+        if limit is not None and count >= limit:
+            return
+
+
+def _renamed(row: Row, columns: dict[str, str]) -> dict[str, Any]:
+    for field, column in columns.items():
+        if column not in row.data:
+            raise DataError(f"{row.source}: no column {column!r} (data.columns.{field}={column}); "
+                            f"the row has {', '.join(sorted(row.data)) or 'no columns'}")
+    renamed = {k: v for k, v in row.data.items() if k not in columns.values()}
+    renamed.update({field: row.data[column] for field, column in columns.items()})
+    return renamed
+
+
+def _raw_rows(uri: str) -> Iterable[Row]:
+    if uri.startswith(HF_PREFIX):
+        return _dataset_rows(uri, _load_hub(uri))
+    path = resolve_path(uri)
+    suffix = path.suffix.lower()
+    if path.is_file():
+        if suffix == ".csv":
+            return read_csv(path)
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return (Row(f"{path}:row {n}", obj) for n, obj in enumerate(pq.read_table(path).to_pylist(), start=1))
+        if suffix == ".json":
+            return read_json(path)
+        return read_jsonl(path)
+    if path.is_dir() or resolve_path(split_suffix(uri)[0]).is_dir():
+        return _dataset_rows(uri, _load_saved(uri))
+    raise DataError(f"{uri}: data file not found")
+
+
+def read_jsonl(path: Path) -> Iterator[Row]:
+    """Rows of a JSONL file; blank lines are skipped, anything else must be a JSON object."""
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield Row(where, obj)
+
+
+def read_json(path: Path) -> Iterator[Row]:
+    """A JSON array of objects; a .json file that holds JSON Lines is read as such."""
+    try:
+        whole = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        yield from read_jsonl(path)
+        return
+    if isinstance(whole, dict):
+        yield Row(f"{path}:row 1", whole)
+        return
+    if not isinstance(whole, list):
+        raise DataError(f"{path}: expected a JSON array of objects or JSON Lines, got {type(whole).__name__}")
+    for n, obj in enumerate(whole, start=1):
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:row {n}: expected a JSON object, got {type(obj).__name__}")
+        yield Row(f"{path}:row {n}", obj)
+
+
+def read_csv(path: Path) -> Iterator[Row]:
+    """Header + rows; every cell is text (no type guessing: an answer "5" stays "5")."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        for record in reader:
+            if None in record:
+                raise DataError(f"{path}:{reader.line_num}: more cells than the header has columns")
+            yield Row(f"{path}:{reader.line_num}", dict(record))
+
+
+def _load_saved(uri: str):
+    import datasets
+
+    path = resolve_path(uri)
+    split = None
+    if not path.is_dir():
+        head, split = split_suffix(uri)
+        path = resolve_path(head)
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(f"{uri}: not a saved dataset (datasets save_to_disk): {err}") from None
+    return _one_split(uri, loaded, split)
+
+
+def _load_hub(uri: str):
+    import datasets
+
+    name, split = split_suffix(uri[len(HF_PREFIX):])
+    if not name:
+        raise DataError(f"{uri}: expected hf:NAME or hf:NAME:SPLIT")
+    try:
+        return datasets.load_dataset(name, split=split or "train")
+    except Exception as err:  # hub, network, builder and split errors alike: all mean "cannot read this source"
+        raise DataError(f"{uri}: cannot load with datasets.load_dataset: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def _one_split(uri: str, loaded, split: str | None):
+    import datasets
+
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is None or split not in loaded:
+            wanted = f"no split {split!r}" if split else "a DatasetDict"
+            raise DataError(f"{uri}: {wanted}; name one of its splits as {uri.rsplit(':', 1)[0] if split else uri}"
+                            f":SPLIT ({', '.join(loaded)})")
+        return loaded[split]
+    if split is not None:
+        raise DataError(f"{uri}: a single dataset has no splits; drop ':{split}'")
+    return loaded
+
+
+def _dataset_rows(uri: str, dataset) -> Iterator[Row]:
+    for n, obj in enumerate(dataset, start=1):
+        yield Row(f"{uri}:row {n}", obj)

@@ -1,0 +1,222 @@
+"""How a row becomes tokens: the model's own chat template or the project's plain one.
+
+`data.template`: auto (the tokenizer's chat template when it has one, else plain) | model | plain.
+
+A template gives, for a normalised row (trainers.data), the training ids with labels on the
+assistant's tokens only, the prompt ids that generation starts from, and a preference pair's
+prompt and two responses. Training (every stage) and evaluation render through the same object,
+so a model is evaluated in the format it was trained in, and served later in it.
+
+model: the ids are exactly `tokenizer.apply_chat_template(messages)`'s, and a prompt is exactly
+`apply_chat_template(history, add_generation_prompt=True)`'s. An instruction row is the one-turn
+conversation user: instruction (+ blank line + input), assistant: output; a preference row's text
+prompt is one user turn. Which tokens are the assistant's follows from rendering prefixes of the
+conversation: turn i is what `render(messages[:i+1])` adds to
+`render(messages[:i], add_generation_prompt=True)`, found by character offsets in the one
+tokenization of the whole. This needs a template that renders a prefix as the start of the whole
+(ChatML, Llama-3, Mistral, Gemma, ... do); one that rewrites earlier turns once later ones follow
+(e.g. drops past reasoning) is refused naming the row. A turn trains from its content through its
+end-of-turn token (the turn's last special token); what the template writes after it (ChatML's
+newline) is not trained: generation has stopped by then.
+
+plain: the project's "### Instruction:/### Response:" prompt for instruction rows and
+"### User:/### Assistant:" headers for chat; eos closes each assistant turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding tokens)
+
+PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+PROMPT_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+CHAT_ROLE_HEADER = "### {role}:\n"
+
+
+class TemplateError(ValueError):
+    """A row the template cannot render; trainers.data prefixes the row's `source:`."""
+
+
+def chat_template(tokenizer, setting: str = "auto"):
+    """The template `data.template=setting` means for this tokenizer (a template passes through)."""
+    if isinstance(setting, (PlainTemplate, ModelTemplate)):
+        return setting
+    from trainers.config import DATA_TEMPLATES, ConfigError
+
+    if setting not in DATA_TEMPLATES:
+        raise ConfigError([("data.template", f"must be one of {', '.join(DATA_TEMPLATES)}, got {setting!r}")])
+    has_template = isinstance(getattr(tokenizer, "chat_template", None), str)
+    if setting == "model" and not has_template:
+        raise ConfigError([("data.template", "model: the tokenizer has no chat template "
+                                             "(use data.template=plain, or auto)")])
+    if setting == "model" or (setting == "auto" and has_template):
+        return ModelTemplate(tokenizer)
+    return PlainTemplate(tokenizer)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def format_prompt(instruction: str, input_text: str = "") -> str:
+    if input_text.strip():
+        return PROMPT_TEMPLATE_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def render_chat_prompt(messages: list[dict]) -> str:
+    """Plain: conversation so far plus the header that asks for the assistant's next turn."""
+    text = "".join(CHAT_ROLE_HEADER.format(role=m["role"].capitalize()) + m["content"] + "\n\n" for m in messages)
+    return text + CHAT_ROLE_HEADER.format(role="Assistant")
+
+
+def conversation(row: dict, fmt: str) -> list[dict]:
+    """A normalised instruction or chat row as messages (instruction: one user/assistant turn)."""
+    if fmt == "chat":
+        return row["messages"]
+    if fmt == "instruction":
+        user = row["instruction"] + (f"\n\n{row['input']}" if row["input"].strip() else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+    raise ValueError(f"no conversation for format {fmt!r}")
+
+
+def preference_history(row: dict) -> list[dict]:
+    """A preference row's prompt as the messages before the response."""
+    prompt = row["prompt"]
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+class PlainTemplate:
+    name = "plain"
+    sha256 = _sha256(PROMPT_TEMPLATE + PROMPT_TEMPLATE_WITH_INPUT + CHAT_ROLE_HEADER)
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _bos(self) -> list[int]:
+        tokenizer = self.tokenizer
+        if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+            return [tokenizer.bos_token_id]
+        return []
+
+    def _chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """Piecewise (as generation sees it): role header, then content; assistant turns train."""
+        eos = self.tokenizer.eos_token_id
+        ids = self._bos()
+        labels = [IGNORE_INDEX] * len(ids)
+        for i, message in enumerate(messages):
+            header = self._ids(CHAT_ROLE_HEADER.format(role=message["role"].capitalize()))
+            trains = message["role"] == "assistant"
+            if trains:
+                body = self._ids(message["content"]) + [eos]
+                tail = self._ids("\n\n") if i < len(messages) - 1 else []
+            else:
+                body, tail = self._ids(message["content"] + "\n\n"), []
+            ids += header + body + tail
+            labels += [IGNORE_INDEX] * len(header) + (body if trains else [IGNORE_INDEX] * len(body))
+            labels += [IGNORE_INDEX] * len(tail)
+        return ids, labels
+
+    def encode(self, row: dict, fmt: str) -> tuple[list[int], list[int]]:
+        """Token ids and labels: prompt tokens masked, response tokens + eos trained."""
+        if fmt == "chat":
+            return self._chat(row["messages"])
+        prompt = self._bos() + self._ids(format_prompt(row["instruction"], row["input"]))
+        answer = self._ids(row["output"]) + [self.tokenizer.eos_token_id]
+        return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+    def prompt(self, row: dict, fmt: str) -> tuple[list[int], str]:
+        """Prompt ids for generation and the expected answer."""
+        if fmt == "instruction":
+            return self._bos() + self._ids(format_prompt(row["instruction"], row["input"])), row["output"]
+        if fmt == "preference":
+            return self._bos() + self._ids(self._preference_text(row)), row["chosen"]
+        messages = row["messages"]
+        history = self._chat(messages[:-1])[0] if len(messages) > 1 else self._bos()
+        return history + self._ids(CHAT_ROLE_HEADER.format(role="Assistant")), messages[-1]["content"]
+
+    def _preference_text(self, row: dict) -> str:
+        prompt = row["prompt"]
+        return render_chat_prompt(prompt) if isinstance(prompt, list) else format_prompt(prompt)
+
+    def pair(self, row: dict) -> tuple[list[int], tuple[list[int], list[int]], tuple[list[int], list[int]]]:
+        """(prompt ids, (chosen ids, labels), (rejected ids, labels)): each response + eos trained."""
+        prompt = self._bos() + self._ids(self._preference_text(row))
+        sides = [self._ids(row[key]) + [self.tokenizer.eos_token_id] for key in ("chosen", "rejected")]
+        return prompt, (sides[0], list(sides[0])), (sides[1], list(sides[1]))
+
+
+class ModelTemplate:
+    name = "model"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.sha256 = _sha256(tokenizer.chat_template)
+        special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+        self.special_ids = special | set(tokenizer.all_special_ids)
+
+    def render(self, messages: list[dict], generation: bool = False) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        except Exception as err:  # a chat template is the model author's code: any failure is its complaint
+            raise TemplateError(f"the model's chat template (data.template=model) cannot render this "
+                                f"conversation: {type(err).__name__}: {err}") from None
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _assistant_spans(self, messages: list[dict], full: str) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns' text in `full` (the whole conversation)."""
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before, through = self.render(messages[:i], generation=True), self.render(messages[:i + 1])
+            if not (through.startswith(before) and full.startswith(through)):
+                raise TemplateError(
+                    f"the model's chat template renders the conversation before turn {i} differently once later "
+                    "turns follow (it rewrites earlier turns), so the assistant's tokens cannot be told apart; "
+                    "use data.template=plain or one-turn rows")
+            spans.append((len(before), len(through)))
+        return spans
+
+    def _encode(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        full = self.render(messages)
+        encoding = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+        labels = [IGNORE_INDEX] * len(ids)
+        for start, end in self._assistant_spans(messages, full):
+            inside = [j for j, (first, _) in enumerate(offsets) if start <= first < end]
+            content = next((j for j in inside if ids[j] not in self.special_ids), None)
+            if content is None:
+                continue
+            ends = [j for j in inside if j > content and ids[j] in self.special_ids]
+            for j in inside:
+                if j <= (ends[-1] if ends else inside[-1]):
+                    labels[j] = ids[j]
+        return ids, labels
+
+    def encode(self, row: dict, fmt: str) -> tuple[list[int], list[int]]:
+        return self._encode(conversation(row, fmt))
+
+    def prompt(self, row: dict, fmt: str) -> tuple[list[int], str]:
+        if fmt == "preference":
+            return self._ids(self.render(preference_history(row), generation=True)), row["chosen"]
+        messages = conversation(row, fmt)
+        return self._ids(self.render(messages[:-1], generation=True)), messages[-1]["content"]
+
+    def pair(self, row: dict) -> tuple[list[int], tuple[list[int], list[int]], tuple[list[int], list[int]]]:
+        history = preference_history(row)
+        prompt = self._ids(self.render(history, generation=True))
+        sides = []
+        for key in ("chosen", "rejected"):
+            ids, labels = self._encode(history + [{"role": "assistant", "content": row[key]}])
+            if ids[:len(prompt)] != prompt:
+                raise TemplateError(f"the {key} conversation does not start with the prompt's tokens under the "
+                                    "model's chat template; use data.template=plain")
+            sides.append((ids[len(prompt):], labels[len(prompt):]))
+        return prompt, sides[0], sides[1]
