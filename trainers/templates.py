@@ -190,7 +190,9 @@ class ModelTemplate:
         ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
         labels = [IGNORE_INDEX] * len(ids)
         for start, end in self._assistant_spans(messages, full):
-            inside = [j for j, (first, _) in enumerate(offsets) if start <= first < end]
+            # Overlap, not containment: a normalizer or a merge can join the header's last character
+            # to the content's first token, which is still the assistant's to produce.
+            inside = [j for j, (first, last) in enumerate(offsets) if first < end and last > start]
             content = next((j for j in inside if ids[j] not in self.special_ids), None)
             if content is None:
                 continue
