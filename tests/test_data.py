@@ -1,6 +1,9 @@
-"""Data rules: every bad-row kind names file:line; loss masking covers only the response."""
+"""Data rules: every bad-row kind names file:line (source:row); loss masking covers only the response;
+every kind of source (JSONL, Parquet, CSV, JSON, saved datasets, hf:) gives the same rows."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -158,3 +161,105 @@ def test_a_stage_refuses_data_of_the_wrong_kind_before_compute(write_jsonl, make
                    "data.eval_file=null")
     with pytest.raises(DataError, match=r"i.jsonl: holds instruction rows; stage dpo trains on preference data"):
         check_inputs(cfg)
+
+
+# --------------------------------------------------------------------------- sources beyond JSONL
+
+ROWS = [{"question": "What number comes after 4?", "answer": "5"}, {"question": "What is 3 plus 4?", "answer": "7"}]
+COLUMNS = {"instruction": "question", "output": "answer"}
+
+
+def _write_sources(tmp_path) -> dict[str, str]:
+    """The same two rows as Parquet, CSV, a JSON array, a save_to_disk directory and a DatasetDict."""
+    import csv
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "rows.parquet")
+    with open(tmp_path / "rows.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["question", "answer"])
+        writer.writeheader()
+        writer.writerows(ROWS)
+    (tmp_path / "rows.json").write_text(json.dumps(ROWS))
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]),
+                          "test": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dict"))
+    return {"parquet": str(tmp_path / "rows.parquet"), "csv": str(tmp_path / "rows.csv"),
+            "json": str(tmp_path / "rows.json"), "saved": str(tmp_path / "saved"), "split": f"{tmp_path / 'dict'}:test"}
+
+
+def test_every_source_gives_the_same_rows_with_columns_mapped(tmp_path, tokenizer):
+    sources = _write_sources(tmp_path)
+    expected = [{"instruction": r["question"], "input": "", "output": r["answer"]} for r in ROWS]
+    for kind, uri in sources.items():
+        fmt, rows, names = load_rows(uri, "auto", columns=COLUMNS)
+        assert (fmt, rows) == ("instruction", expected), kind
+        first = {"csv": f"{uri}:2", "split": f"{uri}:row 1"}.get(kind, f"{uri}:row 1")
+        assert names[0] == first, kind
+    # A CSV answer "5" stays text (no type guessing), and the tokens match the JSONL's.
+    fmt, rows, names = load_rows(sources["csv"], "auto", columns=COLUMNS)
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps({"instruction": r["question"], "output": r["answer"]}) + "\n" for r in ROWS))
+    plain = load_rows(str(jsonl))
+    assert [e.input_ids for e in tokenize_split(tokenizer, rows, names, fmt, 64, "error").examples] == \
+           [e.input_ids for e in tokenize_split(tokenizer, plain[1], plain[2], plain[0], 64, "error").examples]
+
+
+def test_hf_source_loads_a_local_dataset_directory(tmp_path):
+    """hf:NAME goes through datasets.load_dataset; a local directory of data files needs no hub."""
+    folder = tmp_path / "local_ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (folder / "test.jsonl").write_text(json.dumps(ROWS[1]) + "\n")
+    fmt, rows, names = load_rows(f"hf:{folder}", "auto", columns=COLUMNS)
+    assert [r["output"] for r in rows] == ["5", "7"] and names == [f"hf:{folder}:row 1", f"hf:{folder}:row 2"]
+    _, rows, names = load_rows(f"hf:{folder}:test", "auto", columns=COLUMNS)
+    assert [r["output"] for r in rows] == ["7"] and names == [f"hf:{folder}:test:row 1"]
+    with pytest.raises(DataError, match=rf"hf:{folder}:nope: cannot load with datasets.load_dataset"):
+        load_rows(f"hf:{folder}:nope")
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "json", "saved"])
+def test_bad_rows_and_missing_columns_are_named_in_every_source(tmp_path, kind):
+    uri = _write_sources(tmp_path)[kind]
+    with pytest.raises(DataError) as err:
+        load_rows(uri, "auto", columns={"instruction": "question", "output": "reply"})
+    where = f"{uri}:2" if kind == "csv" else f"{uri}:row 1"
+    assert str(err.value).startswith(f"{where}: no column 'reply' (data.columns.output=reply)")
+    with pytest.raises(DataError) as err:
+        load_rows(uri, "auto")  # unmapped, the columns say nothing of the format
+    assert str(err.value).startswith(f"{where}: cannot tell the format")
+
+
+def test_a_bad_value_deep_in_a_parquet_file_is_named_by_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"instruction": "a", "output": "b"}] * 3 + [{"instruction": "a", "output": ""}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=rf"{tmp_path / 'bad.parquet'}:row 4: field 'output' is empty"):
+        load_rows(str(tmp_path / "bad.parquet"))
+
+
+def test_a_dataset_dict_needs_its_split_named(tmp_path):
+    uri = _write_sources(tmp_path)["split"].rsplit(":", 1)[0]
+    with pytest.raises(DataError, match=r"dict: a DatasetDict; name one of its splits as .*dict:SPLIT \(train, test\)"):
+        load_rows(uri)
+
+
+def test_columns_config_is_checked_and_fingerprints_follow_directories(make_cfg, tmp_path):
+    from trainers.config import ConfigError
+    from trainers.data import data_fingerprint
+
+    with pytest.raises(ConfigError, match="data.columns.bogus"):
+        make_cfg("data.columns.bogus=x")
+    assert make_cfg("data.columns.output=answer").data.columns.mapping() == {"output": "answer"}
+    saved = _write_sources(tmp_path)["saved"]
+    cfg = make_cfg(f"data.train_file={saved}", "data.eval_file=null")
+    before = data_fingerprint(cfg.data)["train"]
+    import datasets
+
+    datasets.Dataset.from_list(ROWS[:1]).save_to_disk(saved)
+    assert before and data_fingerprint(cfg.data)["train"] != before

@@ -26,8 +26,6 @@ SCHEDULERS = ("cosine", "linear", "constant")
 OVERLENGTH_POLICIES = ("error", "truncate", "drop")
 DATA_FORMATS = ("auto", "instruction", "chat", "preference")
 DATA_TEMPLATES = ("auto", "model", "plain")
-# What data.columns may map a column to: the fields of the three formats.
-DATA_FIELDS = ("instruction", "input", "output", "messages", "prompt", "chosen", "rejected")
 
 
 class ConfigError(ValueError):
@@ -60,6 +58,24 @@ class ModelConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    """The column holding each field of the formats, where it is named otherwise (null: the field's
+    own name), e.g. data.columns.instruction=question data.columns.output=answer."""
+
+    instruction: Optional[str] = None
+    input: Optional[str] = None
+    output: Optional[str] = None
+    messages: Optional[str] = None
+    prompt: Optional[str] = None
+    chosen: Optional[str] = None
+    rejected: Optional[str] = None
+
+    def mapping(self) -> dict[str, str]:
+        """{field: column} of the fields named otherwise."""
+        return {name: column for name, column in dataclasses.asdict(self).items() if column}
+
+
+@dataclass
 class DataConfig:
     # instruction/chat JSONL for SFT, preference JSONL for reward/dpo; `embedded:` = shipped data.
     format: str = "auto"
@@ -79,8 +95,8 @@ class DataConfig:
     # model = its chat template (an instruct model trains and is evaluated in its own format);
     # plain = the project's "### Instruction:" / "### User:" headers. Logged resolved (model|plain).
     template: str = "auto"
-    # {field: column} when the data's columns have other names, e.g. {instruction: question, output: answer}.
-    columns: Dict[str, str] = field(default_factory=dict)
+    # The data's column names where they differ from the fields (data.columns.output=answer).
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -103,11 +119,6 @@ class DataConfig:
             problems.append(("data.max_new_tokens", f"must be > 0, got {self.max_new_tokens}"))
         if self.template not in DATA_TEMPLATES:
             problems.append(("data.template", f"must be one of {', '.join(DATA_TEMPLATES)}, got {self.template!r}"))
-        for name, column in self.columns.items():
-            if name not in DATA_FIELDS:
-                problems.append((f"data.columns.{name}", f"not a data field; fields are {', '.join(DATA_FIELDS)}"))
-            elif not isinstance(column, str) or not column:
-                problems.append((f"data.columns.{name}", f"must name a column, got {column!r}"))
         return problems
 
 

@@ -158,7 +158,7 @@ def check_inputs(cfg: ExperimentConfig) -> dict[str, int]:
     fmt = cfg.data.format
     recipe = RECIPES[cfg.stage.name]
     for split, uri, limit in files:
-        fmt, rows, sources = load_rows(uri, fmt, limit, cfg.data.columns)
+        fmt, rows, sources = load_rows(uri, fmt, limit, cfg.data.columns.mapping())
         if fmt not in recipe.data_formats:
             raise DataError(f"{uri}: holds {fmt} rows; stage {recipe.name} trains on "
                             f"{' or '.join(recipe.data_formats)} data (set data.train_file/data.eval_file, or data=...)")

@@ -92,11 +92,11 @@ def load_preference_splits(cfg: "ExperimentConfig", tokenizer, with_prompts: boo
     from trainers.data import load_rows, prompts_with_answers, tokenize_pairs
 
     data = cfg.data
-    _, rows, sources = load_rows(data.train_file, "preference", data.max_train_rows, data.columns)
+    _, rows, sources = load_rows(data.train_file, "preference", data.max_train_rows, data.columns.mapping())
     splits = PreferenceSplits(*tokenize_pairs(tokenizer, rows, sources, data.max_seq_len, data.overlength,
                                               template=data.template))
     if data.eval_file:
-        _, rows, sources = load_rows(data.eval_file, "preference", data.max_eval_rows, data.columns)
+        _, rows, sources = load_rows(data.eval_file, "preference", data.max_eval_rows, data.columns.mapping())
         splits.eval_pairs, _ = tokenize_pairs(tokenizer, rows, sources, data.max_seq_len, data.overlength,
                                               template=data.template)
         if with_prompts:

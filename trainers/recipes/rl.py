@@ -118,7 +118,7 @@ def grpo_loss(stage: RlConfig, reference: Reference, reward_model, tokenizer, ma
 
 
 def load_prompts(uri: str, fmt: str, limit: int | None, tokenizer, cfg):
-    fmt, rows, sources = load_rows(uri, fmt, limit, cfg.data.columns)
+    fmt, rows, sources = load_rows(uri, fmt, limit, cfg.data.columns.mapping())
     return prompts_with_answers(tokenizer, rows, sources, fmt, cfg.data.max_seq_len, cfg.data.overlength,
                                 template=cfg.data.template)
 

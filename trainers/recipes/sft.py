@@ -32,11 +32,11 @@ def run(ctx: TrialContext) -> dict[str, float]:
     # --- setup: data first, so a bad row fails before the model costs anything
     tokenizer = load_tokenizer(cfg.model)
     data = cfg.data
-    fmt, rows, sources = load_rows(data.train_file, data.format, data.max_train_rows, data.columns)
+    fmt, rows, sources = load_rows(data.train_file, data.format, data.max_train_rows, data.columns.mapping())
     train = tokenize_split(tokenizer, rows, sources, fmt, data.max_seq_len, data.overlength, template=data.template)
     evaluation = None
     if data.eval_file:
-        eval_fmt, eval_rows, eval_sources = load_rows(data.eval_file, fmt, data.max_eval_rows, data.columns)
+        eval_fmt, eval_rows, eval_sources = load_rows(data.eval_file, fmt, data.max_eval_rows, data.columns.mapping())
         evaluation = tokenize_split(tokenizer, eval_rows, eval_sources, eval_fmt, data.max_seq_len,
                                     data.overlength, with_prompts=True, template=data.template)
     batches, data_metrics = train.examples, train.stats.as_metrics("train")
