@@ -20,7 +20,9 @@ USAGE = """usage: python -m orchestrator [+sweep=NAME] [KEY=VALUE ...]
   cluster.address=...    auto | HOST:PORT | ray://HOST:10001 (default: start a local Ray)
   tracking.uri=...       MLflow store (default sqlite:///mlflow.db)
   model.name_or_path=... hub id or local directory (default: the embedded tiny model)
-  data.train_file=...    JSONL; data.eval_file=... for eval loss and accuracy
+  data.train_file=...    JSONL, JSON, CSV, Parquet, a saved dataset dir or hf:NAME[:SPLIT];
+                         data.eval_file=... for eval loss and accuracy
+  data.template=...      auto | model (the tokenizer's chat template) | plain
   storage.path=...       checkpoints and adapters: a directory every node sees, or s3://bucket/prefix
                          (default ./runs)
   GROUP=OPTION           config groups: {groups}
@@ -62,20 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.runner import check_address
     from trainers.config import ConfigError
     from trainers.data import DataError
-    from trainers.trial import check_inputs
 
     # --- compose, validate, plan: nothing runs and nothing is tracked until all of it passes
     try:
         plan = make_plan(argv)
         check_address(plan.base.cluster.address)
-        templates: dict[tuple, str] = {}  # data checked -> the template it resolved to
-        for trial in plan.trials:
-            data_key = (trial.cfg.model.name_or_path, repr(trial.cfg.data))
-            if data_key not in templates:
-                check_inputs(trial.cfg)
-                templates[data_key] = trial.cfg.data.template
-            # Runs log (and replay) the template used, not `auto`; the trial key keeps the setting.
-            trial.cfg.data.template = templates[data_key]
+        check_plan_inputs(plan)
     except (ConfigError, DataError) as err:
         _print_errors(err)
         return 2
@@ -83,6 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     if plan.base.dry_run:
         return 0
     return run(plan, argv)
+
+
+def check_plan_inputs(plan) -> None:
+    """Every trial's data against its tokenizer (once per distinct model + data config). Each
+    trial's `data.template` becomes the template it resolved to: runs log and replay the template
+    used, not `auto`, while the trial key (computed before) keeps the setting."""
+    from trainers.trial import check_inputs
+
+    templates: dict[tuple, str] = {}
+    for trial in plan.trials:
+        data_key = (trial.cfg.model.name_or_path, repr(trial.cfg.data))
+        if data_key not in templates:
+            check_inputs(trial.cfg)
+            templates[data_key] = trial.cfg.data.template
+        trial.cfg.data.template = templates[data_key]
 
 
 def open_runs(plan, tracker, argv: list[str], storage: str) -> tuple[str, dict[str, str], set[str]]:

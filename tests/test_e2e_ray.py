@@ -62,6 +62,9 @@ def test_mlflow_contract(sweep_run):
         assert child.data.tags["stage"] == "sft" and child.data.tags["method"] == "lora"
         assert len(child.data.tags["trial_key"]) == 12
         assert child.data.params["method.name"] == "lora" and "train.lr" in child.data.params
+        # The embedded tokenizer has no chat template: auto resolved to plain, logged so, with its hash.
+        assert child.data.params["data.template"] == "plain"
+        assert len(child.data.tags["env.data.template_sha256"]) == 64
         for name in STEP_METRICS:
             history = client.get_metric_history(child.info.run_id, name)
             assert [m.step for m in history] == [10, 20, 30], name

@@ -217,3 +217,18 @@ def test_the_command_line_refuses_a_row_the_template_cannot_render(chat_model, t
     err = capsys.readouterr().err
     assert f"{data}:1: the model's chat template" in err and "System role not supported" in err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_plan_logs_the_resolved_template_and_keeps_its_trial_keys(chat_model):
+    from orchestrator.__main__ import check_plan_inputs
+    from orchestrator.plan import make_plan
+    from orchestrator.tracking import config_params
+
+    data = chat_model / "chat.jsonl"
+    for model, resolved in ((str(chat_model / "model"), "model"), ("embedded:base", "plain")):
+        data_args = [f"data.train_file={data}", "data=chat", "data.max_seq_len=64"] if resolved == "model" else []
+        plan = make_plan(["+sweep=lora_rank", f"model.name_or_path={model}", "data.eval_file=null", *data_args])
+        keys = [t.key for t in plan.trials]
+        check_plan_inputs(plan)
+        assert {config_params(t.config)["data.template"] for t in plan.trials} == {resolved}
+        assert [t.key for t in plan.trials] == keys

@@ -21,10 +21,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainers.sources import DataError, Row, local_path, read_rows, resolve_path
+from trainers.sources import DataError, Row, local_path, read_rows
+from trainers.sources import resolve_path  # noqa: F401  (callers import it from here)
 from trainers.templates import IGNORE_INDEX, TemplateError, chat_template
-
-__all__ = ["DataError", "IGNORE_INDEX", "Row", "resolve_path"]  # re-exported: callers import them from here
 
 CHAT_ROLES = ("system", "user", "assistant")
 
