@@ -263,3 +263,10 @@ def test_columns_config_is_checked_and_fingerprints_follow_directories(make_cfg,
 
     datasets.Dataset.from_list(ROWS[:1]).save_to_disk(saved)
     assert before and data_fingerprint(cfg.data)["train"] != before
+
+
+def test_a_folder_that_is_no_saved_dataset_points_to_hf(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps(GOOD) + "\n")
+    with pytest.raises(DataError, match=rf"{tmp_path}: not a saved dataset .*loads as hf:{tmp_path}"):
+        load_rows(str(tmp_path))
+    assert load_rows(f"hf:{tmp_path}")[1][0]["output"] == "5"

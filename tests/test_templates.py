@@ -232,3 +232,17 @@ def test_the_plan_logs_the_resolved_template_and_keeps_its_trial_keys(chat_model
         check_plan_inputs(plan)
         assert {config_params(t.config)["data.template"] for t in plan.trials} == {resolved}
         assert [t.key for t in plan.trials] == keys
+
+
+def test_generation_stops_at_the_templates_end_of_turn(make_cfg, tmp_path):
+    """A base model's eos (<|end_of_text|>) is not where its chat template ends a turn (<|eot_id|>):
+    with the model's template, eos becomes the end-of-turn token that training teaches."""
+    from trainers.templates import load_chat_tokenizer
+
+    base = make_tokenizer(LLAMA3, SPECIALS["llama3"] + ["<|end_of_text|>"], "<|end_of_text|>")
+    base.save_pretrained(tmp_path / "base")
+    cfg = make_cfg(f"model.name_or_path={tmp_path / 'base'}")
+    assert load_chat_tokenizer(cfg).eos_token == "<|eot_id|>"
+    cfg = make_cfg(f"model.name_or_path={tmp_path / 'base'}", "data.template=plain")
+    assert load_chat_tokenizer(cfg).eos_token == "<|end_of_text|>"
+    assert load_chat_tokenizer(make_cfg()).eos_token == "</s>"  # embedded: plain, unchanged

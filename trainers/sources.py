@@ -163,7 +163,8 @@ def _load_saved(uri: str):
     try:
         loaded = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as err:
-        raise DataError(f"{uri}: not a saved dataset (datasets save_to_disk): {err}") from None
+        raise DataError(f"{uri}: not a saved dataset (datasets save_to_disk; a folder of data files "
+                        f"loads as hf:{uri}): {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     return _one_split(uri, loaded, split)
 
 

@@ -55,6 +55,21 @@ def chat_template(tokenizer, setting: str = "auto"):
     return PlainTemplate(tokenizer)
 
 
+def load_chat_tokenizer(cfg):
+    """The trial's tokenizer, for the template `data.template` resolves to. With the model's
+    template, eos becomes the template's end-of-turn token when they differ (a base model's
+    `<|endoftext|>` under ChatML's `<|im_end|>`): training teaches the model to end a turn there,
+    so generation (evaluation, RL rollouts) stops there, and the saved tokenizer says so."""
+    from trainers.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    template = chat_template(tokenizer, cfg.data.template)
+    end = template.end_of_turn_id() if isinstance(template, ModelTemplate) else None
+    if end is not None and end != tokenizer.eos_token_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(end)
+    return tokenizer
+
+
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -204,6 +219,16 @@ class ModelTemplate:
 
     def encode(self, row: dict, fmt: str) -> tuple[list[int], list[int]]:
         return self._encode(conversation(row, fmt))
+
+    def end_of_turn_id(self) -> int | None:
+        """The special token that closes an assistant turn (None: the template writes none, or
+        cannot render a one-turn conversation, which validation reports on the rows)."""
+        try:
+            ids, labels = self._encode([{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}])
+        except TemplateError:
+            return None
+        trained = [token for token, label in zip(ids, labels) if label != IGNORE_INDEX]
+        return trained[-1] if trained and trained[-1] in self.special_ids else None
 
     def prompt(self, row: dict, fmt: str) -> tuple[list[int], str]:
         if fmt == "preference":

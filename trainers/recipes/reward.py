@@ -17,11 +17,12 @@ from trainers.context import TrialContext
 from trainers.data import PairExample
 from trainers.evaluate import margin_metrics, score_in_batches
 from trainers.methods import METHODS
-from trainers.model import count_parameters, load_tokenizer
+from trainers.model import count_parameters
 from trainers.policy import reward_scores, reward_sequence
 from trainers.recipes.base import register
 from trainers.recipes.base import RecipeSpec, StageConfig, load_preference_splits, needs_mergeable_method
 from trainers.recipes.inputs import load_start
+from trainers.templates import load_chat_tokenizer
 from trainers.training import train_loop
 
 
@@ -74,7 +75,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
     cfg, device = ctx.cfg, ctx.device
 
     # --- setup: data first, so a bad row fails before the model costs anything
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_chat_tokenizer(cfg)
     data = load_preference_splits(cfg, tokenizer)
     pad_id, eos_id, batch = tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.train.eval_batch_size
 

@@ -28,12 +28,13 @@ from trainers.context import TrialContext
 from trainers.data import EvalPrompt, load_rows, prompts_with_answers
 from trainers.evaluate import normalise_answer
 from trainers.methods import METHODS
-from trainers.model import count_parameters, load_tokenizer
+from trainers.model import count_parameters
 from trainers.policy import (Reference, decode, generate, policy_evaluation, reward_scores, reward_sequence,
                              token_logprobs)
 from trainers.recipes.base import register
 from trainers.recipes.base import RecipeSpec, StageConfig, needs_mergeable_method
 from trainers.recipes.inputs import load_reward_model, load_start
+from trainers.templates import load_chat_tokenizer
 from trainers.training import train_loop
 
 
@@ -127,7 +128,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
     cfg, stage, device = ctx.cfg, ctx.cfg.stage, ctx.device
 
     # --- setup: data first, so a bad row fails before the model costs anything
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_chat_tokenizer(cfg)
     prompts, prompt_stats = load_prompts(cfg.data.train_file, cfg.data.format, cfg.data.max_train_rows, tokenizer, cfg)
     eval_prompts = None
     if cfg.data.eval_file:

@@ -14,10 +14,11 @@ from trainers.context import TrialContext
 from trainers.data import load_rows, non_pad_fraction, pack_examples, tokenize_split
 from trainers.evaluate import evaluate
 from trainers.methods import METHODS
-from trainers.model import count_parameters, load_tokenizer
+from trainers.model import count_parameters
 from trainers.recipes.base import register
 from trainers.recipes.base import RecipeSpec, StageConfig
 from trainers.recipes.inputs import load_start
+from trainers.templates import load_chat_tokenizer
 from trainers.training import train_loop
 
 
@@ -30,7 +31,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
     cfg, device = ctx.cfg, ctx.device
 
     # --- setup: data first, so a bad row fails before the model costs anything
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_chat_tokenizer(cfg)
     data = cfg.data
     fmt, rows, sources = load_rows(data.train_file, data.format, data.max_train_rows, data.columns.mapping())
     train = tokenize_split(tokenizer, rows, sources, fmt, data.max_seq_len, data.overlength, template=data.template)
