@@ -391,6 +391,55 @@ def test_a_sharded_checkpoint_restores_on_another_number_of_workers(sharded_on_s
         assert restored["exp_avg_sq"][name] == pytest.approx(state["exp_avg_sq"].flatten().tolist(), abs=0), name
 
 
+def _latest_on_each_rank(rank: int, roots: list[str], out_dir: str, port: int) -> None:
+    """Rank `rank` of 2 looks up the newest checkpoint under each root in turn (its own when the
+    entry is a pair), writing what it found."""
+    import torch.distributed as dist
+
+    from trainers.checkpoint import CheckpointManager
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        found = []
+        for root in roots:
+            newest = CheckpointManager(root if isinstance(root, str) else root[rank]).latest()
+            found.append(newest.name if newest else None)
+        with open(os.path.join(out_dir, f"latest-{rank}.json"), "w") as handle:
+            json.dump(found, handle)
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as _rank_process: no C++ static teardown after gloo
+
+
+def test_ranks_agree_on_the_checkpoint_they_resume_from(tmp_path):
+    """Over a shared directory the ranks split the hashing and take the same checkpoint; when one
+    rank cannot see it (directories not shared), neither takes it, and neither waits forever."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    from trainers.checkpoint import CheckpointManager
+
+    shared = tmp_path / "shared"
+    model, optimizer, scheduler = _tiny_training_state(0)
+    for step in (2, 4):
+        CheckpointManager(shared).save(step, model, optimizer, scheduler)
+    (tmp_path / "empty").mkdir()
+    roots = [str(shared), (str(shared), str(tmp_path / "empty"))]
+    processes = mp.spawn(_latest_on_each_rank, args=(roots, str(tmp_path), _free_port()), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not processes.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in processes.processes:
+                process.kill()
+            pytest.fail("the ranks did not agree on a checkpoint: one of them waited forever")
+    found = [json.loads((tmp_path / f"latest-{rank}.json").read_text()) for rank in (0, 1)]
+    assert found == [["step-000004", None], ["step-000004", None]]
+
+
 # --------------------------------------------------------------------------- driver side
 
 

@@ -249,14 +249,13 @@ class CheckpointManager:
         the hashing and take a checkpoint only when all of them found their share intact."""
         if self.remote:
             return self._fetch_latest()
-        if not self.root.is_dir():
-            return None
         for leftover in self.root.glob(".*.partial"):
             shutil.rmtree(leftover, ignore_errors=True)
         rank, world = _rank_and_world()
-        for path in sorted((p for p in self.root.glob("step-*") if p.is_dir()), reverse=True):
-            if _all_agree(self.verify(path, share=(rank, world)), world):
-                return path
+        names = sorted((p.name for p in self.root.glob("step-*") if p.is_dir()), reverse=True)
+        for name in _rank0s(names, world):  # a rank that lacks one fails its share, so all skip it
+            if _all_agree(self.verify(self.root / name, share=(rank, world)), world):
+                return self.root / name
         return None
 
     def _fetch_latest(self) -> Path | None:
@@ -312,6 +311,24 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _collective_device():
+    import torch
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _rank0s(value, world: int):
+    """Rank 0's `value` on every rank, so all ranks walk the same candidates in the same order."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]
+
+
 def _all_agree(ok: bool, world: int) -> bool:
     """True when `ok` holds on every rank (each rank passes its own)."""
     if world == 1:
@@ -319,7 +336,6 @@ def _all_agree(ok: bool, world: int) -> bool:
     import torch
     import torch.distributed as dist
 
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
