@@ -82,7 +82,7 @@ def out_of_memory_reason(cfg: ExperimentConfig, device, err: BaseException) -> s
 
 
 # What a result depends on besides its config (and the code: the orchestrator adds the git state).
-ENV_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "ray", "mlflow")
+ENV_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "ray", "mlflow", "datasets")
 MODEL_HASH_LIMIT = 2**30  # hashing a multi-GB local checkpoint per trial costs more than it tells
 
 
