@@ -196,7 +196,7 @@ def plan_pipeline(overrides: list[str], base: ExperimentConfig, sweep_block: dic
     """Trials of a `sweep.stages` pipeline, upstream before downstream, each wired to its inputs."""
     from trainers import storage
     from trainers.recipes import RECIPES
-    from trainers.recipes.base import UNMERGEABLE_METHODS
+    from trainers.methods import METHODS
 
     for name in ("axes", "variants"):
         if sweep_block.get(name):
@@ -217,7 +217,7 @@ def plan_pipeline(overrides: list[str], base: ExperimentConfig, sweep_block: dic
         fields = dag.assign_inputs(node.stage, recipe_name, RECIPES[recipe_name].inputs,
                                    {name: RECIPES[t.cfg.stage.name].produces for name, t in upstream.items()})
         for name, trial in upstream.items():
-            if trial.cfg.method.name in UNMERGEABLE_METHODS:
+            if not METHODS[trial.cfg.method.name].mergeable:
                 raise ConfigError([(f"sweep.stages.{name}", f"method {trial.cfg.method.name} cannot be merged into "
                                                             f"the model, so stage {node.stage} cannot start from it")])
         # Group choices first: `method=full` must be applied before `method.*` values.

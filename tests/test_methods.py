@@ -219,14 +219,18 @@ def test_adapter_leaves_the_model_unchanged_at_init(base_dirs):
 
 
 def test_bitfit_refuses_a_model_without_biases(tmp_path):
+    """Validation reads config.json and refuses before anything runs; apply() still refuses a
+    model whose config could not be read up front."""
     from transformers import LlamaForCausalLM
 
     config = tiny_config()
     config.attention_bias = config.mlp_bias = False
     LlamaForCausalLM(config).save_pretrained(tmp_path / "nobias")
-    cfg = cfg_for(tmp_path / "nobias", "bitfit")
+    with pytest.raises(ConfigError, match="model_type llama"):
+        cfg_for(tmp_path / "nobias", "bitfit")
+    cfg = cfg_for(tmp_path / "unreadable", "bitfit")
     with pytest.raises(ValueError, match="no bias terms"):
-        METHODS["bitfit"].apply(load_base_model(cfg, CPU), cfg)
+        METHODS["bitfit"].apply(LlamaForCausalLM(config), cfg)
 
 
 def test_load_trained_rejects_a_directory_that_is_no_artifact(base_dirs, tmp_path):

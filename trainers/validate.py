@@ -43,7 +43,7 @@ def check(cfg: ExperimentConfig) -> list[tuple[str, str]]:
         problems.append(("method.name", f"unknown method; known: {', '.join(sorted(METHODS))}"))
     else:
         problems += [(f"method.{key}", msg) for key, msg in cfg.method.check()]
-        problems += spec.check_combination(cfg)
+        problems += spec.combination_problems(cfg)
         recipe = RECIPES.get(getattr(cfg.stage, "name", None))
         if recipe is not None:
             if cfg.data.format != "auto" and cfg.data.format not in recipe.data_formats:
@@ -56,7 +56,6 @@ def check(cfg: ExperimentConfig) -> list[tuple[str, str]]:
 
 
 PACKING_STAGES = ("sft",)  # stages whose loss reads data.packing / data.group_by_length
-VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
 
 
 def check_batching(cfg: ExperimentConfig) -> list[tuple[str, str]]:
@@ -68,7 +67,7 @@ def check_batching(cfg: ExperimentConfig) -> list[tuple[str, str]]:
             problems.append((f"data.{key}", f"only stage {' or '.join(PACKING_STAGES)} batches this way; "
                                             f"stage {stage} would ignore it"))
     method = getattr(cfg.method, "name", None)
-    if cfg.data.packing and method in VIRTUAL_TOKEN_METHODS:
+    if cfg.data.packing and method in METHODS and any(METHODS[method].virtual_tokens(cfg.method)):
         problems.append(("data.packing", f"method {method} puts virtual tokens before each row, which all "
                                          "examples packed in it would share: use unpacked batches"))
     return problems

@@ -7,10 +7,12 @@ Everything else is frozen.
 
 Trainable: layers x 2 sublayers x (hidden x b + b + b x hidden + hidden).
 
-Written here (AdapterHub's `adapters` pins old transformers): the adapters are child modules
-`self_attn.bottleneck_adapter` / `mlp.bottleneck_adapter` run by forward hooks, so the base
-weights keep their names and PEFT or a checkpoint loader still finds them. Works on any decoder
-whose layers have `self_attn` and `mlp` children (Llama, Qwen2, Mistral, Gemma, Phi-3) and on
+Written here (AdapterHub's `adapters` pins old transformers): the adapters are child modules of
+the attention block and of the feed-forward block (Llama `self_attn.bottleneck_adapter` /
+`mlp.bottleneck_adapter`; OPT, whose layer holds fc1/fc2 directly, `fc2.bottleneck_adapter`) run
+by forward hooks, so the base weights keep their names and PEFT or a checkpoint loader still
+finds them. The blocks are found by structure (trainers/methods/structure.py), so it works on
+every decoder here (Llama, Mistral, Qwen2/3, Phi-3, Gemma 2, GPT-2, GPT-NeoX, OPT) and on
 int8/nf4/fp4 bases (the adapters are fp32). The artifact is method_config.json + the adapter
 tensors as adapter_model.safetensors.
 """
@@ -25,7 +27,6 @@ from trainers.methods.base import MethodConfig, TensorsMethodSpec, positive, pre
 
 NONLINEARITIES = ("relu", "gelu", "silu", "tanh")
 ADAPTER_ATTR = "bottleneck_adapter"
-SUBLAYERS = ("self_attn", "mlp")
 
 
 @dataclass
@@ -72,25 +73,19 @@ def _run_adapter(module, args, output):
     return adapter(output)
 
 
-def decoder_layers(model) -> list:
-    """Modules with both an attention and a feed-forward child: the decoder layers."""
-    import torch
-
-    return [m for m in model.modules()
-            if all(isinstance(getattr(m, name, None), torch.nn.Module) for name in SUBLAYERS)]
-
-
 def attach(model, method: AdapterConfig):
-    """Insert one bottleneck after each attention and feed-forward sublayer (idempotent)."""
+    """Insert one bottleneck after each attention and feed-forward block (idempotent)."""
+    from trainers.methods import structure
+
     Bottleneck = _bottleneck_cls()
-    layers = decoder_layers(model)
+    layers = structure.decoder_layers(model)
     if not layers:
-        raise ValueError(f"method=adapter: {type(model).__name__} has no decoder layers with "
-                         f"{' and '.join(SUBLAYERS)} children to put adapters after")
-    hidden = model.config.hidden_size
+        raise ValueError(f"method=adapter: {type(model).__name__} has no repeated decoder layers with an "
+                         "attention and a feed-forward block to put adapters after")
     for layer in layers:
-        for name in SUBLAYERS:
-            sublayer = getattr(layer, name)
+        (_, attention), (ff_name, feedforward) = structure.sublayers(layer)
+        hidden = structure.out_features(structure.linears_in(feedforward, ff_name)[-1][1])  # the residual width
+        for sublayer in (attention, feedforward):
             if hasattr(sublayer, ADAPTER_ATTR):
                 continue
             device = next(p.device for p in sublayer.parameters())
@@ -106,5 +101,10 @@ def apply(model, cfg):
     return model
 
 
-SPEC = register(TensorsMethodSpec(name="adapter", config_cls=AdapterConfig, apply=apply, attach=attach,
-                                  saves="adapter", summary="bottleneck MLPs after attention and feed-forward"))
+def trainable_sizes(shape, method) -> list[int]:
+    b, h = method.bottleneck_size, shape.hidden
+    return [h * b, b, b * h, h] * 2 * shape.layers  # down, up (with biases) after both blocks
+
+
+SPEC = register(TensorsMethodSpec(name="adapter", trainable_sizes=trainable_sizes, config_cls=AdapterConfig, apply=apply, attach=attach,
+                                  saves="adapter", mergeable=False, summary="bottleneck MLPs after attention and feed-forward"))

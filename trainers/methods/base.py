@@ -39,6 +39,10 @@ def no_combination_limits(cfg: "ExperimentConfig") -> list[tuple[str, str]]:
     return []
 
 
+def no_virtual_tokens(method: Any) -> tuple[int, int]:
+    return 0, 0
+
+
 @dataclass
 class MethodSpec:
     name: str
@@ -50,6 +54,20 @@ class MethodSpec:
     # Which precisions/stages it can sit on; returns (key, reason) for impossible combinations.
     check_combination: Callable[["ExperimentConfig"], list[tuple[str, str]]] = no_combination_limits
     summary: str = ""
+    # The trained model is one plain model: the artifact folds into the base's weights (PEFT's
+    # merge_and_unload, or tensors trained in place), so a later stage or an export starts from it.
+    # False for methods that prepend virtual tokens or insert modules.
+    mergeable: bool = True
+    # (tokens prepended to every input row, prefix length added to every attention's keys/values)
+    # for this method config: sequences grow by them, and packed rows would share them.
+    virtual_tokens: Callable[[Any], tuple[int, int]] = no_virtual_tokens
+    # Element counts of the tensors it trains, in closed form from the model's shape
+    # (trainers.memory.shapes.ModelShape) and the method config: the memory estimator's input.
+    trainable_sizes: Optional[Callable[[Any, Any], list[int]]] = None
+
+    def combination_problems(self, cfg: "ExperimentConfig") -> list[tuple[str, str]]:
+        """check_combination plus what no base of this architecture and precision can do."""
+        return self.check_combination(cfg) + cpu_4bit_problems(cfg)
 
     def save(self, model: "torch.nn.Module", out_dir: Path) -> Path:
         """Write what this method trained to out_dir (safetensors) and return it."""
@@ -136,6 +154,43 @@ def prepare_quantized_base(model: "torch.nn.Module", cfg: "ExperimentConfig") ->
 
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
+
+
+def model_shape(cfg: "ExperimentConfig"):
+    """The architecture of cfg.model from its config.json alone (trainers.memory.shapes), or None
+    where that is not readable before training (a hub id not in the local cache): the model's own
+    load then reports what is wrong."""
+    from trainers.memory.shapes import UnknownModelError, load_shape
+
+    try:
+        return load_shape(cfg.model.name_or_path)
+    except UnknownModelError:
+        return None
+
+
+def architecture(shape) -> str:
+    return f"{shape.name} (model_type {shape.model_type})"
+
+
+# bitsandbytes' CPU 4-bit kernel, used for no-grad forwards (evaluation, generation), repacks each
+# weight in blocks of 32 output features and asserts the count divides (bitsandbytes 0.50).
+CPU_4BIT_BLOCK = 32
+
+
+def cpu_4bit_problems(cfg: "ExperimentConfig") -> list[tuple[str, str]]:
+    if cfg.precision.name not in ("nf4", "fp4") or cfg.train.use_gpu:
+        return []
+    shape = model_shape(cfg)
+    if shape is None:
+        return []
+    odd = {name: out for name, (_, out, _) in shape.linears().items() if out % CPU_4BIT_BLOCK}
+    if not odd:
+        return []
+    layers = ", ".join(f"{name} ({out})" for name, out in odd.items())
+    return [("precision.name", f"method {cfg.method.name} on a {cfg.precision.name} base of {architecture(shape)} "
+                               f"on CPU: bitsandbytes' CPU 4-bit kernel needs out_features divisible by "
+                               f"{CPU_4BIT_BLOCK} for evaluation, and {layers} are not; use train.use_gpu=true, "
+                               "precision=int8 or a float precision")]
 
 
 def positive(method: MethodConfig, *keys: str) -> list[tuple[str, str]]:

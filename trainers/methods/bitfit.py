@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trainers.methods.base import register
-from trainers.methods.base import MethodConfig, TensorsMethodSpec, fp16_weights_problem, prepare_quantized_base
+from trainers.methods.base import (MethodConfig, TensorsMethodSpec, architecture, fp16_weights_problem, model_shape,
+                                   prepare_quantized_base)
 
 
 @dataclass
@@ -37,8 +38,20 @@ def apply(model, cfg):
 
 def check_combination(cfg) -> list[tuple[str, str]]:
     # On int8/4-bit bases prepare_quantized_base upcasts the biases to fp32, so only fp16 is a problem.
-    return fp16_weights_problem(cfg, "bitfit")
+    problems = fp16_weights_problem(cfg, "bitfit")
+    shape = model_shape(cfg)
+    if shape is not None and not trainable_sizes(shape, cfg.method):
+        problems.append(("method.name", f"bitfit trains bias terms and {architecture(shape)} has none "
+                                        "(no attention/MLP biases, RMSNorm without bias): pick another method"))
+    return problems
 
 
-SPEC = register(TensorsMethodSpec(name="bitfit", config_cls=BitFitConfig, apply=apply, saves="adapter",
+def trainable_sizes(shape, method) -> list[int]:
+    """Biases of the linear layers, and of the LayerNorms where the model has LayerNorm."""
+    linear = [out for _, out, bias in shape.linears().values() if bias] * shape.layers
+    norms = shape.layout.norms_per_layer * shape.layers + 1 if shape.layout.layer_norm else 0
+    return linear + [shape.hidden] * norms
+
+
+SPEC = register(TensorsMethodSpec(name="bitfit", trainable_sizes=trainable_sizes, config_cls=BitFitConfig, apply=apply, saves="adapter",
                                   check_combination=check_combination, summary="only bias terms train"))

@@ -27,5 +27,11 @@ def check_combination(cfg) -> list[tuple[str, str]]:
     return fp16_weights_problem(cfg, "full fine-tuning")
 
 
-register(MethodSpec(name="full", config_cls=FullConfig, apply=apply, saves="model",
+def trainable_sizes(shape, method) -> list[int]:
+    from trainers.memory.counts import full_sizes
+
+    return full_sizes(shape)
+
+
+register(MethodSpec(name="full", config_cls=FullConfig, apply=apply, saves="model", trainable_sizes=trainable_sizes,
                     check_combination=check_combination, summary="all weights trainable"))

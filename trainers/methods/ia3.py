@@ -19,7 +19,8 @@ from trainers.methods.base import MethodConfig, MethodSpec, peft_task_type, prep
 @dataclass
 class IA3Config(MethodConfig):
     name: str = "ia3"
-    # null = PEFT's per-architecture choice (Llama/Qwen2/Mistral: k_proj, v_proj, down_proj).
+    # null = PEFT's per-architecture choice (Llama/Mistral: k_proj, v_proj, down_proj); where PEFT has
+    # none (Phi-3), the same shape found by structure: key/value projections + the MLP's output.
     target_modules: Optional[List[str]] = None
     # Targets that scale their input instead of their output; must be among target_modules.
     feedforward_modules: Optional[List[str]] = None
@@ -39,13 +40,28 @@ def apply(model, cfg):
     import peft
 
     method: IA3Config = cfg.method
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    from trainers.methods import structure
+
     kwargs = {}
     if method.target_modules is not None:
-        kwargs["target_modules"] = list(method.target_modules)
+        kwargs["target_modules"] = structure.resolve_targets(model, method.target_modules)
         kwargs["feedforward_modules"] = list(method.feedforward_modules or [])
+    elif model.config.model_type not in PEFT_DEFAULTS:  # e.g. phi3: the same choice, found by structure
+        kwargs["target_modules"], kwargs["feedforward_modules"] = structure.ia3_targets(model)
     config = peft.IA3Config(task_type=peft_task_type(model), **kwargs)
     return peft.get_peft_model(prepare_quantized_base(model, cfg), config)
 
 
-register(MethodSpec(name="ia3", config_cls=IA3Config, apply=apply, saves="adapter",
+def trainable_sizes(shape, method) -> list[int]:
+    """One vector per targeted layer: its in_features (feed-forward targets) or out_features."""
+    from trainers.memory.counts import ia3_targets
+
+    targets, feedforward = ia3_targets(shape, method)
+    linears = shape.linears()
+    return [linears[t][0] if t in feedforward else linears[t][1] for t in targets] * shape.layers
+
+
+register(MethodSpec(name="ia3", trainable_sizes=trainable_sizes, config_cls=IA3Config, apply=apply, saves="adapter",
                     summary="learned scaling vectors on attention outputs and feed-forward inputs"))

@@ -19,7 +19,8 @@ from trainers.methods.base import MethodConfig, MethodSpec, fp16_weights_problem
 @dataclass
 class LNTuningConfig(MethodConfig):
     name: str = "ln_tuning"
-    # null = PEFT's per-architecture norm names (Llama: input_layernorm, post_attention_layernorm, norm).
+    # null = PEFT's per-architecture norm names (Llama: input_layernorm, post_attention_layernorm, norm);
+    # where PEFT has none (OPT, GPT-NeoX, Phi-3), every hidden-size norm of the model.
     target_modules: Optional[List[str]] = None
 
 
@@ -28,8 +29,14 @@ def apply(model, cfg):
 
     import peft
 
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    from trainers.methods.structure import norm_names
+
     method: LNTuningConfig = cfg.method
     kwargs = {} if method.target_modules is None else {"target_modules": list(method.target_modules)}
+    if method.target_modules is None and model.config.model_type not in PEFT_DEFAULTS:
+        kwargs["target_modules"] = norm_names(model)  # e.g. OPT, GPT-NeoX, Phi-3: every hidden-size norm
     with warnings.catch_warnings():
         # PEFT warns about any norm class it does not list (e.g. LlamaRMSNorm); copying one is safe.
         warnings.filterwarnings("ignore", message="Unsupported layer type")
@@ -42,5 +49,11 @@ def check_combination(cfg) -> list[tuple[str, str]]:
     return fp16_weights_problem(cfg, "ln_tuning")
 
 
-register(MethodSpec(name="ln_tuning", config_cls=LNTuningConfig, apply=apply, saves="adapter",
+def trainable_sizes(shape, method) -> list[int]:
+    from trainers.memory.counts import ln_tuning_norms, norm_sizes
+
+    return norm_sizes(shape, *ln_tuning_norms(shape, method))
+
+
+register(MethodSpec(name="ln_tuning", trainable_sizes=trainable_sizes, config_cls=LNTuningConfig, apply=apply, saves="adapter",
                     check_combination=check_combination, summary="only the norm layers' weights train"))

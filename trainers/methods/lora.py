@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import List
 
 from trainers.methods.base import register
-from trainers.methods.base import MethodConfig, MethodSpec, peft_task_type, prepare_quantized_base
+from trainers.methods.base import MethodConfig, MethodSpec, architecture, model_shape, peft_task_type, prepare_quantized_base
+from trainers.methods.structure import ALL_LINEAR, ATTENTION
 
 
 @dataclass
@@ -15,7 +16,8 @@ class LoraConfig(MethodConfig):
     r: int = 8  # higher increases capacity, adapter size and memory
     alpha: float = 16.0  # update scale is alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = 0.0
-    # "all-linear" = every linear layer but the output head; or names like [q_proj, v_proj].
+    # Portable: [all-linear] = every linear layer but the output head, [attention] = the attention
+    # block's projections on any architecture; or the model's own names, e.g. [q_proj, v_proj].
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
     use_rslora: bool = False  # rank-stabilised scaling, keeps high ranks from under-training
     use_dora: bool = False  # weight-decomposed LoRA: also learns a per-column magnitude
@@ -33,16 +35,16 @@ class LoraConfig(MethodConfig):
         return problems
 
 
-def peft_lora_config(method: LoraConfig, task_type: str = "CAUSAL_LM"):
+def peft_lora_config(method: LoraConfig, model, task_type: str = "CAUSAL_LM"):
     import peft
 
-    targets = method.target_modules
-    target = "all-linear" if list(targets) == ["all-linear"] else list(targets)
+    from trainers.methods.structure import resolve_targets
+
     return peft.LoraConfig(
         r=method.r,
         lora_alpha=method.alpha,
         lora_dropout=method.dropout,
-        target_modules=target,
+        target_modules=resolve_targets(model, method.target_modules),
         use_rslora=method.use_rslora,
         use_dora=method.use_dora,
         bias="none",
@@ -53,10 +55,32 @@ def peft_lora_config(method: LoraConfig, task_type: str = "CAUSAL_LM"):
 def apply(model, cfg):
     import peft
 
-    return peft.get_peft_model(prepare_quantized_base(model, cfg), peft_lora_config(cfg.method, peft_task_type(model)))
+    config = peft_lora_config(cfg.method, model, peft_task_type(model))
+    return peft.get_peft_model(prepare_quantized_base(model, cfg), config)
 
 
 def check_combination(cfg) -> list[tuple[str, str]]:
+    return dora_int8_problems(cfg) + target_problems(cfg)
+
+
+def target_problems(cfg) -> list[tuple[str, str]]:
+    """Target names the architecture (a known layout) does not have: PEFT would fail on the worker."""
+    from trainers.memory.counts import linear_targets
+    from trainers.memory.shapes import LAYOUTS
+
+    shape = model_shape(cfg)
+    if shape is None or shape.model_type not in LAYOUTS:
+        return []
+    missing = [t for t in cfg.method.target_modules
+               if t not in (ALL_LINEAR, ATTENTION) and not linear_targets(shape, [t])]
+    if not missing:
+        return []
+    return [("method.target_modules", f"{cfg.method.name} on {architecture(shape)}: no layer named "
+                                      f"{', '.join(missing)}; its linear layers are {', '.join(shape.linears())}, "
+                                      f"or use the portable [{ATTENTION}] or [{ALL_LINEAR}]")]
+
+
+def dora_int8_problems(cfg) -> list[tuple[str, str]]:
     if cfg.method.use_dora and cfg.precision.name == "int8" and not cfg.train.use_gpu:
         # PEFT dequantizes the int8 weight for DoRA's norm and, on CPU, moves it back with .to(),
         # which drops its scales: the next forward of bitsandbytes' Linear8bitLt fails (peft 0.21, bnb 0.50).
@@ -65,5 +89,16 @@ def check_combination(cfg) -> list[tuple[str, str]]:
     return []
 
 
-register(MethodSpec(name="lora", config_cls=LoraConfig, apply=apply, saves="adapter",
+def trainable_sizes(shape, method) -> list[int]:
+    """A (r x in) and B (out x r) per targeted layer; DoRA adds a magnitude per output feature."""
+    from trainers.memory.counts import lora_targets
+
+    sizes = []
+    for target in lora_targets(shape, method):
+        fan_in, fan_out, _ = shape.linears()[target]
+        sizes += [method.r * fan_in, method.r * fan_out] + ([fan_out] if method.use_dora else [])
+    return sizes * shape.layers
+
+
+register(MethodSpec(name="lora", config_cls=LoraConfig, apply=apply, saves="adapter", trainable_sizes=trainable_sizes,
                     check_combination=check_combination, summary="low-rank update on frozen linear layers"))

@@ -37,5 +37,14 @@ def apply(model, cfg):
     return peft.get_peft_model(prepare_quantized_base(model, cfg), config)
 
 
-register(MethodSpec(name="prefix", config_cls=PrefixConfig, apply=apply, saves="adapter",
+def trainable_sizes(shape, method) -> list[int]:
+    n, kv, L = method.num_virtual_tokens, shape.kv_dim, shape.layers
+    if method.prefix_projection:
+        e = method.encoder_hidden_size
+        return [n * kv, kv * e, e, e * 2 * L * kv, 2 * L * kv]
+    return [n * 2 * L * kv]
+
+
+register(MethodSpec(name="prefix", trainable_sizes=trainable_sizes, config_cls=PrefixConfig, apply=apply, saves="adapter", mergeable=False,
+                    virtual_tokens=lambda method: (0, method.num_virtual_tokens),
                     summary="trainable key/value prefix in every attention layer"))

@@ -49,5 +49,10 @@ def apply(model, cfg):
     return peft.get_peft_model(prepare_quantized_base(model, cfg), config)
 
 
-register(MethodSpec(name="prompt", config_cls=PromptConfig, apply=apply, saves="adapter",
+def trainable_sizes(shape, method) -> list[int]:
+    return [method.num_virtual_tokens * shape.hidden]
+
+
+register(MethodSpec(name="prompt", trainable_sizes=trainable_sizes, config_cls=PromptConfig, apply=apply, saves="adapter", mergeable=False,
+                    virtual_tokens=lambda method: (method.num_virtual_tokens, 0),
                     summary="trainable input embeddings prepended to every sequence"))

@@ -45,5 +45,16 @@ def apply(model, cfg):
     return peft.get_peft_model(prepare_quantized_base(model, cfg), config)
 
 
-register(MethodSpec(name="ptuning", config_cls=PTuningConfig, apply=apply, saves="adapter",
+def trainable_sizes(shape, method) -> list[int]:
+    """Input embeddings, then the encoder: mlp = 3 linear layers; lstm = a 2-layer bidirectional
+    LSTM (4 gates) and a 2-layer MLP head."""
+    n, e, h = method.num_virtual_tokens, method.encoder_hidden_size, shape.hidden
+    if method.encoder_type == "lstm":
+        lstm = 2 * (4 * e * (h + e) + 8 * e) + 2 * (4 * e * (2 * e + e) + 8 * e)  # 2 layers x 2 directions
+        return [n * h, lstm, 2 * e * 2 * e, 2 * e, 2 * e * h, h]
+    return [n * h, h * e, e, e * e, e, e * h, h]
+
+
+register(MethodSpec(name="ptuning", trainable_sizes=trainable_sizes, config_cls=PTuningConfig, apply=apply, saves="adapter", mergeable=False,
+                    virtual_tokens=lambda method: (method.num_virtual_tokens, 0),
                     summary="virtual input tokens produced by a small trainable encoder"))

@@ -14,6 +14,7 @@ from trainers.methods.base import register
 from trainers.methods.base import MethodSpec
 from trainers.methods.lora import LoraConfig
 from trainers.methods.lora import apply as lora_apply
+from trainers.methods.lora import target_problems, trainable_sizes
 
 FOUR_BIT = ("nf4", "fp4")
 
@@ -27,8 +28,8 @@ def check_combination(cfg) -> list[tuple[str, str]]:
     if cfg.precision.name not in FOUR_BIT:
         return [("precision.name", f"qlora needs a 4-bit base: add precision=nf4 or precision=fp4 "
                                    f"(precision is {cfg.precision.name}; LoRA on it is method=lora)")]
-    return []
+    return target_problems(cfg)
 
 
-register(MethodSpec(name="qlora", config_cls=QLoraConfig, apply=lora_apply, saves="adapter",
+register(MethodSpec(name="qlora", config_cls=QLoraConfig, apply=lora_apply, saves="adapter", trainable_sizes=trainable_sizes,
                     check_combination=check_combination, summary="LoRA on a 4-bit nf4/fp4 base"))

@@ -59,20 +59,18 @@ class RecipeSpec:
         return DATA_FORMATS_OF_KIND[self.data_kind]
 
 
-# Methods whose artifact is folded into the weights before the next stage (merge_and_unload for
-# PEFT, in-place tensors for BitFit); the prompt-learning ones prepend virtual tokens instead and
-# bottleneck adapters insert modules, so a later stage could not start from them.
-UNMERGEABLE_METHODS = ("prefix", "prompt", "ptuning", "adapter")
-
-
 def needs_mergeable_method(stage: str) -> Callable[["ExperimentConfig"], list[tuple[str, str]]]:
     """check_combination of the RLHF stages: their method must train the model's own forward (no
     virtual tokens), so scores, log-probs and the next stage see one plain model."""
 
     def check(cfg: "ExperimentConfig") -> list[tuple[str, str]]:
-        if cfg.method.name in UNMERGEABLE_METHODS:
+        from trainers.methods import METHODS
+
+        spec = METHODS.get(cfg.method.name)
+        if spec is not None and not spec.mergeable:
+            mergeable = ", ".join(name for name, other in METHODS.items() if other.mergeable)
             return [("method.name", f"stage {stage} needs a method that merges into the model "
-                                    f"(lora, qlora, full, ia3, ln_tuning, bitfit), got {cfg.method.name}")]
+                                    f"({mergeable}), got {cfg.method.name}")]
         return []
 
     return check

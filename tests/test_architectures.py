@@ -1,0 +1,182 @@
+"""Every method on every decoder family: Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, GPT-2
+(Conv1D), GPT-NeoX and OPT, as tiny random-init models saved to a directory and loaded through
+`model.name_or_path=DIR` like any real one.
+
+Each of the peft_methods sweep's variants either trains two steps (finite loss, trainable tensors
+move, frozen ones stay bit-identical, as many trainable parameters as the memory estimator's
+closed form says) or is refused by validation, before anything runs, with a reason that names the
+method and the architecture. Quantized variants run real bitsandbytes layers on CPU. Then the
+memory estimate against PeakMemory's measurement on each architecture.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from trainers import memory
+from trainers.config import ConfigError, TrainConfig
+from trainers.validate import from_container
+from trainers.data import Example
+from trainers.methods import METHODS
+from trainers.model import count_parameters, load_base_model
+from trainers.runtime import DistInfo, PeakMemory
+from trainers.tracking import Tracker
+from trainers.training import train_loop
+
+CPU = torch.device("cpu")
+# hidden 64 / MLP 128: bitsandbytes' CPU 4-bit kernel wants in_features in 64-value blocks and
+# out_features in 32-row blocks; 4 heads of 16, 2 key/value heads where the family has GQA.
+H, I, LAYERS, HEADS, KV_HEADS, V = 64, 128, 2, 4, 2, 128
+
+
+def tiny_config(model_type: str, hidden=H, intermediate=I, vocab=V, layers=LAYERS):
+    """A transformers config of the family at a tiny size, dropout off (as fine-tuning configs of
+    these models ship; dropout's random masks would make the two runs compared differ)."""
+    import transformers as tf
+
+    llama_keys = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=vocab)
+    return {
+        "llama": lambda: tf.LlamaConfig(**llama_keys),
+        "mistral": lambda: tf.MistralConfig(**llama_keys),
+        "qwen2": lambda: tf.Qwen2Config(**llama_keys),
+        "qwen3": lambda: tf.Qwen3Config(**llama_keys, head_dim=hidden // HEADS),
+        "phi3": lambda: tf.Phi3Config(**llama_keys, pad_token_id=0),
+        "gemma2": lambda: tf.Gemma2Config(**llama_keys, head_dim=hidden // HEADS),
+        "gpt2": lambda: tf.GPT2Config(n_embd=hidden, n_inner=intermediate, n_layer=layers, n_head=HEADS,
+                                      vocab_size=vocab, n_positions=256, bos_token_id=1, eos_token_id=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=hidden, intermediate_size=intermediate,
+                                             num_hidden_layers=layers, num_attention_heads=HEADS, vocab_size=vocab,
+                                             bos_token_id=1, eos_token_id=2),
+        "opt": lambda: tf.OPTConfig(hidden_size=hidden, ffn_dim=intermediate, num_hidden_layers=layers,
+                                    num_attention_heads=HEADS, vocab_size=vocab, word_embed_proj_dim=hidden,
+                                    max_position_embeddings=256, dropout=0.0, bos_token_id=1, eos_token_id=2,
+                                    pad_token_id=0),
+    }[model_type]()
+
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2", "gpt_neox", "opt")
+
+# sweeps/peft_methods.yaml's variants: (id, method, precision, method fields, train fields)
+VARIANTS = [
+    ("full", "full", "fp32", {}, {"lr": 1e-3}),
+    ("lora", "lora", "fp32", {}, {}),
+    ("dora", "lora", "fp32", {"use_dora": True}, {}),
+    ("lora_attention", "lora", "fp32", {"target_modules": ["attention"]}, {}),
+    ("qlora_nf4", "qlora", "nf4", {}, {"optimizer": "paged_adamw_8bit"}),
+    ("lora_int8", "lora", "int8", {}, {}),
+    ("adapter", "adapter", "fp32", {}, {}),
+    ("ia3", "ia3", "fp32", {}, {}),
+    ("bitfit", "bitfit", "fp32", {}, {}),
+    ("ln_tuning", "ln_tuning", "fp32", {}, {}),
+    ("prefix", "prefix", "fp32", {"num_virtual_tokens": 4}, {}),
+    ("ptuning", "ptuning", "fp32", {"num_virtual_tokens": 4, "encoder_hidden_size": 32}, {}),
+    ("prompt", "prompt", "fp32", {"num_virtual_tokens": 4}, {}),
+]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def build(model_type: str, path, **shape):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type, **shape))
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """{model_type: (dir, has biases)}: one saved tiny model per family, shared by the module."""
+    dirs = {}
+    for model_type in ARCHS:
+        path = tmp_path_factory.mktemp(model_type)
+        model = build(model_type, path)
+        dirs[model_type] = (path, any(name.endswith(".bias") for name, _ in model.named_parameters()))
+    return dirs
+
+
+def cfg_for(path, method, precision, fields, train):
+    train = {"max_steps": 2, "batch_size": 2, "lr": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant",
+             "log_every": 1, **train}
+    return from_container({"model": {"name_or_path": str(path)}, "data": {"train_file": "unused.jsonl"},
+                           "method": {"name": method, **fields}, "precision": {"name": precision},
+                           "train": train, "stage": {"name": "sft"}})
+
+
+class LossTracker(Tracker):
+    def __init__(self):
+        self.losses = []
+
+    def log_metrics(self, metrics, step=None):
+        if "train/loss" in metrics:
+            self.losses.append(metrics["train/loss"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_method_trains_or_is_refused_up_front(model_dirs, model_type, variant):
+    _, method, precision, fields, train = variant
+    path, has_biases = model_dirs[model_type]
+    if method == "bitfit" and not has_biases:
+        with pytest.raises(ConfigError) as info:
+            cfg_for(path, method, precision, fields, train)
+        assert "bitfit" in str(info.value) and f"model_type {model_type}" in str(info.value)
+        return
+    cfg = cfg_for(path, method, precision, fields, train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = METHODS[method].apply(load_base_model(cfg, CPU), cfg)
+        assert count_parameters(model)[0] == memory.trainable_params(memory.load_shape(str(path)), cfg)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        ids = torch.randint(3, V, (2, 12), generator=torch.Generator().manual_seed(0)).tolist()
+        tracker = LossTracker()
+        train_loop(model, [Example(input_ids=row, labels=row) for row in ids], cfg.train, 0, CPU, DistInfo(),
+                   tracker)
+    assert len(tracker.losses) == 2 and all(math.isfinite(loss) for loss in tracker.losses)
+    params = dict(model.named_parameters())
+    moved_frozen = [n for n, p in params.items() if not p.requires_grad and not torch.equal(p, before[n])]
+    assert not moved_frozen, moved_frozen[:3]
+    still = [n for n, p in params.items() if p.requires_grad and torch.equal(p, before[n])]
+    assert not still, still[:3]
+
+
+def test_attention_alias_names_each_familys_own_projections(model_dirs):
+    from trainers.methods.structure import attention_targets
+
+    expected = {"llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+                "phi3": ["self_attn.o_proj", "self_attn.qkv_proj"], "gpt2": ["attn.c_attn", "attn.c_proj"],
+                "gpt_neox": ["attention.query_key_value", "attention.dense"],
+                "opt": ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj"]}
+    for model_type, names in expected.items():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dirs[model_type][0])
+        assert attention_targets(model) == names, model_type
+
+
+def test_llama_projection_names_on_gpt2_are_refused_naming_its_layers(model_dirs):
+    with pytest.raises(ConfigError) as info:
+        cfg_for(model_dirs["gpt2"][0], "lora", "fp32", {"target_modules": ["q_proj", "v_proj"]}, {})
+    message = str(info.value)
+    assert "method.target_modules" in message and "model_type gpt2" in message and "c_attn" in message
+
+
+def test_4bit_on_cpu_is_refused_when_bitsandbytes_cpu_kernel_cannot_pack_a_layer(tmp_path):
+    """hidden 48: GPT-2's c_attn has 144 outputs, not a multiple of 32; bitsandbytes' CPU 4-bit
+    kernel asserts on it at the first no-grad forward (evaluation), so validation refuses it."""
+    build("gpt2", tmp_path, hidden=48, intermediate=128)
+    with pytest.raises(ConfigError) as info:
+        cfg_for(tmp_path, "qlora", "nf4", {}, {})
+    assert "model_type gpt2" in str(info.value) and "c_attn (144)" in str(info.value)
+    cfg_for(tmp_path, "qlora", "nf4", {}, {"use_gpu": True})  # the CUDA kernel has no such limit

@@ -1,0 +1,27 @@
+"""How much memory a trial needs, from the model's config alone (no weights are loaded).
+
+    python -m trainers.memory llama-2-7b --seq-len 1024 --batch-size 4
+    python -m trainers.memory path/to/config.json --methods full,lora --precisions bf16 --breakdown
+
+`estimate(cfg)` predicts the peak bytes of live tensors in one trial, the quantity that
+`trainers.runtime.PeakMemory` measures (and `mem/peak_bytes` records): base weights at their
+storage width, the method's trainable parameters, their gradients and optimizer states,
+activations saved for backward, the logits and loss, and the evaluation pass. `total_bytes` adds
+a fixed runtime overhead (CUDA context, or the Python/torch process) for planning resources.
+
+What the estimate follows is what `trainers` does, op by op, on a Llama-style decoder (Llama,
+Mistral, Qwen2; SDPA attention): float precisions train the weights in their own dtype (bf16 full
+fine-tuning keeps bf16 weights, grads and AdamW states: 8 B/param, no fp32 master copy); on an
+int8/nf4/fp4 base every unquantized tensor (embeddings, norms, biases) is upcast to fp32 and so
+are the hidden states; PEFT adapters are fp32. Accuracy against measurements:
+benchmarks/estimator_accuracy.py.
+"""
+from trainers.memory.counts import (FLOAT_BYTES, GIB, optimizer_state_bytes, quantized_linear_bytes,
+                                    trainable_params, trainable_tensor_sizes, weight_bytes)
+from trainers.memory.estimate import RUNTIME_OVERHEAD, Component, MemoryEstimate, estimate
+from trainers.memory.shapes import HUB_IDS, KNOWN_MODELS, ModelShape, UnknownModelError, load_shape
+from trainers.memory.cli import main
+
+__all__ = ["FLOAT_BYTES", "GIB", "HUB_IDS", "KNOWN_MODELS", "RUNTIME_OVERHEAD", "Component", "MemoryEstimate",
+           "ModelShape", "UnknownModelError", "estimate", "load_shape", "main", "optimizer_state_bytes",
+           "quantized_linear_bytes", "trainable_params", "trainable_tensor_sizes", "weight_bytes"]

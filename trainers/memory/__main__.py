@@ -1,0 +1,7 @@
+"""python -m trainers.memory MODEL [--seq-len N ...]: see trainers/memory/cli.py."""
+
+import sys
+
+from trainers.memory.cli import main
+
+sys.exit(main())

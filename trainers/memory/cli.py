@@ -1,0 +1,113 @@
+"""python -m trainers.memory MODEL: estimated peak memory per method and base precision."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Optional
+
+from trainers.memory.counts import FLOAT_BYTES, GIB
+from trainers.memory.estimate import RUNTIME_OVERHEAD, estimate
+from trainers.memory.shapes import KNOWN_MODELS, UnknownModelError, load_shape
+
+if TYPE_CHECKING:
+    from trainers.config import ExperimentConfig
+
+
+def _experiment(model: str, method: str, precision: str, args) -> "ExperimentConfig":
+    from trainers.config import DataConfig, ExperimentConfig, ModelConfig, PrecisionConfig, TrainConfig
+    from trainers.methods import METHODS
+    from trainers.recipes import RECIPES
+
+    method_cfg = METHODS[method].config_cls()
+    if hasattr(method_cfg, "r"):
+        method_cfg.r = args.rank
+    compute = precision if precision in FLOAT_BYTES else "bf16"
+    return ExperimentConfig(
+        model=ModelConfig(name_or_path=model),
+        data=DataConfig(train_file="-", eval_file="-" if args.eval_batch_size else None, max_seq_len=args.seq_len),
+        method=method_cfg,
+        stage=RECIPES["sft"].config_cls(name="sft"),
+        precision=PrecisionConfig(name=precision, compute_dtype=compute,
+                                  double_quant=args.double_quant and precision in ("nf4", "fp4")),
+        train=TrainConfig(batch_size=args.batch_size, optimizer=args.optimizer,
+                          eval_batch_size=args.eval_batch_size or 1, use_gpu=args.device == "cuda"),
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    from trainers.config import OPTIMIZERS, PRECISIONS
+    from trainers.methods import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m trainers.memory",
+        description="Estimated peak memory (GiB) of fine-tuning MODEL, per method and base precision.")
+    parser.add_argument("model", metavar="MODEL",
+                        help=f"config.json, model directory, embedded:base or a known name ({', '.join(KNOWN_MODELS)})")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
+    parser.add_argument("--batch-size", type=int, default=1, help="rows per micro-batch (default 1)")
+    parser.add_argument("--methods", default="full,lora,qlora", help="comma-separated (default full,lora,qlora)")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated (default all)")
+    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    parser.add_argument("--double-quant", action="store_true", help="4-bit bases quantize their scales too")
+    parser.add_argument("--eval-batch-size", type=int, default=0,
+                        help="also count the eval pass at this batch size (default 0: training only)")
+    parser.add_argument("--device", default="cuda", choices=sorted(RUNTIME_OVERHEAD),
+                        help="whose runtime overhead to add (default cuda)")
+    parser.add_argument("--breakdown", action="store_true", help="print every estimate's components")
+    args = parser.parse_args(argv)
+
+    methods = [m for m in args.methods.split(",") if m]
+    precisions = [p for p in args.precisions.split(",") if p]
+    unknown = [m for m in methods if m not in METHODS] + [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        print(f"error: unknown method/precision {', '.join(unknown)}; methods: {', '.join(sorted(METHODS))}; "
+              f"precisions: {', '.join(PRECISIONS)}", file=sys.stderr)
+        return 2
+    if args.seq_len < 1 or args.batch_size < 1 or args.rank < 1:
+        print("error: --seq-len, --batch-size and --rank must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        shape = load_shape(args.model)
+    except UnknownModelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    print(f"{shape.name}: {shape.total_params() / 1e9:.3g}B params (hidden {shape.hidden}, {shape.layers} layers, "
+          f"{shape.heads} heads / {shape.kv_heads} kv, vocab {shape.vocab})")
+    print(f"batch {args.batch_size} x seq {args.seq_len}, {args.optimizer}, LoRA r={args.rank}"
+          f"{', eval batch ' + str(args.eval_batch_size) if args.eval_batch_size else ''}; "
+          f"GiB including {RUNTIME_OVERHEAD[args.device] / GIB:g} GiB {args.device} runtime overhead\n")
+    estimates, cells, refusals = [], {}, {}
+    for method in methods:
+        for precision in precisions:
+            cfg = _experiment(args.model, method, precision, args)
+            problems = METHODS[method].combination_problems(cfg)
+            if problems:
+                cells[method, precision] = "n/a"
+                refusals[method, precision] = problems[0][1]
+                continue
+            est = estimate(cfg, shape, device=args.device)
+            estimates.append(est)
+            gib = est.total_bytes / GIB
+            cells[method, precision] = f"{gib:.1f}" if gib >= 10 else f"{gib:.2f}" if gib >= 1 else f"{gib:.3f}"
+    width = max(len(m) for m in methods + ["method"])
+    print(f"{'method':<{width}}  " + "  ".join(f"{p:>8}" for p in precisions))
+    for method in methods:
+        print(f"{method:<{width}}  " + "  ".join(f"{cells[method, p]:>8}" for p in precisions))
+    print("\nbf16/fp16 train in that dtype throughout (full fine-tuning: weights, grads and AdamW states "
+          "8 B/param; fp32: 16 B/param).")
+    for method in methods:
+        refused = [p for p in precisions if (method, p) in refusals]
+        if refused:
+            print(f"n/a {method}: {', '.join(refused)} (the method's own checks refuse it; --breakdown says why)")
+    if args.breakdown:
+        for (method, precision), reason in refusals.items():
+            print(f"\n{method} on {precision}: {reason}")
+    if args.breakdown:
+        for est in estimates:
+            print()
+            print(est.table())
+    return 0
