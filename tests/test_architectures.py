@@ -180,3 +180,28 @@ def test_4bit_on_cpu_is_refused_when_bitsandbytes_cpu_kernel_cannot_pack_a_layer
         cfg_for(tmp_path, "qlora", "nf4", {}, {})
     assert "model_type gpt2" in str(info.value) and "c_attn (144)" in str(info.value)
     cfg_for(tmp_path, "qlora", "nf4", {}, {"use_gpu": True})  # the CUDA kernel has no such limit
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_estimate_matches_measured_training_peak(tmp_path, model_type):
+    """LoRA and full fine-tuning on each family, at a size where activations are a third or more of the
+    peak: the estimate from config.json alone lands within 10% of PeakMemory's measurement."""
+    vocab = 512
+    build(model_type, tmp_path, hidden=64, intermediate=256, vocab=vocab)
+    rows = torch.randint(3, vocab, (8, 48), generator=torch.Generator().manual_seed(0)).tolist()
+    # rows of different lengths, as real data has: batches are padded and carry an attention mask
+    examples = [Example(input_ids=row[:40 + i], labels=row[:40 + i]) for i, row in enumerate(rows)]
+    for method in ("lora", "full"):
+        cfg = cfg_for(tmp_path, method, "fp32", {}, {})
+        cfg.train = TrainConfig(max_steps=2, batch_size=8, log_every=2)
+        meter = PeakMemory(CPU)
+        meter.start()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = METHODS[method].apply(load_base_model(cfg, CPU), cfg)
+            train_loop(model, examples, cfg.train, 0, CPU, DistInfo(), Tracker())
+        measured = meter.peak_bytes()
+        estimate = memory.estimate(cfg, seq_len=47)
+        assert estimate.activations.bytes > estimate.train_peak_bytes / 3
+        assert estimate.train_peak_bytes == pytest.approx(measured, rel=0.10), (method, measured)
+        del model

@@ -256,3 +256,37 @@ def test_cli_unknown_model_exits_nonzero_with_message():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "unknown model 'no-such-model-7b'" in result.stderr and "llama-2-7b" in result.stderr
+
+
+# --- the preference stages: dpo and rl, estimate vs measured
+
+
+def test_estimate_matches_measured_peak_of_dpo_and_rl(make_cfg, tmp_path):
+    """Real dpo and rl trials (embedded model and pairs, 2 steps, with evaluation): the estimate at
+    the trial's sequence lengths lands within 10% of mem/peak_bytes. DPO scores chosen and
+    rejected together; RL trains on prompt + max_new_tokens rollouts and holds a reward model, and
+    with full fine-tuning a frozen reference copy too."""
+    from trainers.data import load_rows, prompts_with_answers
+    from trainers.model import load_tokenizer
+    from trainers.recipes.base import load_preference_splits
+    from trainers.trial import run_trial
+
+    common = ["data=embedded_pref", "train.checkpoint_every=0", "train.log_every=1", "train.max_steps=2",
+              "data.max_train_rows=4", "data.max_eval_rows=8", "train.batch_size=4", "train.eval_batch_size=8"]
+    reward = make_cfg(*common, "stage=reward", "method=lora")
+    run_trial(reward, tmp_path / "reward")
+    tokenizer = load_tokenizer(reward.model)
+    splits = load_preference_splits(reward, tokenizer, with_prompts=True)
+    fmt, rows, sources = load_rows(reward.data.train_file, "preference", reward.data.max_train_rows)
+    prompts, _ = prompts_with_answers(tokenizer, rows, sources, fmt, reward.data.max_seq_len, "error")
+    longest_pair = max(max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in splits.train)
+    eval_pair = max(max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in splits.eval_pairs)
+    lengths = {"dpo": (longest_pair, eval_pair),
+               "rl": (max(len(p.prompt_ids) for p in prompts), max(len(p.prompt_ids) for p in splits.eval_prompts))}
+    for stage, method in (("dpo", "lora"), ("rl", "lora"), ("rl", "full")):
+        extra = ["stage.num_generations=4", f"stage.reward_from={tmp_path / 'reward'}"] if stage == "rl" else []
+        cfg = make_cfg(*common, f"stage={stage}", f"method={method}", *extra)
+        measured = run_trial(cfg, tmp_path / f"{stage}_{method}")["mem/peak_bytes"]
+        seq, eval_seq = lengths[stage]
+        predicted = memory.estimate(cfg, seq_len=seq, eval_seq_len=eval_seq).peak_bytes
+        assert predicted == pytest.approx(measured, rel=0.10), (stage, method, predicted, measured)

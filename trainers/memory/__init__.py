@@ -9,12 +9,23 @@ storage width, the method's trainable parameters, their gradients and optimizer 
 activations saved for backward, the logits and loss, and the evaluation pass. `total_bytes` adds
 a fixed runtime overhead (CUDA context, or the Python/torch process) for planning resources.
 
-What the estimate follows is what `trainers` does, op by op, on a Llama-style decoder (Llama,
-Mistral, Qwen2; SDPA attention): float precisions train the weights in their own dtype (bf16 full
-fine-tuning keeps bf16 weights, grads and AdamW states: 8 B/param, no fp32 master copy); on an
-int8/nf4/fp4 base every unquantized tensor (embeddings, norms, biases) is upcast to fp32 and so
-are the hidden states; PEFT adapters are fp32. Accuracy against measurements:
-benchmarks/estimator_accuracy.py.
+What the estimate follows is what `trainers` does, op by op (SDPA attention), on the decoder
+families whose layouts shapes.py knows (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, GPT-2,
+GPT-NeoX, OPT; another model_type with Llama's config keys is read as Llama-style): float
+precisions train the weights in their own dtype (bf16 full fine-tuning keeps bf16 weights, grads
+and AdamW states: 8 B/param, no fp32 master copy); on an int8/nf4/fp4 base every unquantized
+tensor (embeddings, norms, biases) is upcast to fp32 and so are the hidden states; PEFT adapters
+are fp32. What a method adds comes from its registry entry (MethodSpec.trainable_sizes,
+memory_terms), so adding a method touches its own file only.
+
+    shapes.py       the model from config.json: ModelShape, Layout per family, known names
+    counts.py       trainable counts, weight bytes (bitsandbytes formats), optimizer states
+    activations.py  bytes saved for backward, eval pass; MethodTerms
+    estimate.py     estimate(cfg) -> MemoryEstimate, by component
+    cli.py          python -m trainers.memory
+
+Accuracy against measurements: tests/test_architectures.py (each family), tests/test_memory.py
+(sft, dpo, rl), benchmarks/estimator_accuracy.py (every method x precision).
 """
 from trainers.memory.counts import (FLOAT_BYTES, GIB, optimizer_state_bytes, quantized_linear_bytes,
                                     trainable_params, trainable_tensor_sizes, weight_bytes)

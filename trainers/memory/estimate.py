@@ -6,8 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
-from trainers.memory.activations import _eval_bytes, _extra_tokens, _prefix_cache_bytes, _train_activation_bytes
-from trainers.memory.counts import FLOAT_BYTES, GIB, optimizer_state_bytes, trainable_params, trainable_tensor_sizes, weight_bytes
+from trainers.memory.activations import (MethodTerms, eval_bytes, extra_tokens, method_terms, prefix_cache_bytes,
+                                         train_activation_bytes)
+from trainers.memory.counts import FLOAT_BYTES, GIB, optimizer_state_bytes, trainable_tensor_sizes, weight_bytes
 from trainers.memory.shapes import ModelShape, load_shape
 
 if TYPE_CHECKING:
@@ -17,6 +18,15 @@ if TYPE_CHECKING:
 # Bytes a trial needs beyond its tensors: a CUDA context with cuBLAS workspaces, or on CPU the
 # Python process with torch, transformers, peft and bitsandbytes imported (~0.45 GiB measured).
 RUNTIME_OVERHEAD = {"cuda": 1 * GIB, "cpu": GIB // 2}
+
+WEIGHT_NOTES = {"fp32": "4 B/param", "bf16": "2 B/param", "fp16": "2 B/param",
+                "int8": "linear weights 1 B/param + fp32 row scales; rest fp32",
+                "nf4": "linear weights 0.5 B/param + block absmax; rest fp32",
+                "fp4": "linear weights 0.5 B/param + block absmax; rest fp32"}
+OPTIMIZER_NOTES = {"adamw": "AdamW: 2 states per trainable param, in its dtype", "sgd": "SGD momentum: 1 state",
+                   "adamw_8bit": "8-bit AdamW: 2 x 1 B + block absmax",
+                   "paged_adamw_8bit": "paged 8-bit AdamW: 2 x 1 B + block absmax (pageable)",
+                   "paged_adamw_32bit": "paged AdamW: 2 x fp32 (pageable)"}
 
 
 @dataclass
@@ -103,6 +113,99 @@ def _human(n: float) -> str:
     return f"{int(n)} B"
 
 
+@dataclass
+class Training:
+    """The trainable side of a trial: counts and the bytes that follow from them."""
+
+    sizes: list[int]
+    param_bytes: int  # bytes per trained element (its gradient and AdamW states alike)
+    added: float  # bytes of trainable tensors added to the base
+    grads: float
+    opt: float
+    step: float  # optimizer-step temporaries
+
+    @classmethod
+    def of(cls, shape: ModelShape, cfg: "ExperimentConfig", terms: MethodTerms, base_bytes: int) -> "Training":
+        sizes = trainable_tensor_sizes(shape, cfg)
+        n = sum(sizes)
+        # the base's own tensors (full, BitFit) or a copy of them (LN tuning) train in the base
+        # dtype; everything a method adds is fp32
+        param_bytes = base_bytes if terms.storage in ("base", "copy") else 4
+        added = 0 if terms.storage == "base" else n * param_bytes
+        optimizer = cfg.train.optimizer
+        # single-tensor AdamW makes two temporaries the size of the largest tensor (sqrt, denominator)
+        step = (2 if optimizer == "adamw" else 1) * max(sizes, default=0) * param_bytes
+        return cls(sizes, param_bytes, added, n * param_bytes, optimizer_state_bytes(sizes, param_bytes, optimizer),
+                   step)
+
+
+@dataclass
+class Batch:
+    """Sequences per training micro-batch and the model that scores them, after the stage's changes."""
+
+    rows: int
+    seq: int
+    head: ModelShape  # the shape whose output head makes the logits
+    weights: float
+    eval_rows: int
+
+
+def _stage_batch(shape: ModelShape, cfg: "ExperimentConfig", seq: int, weights: float, own_tensors_train: bool,
+                 notes: list[str]) -> Batch:
+    """The preference stages score chosen and rejected together (and a reward model has a scalar
+    head); RL trains on num_generations sampled answers per prompt and holds a reward model, and,
+    when the method trains the base's own tensors (no adapter to switch off), a frozen copy of the
+    starting policy as its KL reference."""
+    train = cfg.train
+    stage = getattr(getattr(cfg, "stage", None), "name", None) or "sft"
+    eval_rows = min(train.eval_batch_size, cfg.data.max_eval_rows or train.eval_batch_size)
+    batch = Batch(train.batch_size, seq, shape, weights, eval_rows)
+    if stage in ("reward", "dpo"):
+        batch.rows, batch.eval_rows = 2 * batch.rows, 2 * batch.eval_rows
+        notes.append(f"stage {stage}: chosen + rejected = {batch.rows} sequences per micro-batch")
+    if stage == "reward":
+        batch.head = dataclasses.replace(shape, vocab=1)
+    if stage == "rl":
+        batch.rows *= cfg.stage.num_generations
+        batch.seq += cfg.data.max_new_tokens
+        batch.weights *= 3 if own_tensors_train else 2
+        notes.append(f"stage rl: {batch.rows} rollouts of prompt + {cfg.data.max_new_tokens} new tokens per "
+                     "micro-batch, and a reward model as large as the policy"
+                     + (" and a frozen reference copy" if own_tensors_train else ""))
+    return batch
+
+
+def _shard(shape: ModelShape, cfg: "ExperimentConfig", batch: Batch, training: Training, base_bytes: int,
+           notes: list[str]) -> None:
+    """FSDP2 shards weights, gradients and optimizer state; a decoder layer is gathered while it
+    computes, the root unit (embeddings, head, norm) stays whole."""
+    n = cfg.train.num_workers
+    if not (cfg.train.fsdp and n > 1):
+        return
+    layer_bytes = (shape.total_params() - shape.embedding_params()) / shape.layers * base_bytes
+    batch.weights = batch.weights / n + 2 * layer_bytes + shape.embedding_params() * base_bytes
+    training.grads, training.opt = training.grads / n + layer_bytes, training.opt / n
+    notes.append(f"FSDP over {n} workers: weights, gradients and optimizer states sharded (not measured)")
+
+
+def _logits(shape: ModelShape, cfg: "ExperimentConfig", batch: Batch, act: int, int8_contexts: float) -> Component:
+    """The training step keeps only the loss of the model's output. Backward starts with three
+    fp32 tensors of tokens x vocab: log-softmax, its gradient and the gradient it passes on. The
+    forward's end holds the logits, their fp32 copy and log-softmax, the output's key/value cache
+    (prefix tuning), and the previous step's loss, whose finished graph still holds what
+    bitsandbytes' int8 matmul stored on its autograd context: every int8 layer's input."""
+    virtual, _ = extra_tokens(cfg)
+    tokens, vocab = batch.rows * (batch.seq + virtual), batch.head.vocab
+    softcap = tokens * vocab * act if batch.head.logit_softcap else 0  # its tanh, kept for backward
+    backward_start = tokens * vocab * 12 + softcap
+    forward_end = tokens * vocab * (act + 4 + (4 if act != 4 else 0)) + softcap
+    forward_end += prefix_cache_bytes(shape, cfg, act, batch.rows, batch.seq) + int8_contexts
+    note = (f"{tokens:,} tokens x {vocab:,} vocab: " + ("3 fp32 loss tensors at backward start"
+                                                        if backward_start >= forward_end
+                                                        else "logits + loss (+ caches) at forward end"))
+    return Component("logits + loss", max(backward_start, forward_end), note)
+
+
 def estimate(cfg: "ExperimentConfig", model_config: Any = None, *, seq_len: Optional[int] = None,
              eval_seq_len: Optional[int] = None, device: Optional[str] = None) -> MemoryEstimate:
     """Predicted peak memory of the trial `cfg` describes.
@@ -116,108 +219,42 @@ def estimate(cfg: "ExperimentConfig", model_config: Any = None, *, seq_len: Opti
     """
     shape = ModelShape.of(model_config, cfg.model.name_or_path) if model_config is not None \
         else load_shape(cfg.model.name_or_path)
-    name, precision, train = cfg.method.name, cfg.precision, cfg.train
+    precision, train = cfg.precision, cfg.train
     device = device or ("cuda" if train.use_gpu else "cpu")
-    seq = seq_len or cfg.data.max_seq_len
-    eval_seq = eval_seq_len or seq
     notes: list[str] = []
-    quantized = precision.quantized
     # Unquantized tensors on a quantized base are upcast to fp32 (and with them the hidden states).
-    base_bytes = 4 if quantized else FLOAT_BYTES[precision.name]
-    act = base_bytes
-
-    weights = weight_bytes(shape, precision.name, precision.double_quant)
-    n_trainable = trainable_params(shape, cfg)
-    sizes = trainable_tensor_sizes(shape, cfg)
-    if name in ("full", "bitfit"):
-        param_bytes, extra = base_bytes, 0  # the base's own tensors train
-    elif name == "ln_tuning":
-        param_bytes, extra = base_bytes, n_trainable * base_bytes  # PEFT trains copies of the norms
-    else:
-        param_bytes, extra = 4, n_trainable * 4
-    grads = n_trainable * param_bytes
-    opt = optimizer_state_bytes(sizes, param_bytes, train.optimizer)
-    # single-tensor AdamW makes two temporaries the size of the largest tensor (sqrt, denominator)
-    step = 2 * max(sizes) * param_bytes if train.optimizer == "adamw" else max(sizes) * param_bytes
-
-    # Sequences per micro-batch. The preference stages score chosen and rejected together; RL
-    # trains on num_generations sampled answers per prompt and holds a reward model. These stages
-    # follow sft's per-sequence model; only sft is checked against measurements.
-    stage = getattr(getattr(cfg, "stage", None), "name", None) or "sft"
-    rows, head_shape = train.batch_size, shape
-    if stage in ("reward", "dpo"):
-        rows *= 2
-        notes.append(f"stage {stage}: chosen + rejected = {rows} sequences per micro-batch (not measured)")
-    if stage == "reward":  # a scalar score head instead of vocabulary logits
-        head_shape = dataclasses.replace(shape, vocab=1)
-    if stage == "rl":
-        rows *= cfg.stage.num_generations
-        seq += cfg.data.max_new_tokens
-        weights *= 2
-        notes.append(f"stage rl: {rows} rollouts of prompt + {cfg.data.max_new_tokens} new tokens per micro-batch, "
-                     "and a reward model as large as the policy (not measured)")
-    if train.fsdp and train.num_workers > 1:
-        # FSDP2 shards weights, gradients and optimizer state; a decoder layer is gathered while it
-        # computes, the root unit (embeddings, head, norm) stays whole
-        n = train.num_workers
-        layer_bytes = (shape.total_params() - shape.embedding_params()) / shape.layers * base_bytes
-        weights = weights / n + 2 * layer_bytes + shape.embedding_params() * base_bytes
-        grads, opt = grads / n + layer_bytes, opt / n
-        notes.append(f"FSDP over {n} workers: weights, gradients and optimizer states sharded (not measured)")
-
-    virtual, _ = _extra_tokens(cfg)
-    tokens = rows * (seq + virtual)
-    acts, per_layer, int8_contexts = _train_activation_bytes(shape, cfg, act, rows, seq)
+    act = 4 if precision.quantized else FLOAT_BYTES[precision.name]
+    terms = method_terms(shape, cfg)
+    training = Training.of(shape, cfg, terms, act)
+    batch = _stage_batch(shape, cfg, seq_len or cfg.data.max_seq_len,
+                         weight_bytes(shape, precision.name, precision.double_quant), terms.storage == "base", notes)
+    _shard(shape, cfg, batch, training, act, notes)
+    acts, per_layer, int8_contexts = train_activation_bytes(shape, cfg, act, batch.rows, batch.seq)
     if train.grad_accum > 1:  # earlier micro-batches' gradients stay through the next backward
-        acts += grads
+        acts += training.grads
     if train.num_workers > 1 and not train.fsdp:  # DDP's gradient buckets
-        acts += grads
-    # The training step keeps only the loss of the model's output. Backward starts with three
-    # fp32 tensors of tokens x vocab: log-softmax, its gradient and the gradient it passes on.
-    # The forward's end holds the logits, their fp32 copy and log-softmax, the output's key/value
-    # cache (prefix tuning), and the previous step's loss, whose finished graph still holds what
-    # bitsandbytes' int8 matmul stored on its autograd context: every int8 layer's input.
-    backward_start = tokens * head_shape.vocab * 12
-    forward_end = tokens * head_shape.vocab * (act + 4 + (4 if act != 4 else 0))
-    forward_end += _prefix_cache_bytes(shape, cfg, act, rows, seq)
-    forward_end += int8_contexts
-    logits = max(backward_start, forward_end)
-    logits_note = (f"{tokens:,} tokens x {head_shape.vocab:,} vocab: " +
-                   ("3 fp32 loss tensors at backward start" if backward_start >= forward_end
-                    else "logits + loss (+ caches) at forward end"))
-
-    eval_batch = train.eval_batch_size
-    if cfg.data.max_eval_rows:
-        eval_batch = min(eval_batch, cfg.data.max_eval_rows)
-    if stage in ("reward", "dpo"):
-        eval_batch *= 2
-    evaluation = _eval_bytes(head_shape, cfg, act, eval_batch, eval_seq) if cfg.data.eval_file else 0.0
-
-    weight_note = {"fp32": "4 B/param", "bf16": "2 B/param", "fp16": "2 B/param",
-                   "int8": "linear weights 1 B/param + fp32 row scales; rest fp32",
-                   "nf4": "linear weights 0.5 B/param + block absmax" + (" (double quant)" if precision.double_quant
-                                                                         else "") + "; rest fp32"}
-    weight_note["fp4"] = weight_note["nf4"]
-    opt_note = {"adamw": "AdamW: 2 states per trainable param, in its dtype", "sgd": "SGD momentum: 1 state",
-                "adamw_8bit": "8-bit AdamW: 2 x 1 B + block absmax", "paged_adamw_8bit": "paged 8-bit AdamW: "
-                "2 x 1 B + block absmax (pageable)", "paged_adamw_32bit": "paged AdamW: 2 x fp32 (pageable)"}
-    dtype_name = {4: "fp32", 2: "bf16/fp16"}[param_bytes]
+        acts += training.grads
+    eval_seq = eval_seq_len or seq_len or cfg.data.max_seq_len
+    evaluation = eval_bytes(batch.head, cfg, act, batch.eval_rows, eval_seq) if cfg.data.eval_file else 0.0
+    n_trainable, dtype_name = sum(training.sizes), {4: "fp32", 2: "bf16/fp16"}[training.param_bytes]
+    tokens = batch.rows * (batch.seq + extra_tokens(cfg)[0])
     return MemoryEstimate(
-        model=shape.name, method=name,
+        model=shape.name, method=cfg.method.name,
         precision=precision.name + (" +dq" if precision.double_quant else ""),
-        optimizer=train.optimizer, batch_size=train.batch_size, seq_len=seq, device=device,
+        optimizer=train.optimizer, batch_size=train.batch_size, seq_len=batch.seq, device=device,
         params_total=shape.total_params(), params_trainable=n_trainable,
-        weights=Component("weights", weights, weight_note[precision.name]),
-        trainable=Component("trainable (added)", extra,
-                            f"{n_trainable:,} params, {dtype_name}" if extra else "the base's own tensors train"),
-        gradients=Component("gradients", grads, f"{dtype_name}, one per trainable param"),
-        optimizer_states=Component("optimizer states", opt, opt_note[train.optimizer]),
+        weights=Component("weights", batch.weights, WEIGHT_NOTES[precision.name]
+                          + (" (double quant)" if precision.double_quant else "")),
+        trainable=Component("trainable (added)", training.added, f"{n_trainable:,} params, {dtype_name}"
+                            if training.added else "the base's own tensors train"),
+        gradients=Component("gradients", training.grads, f"{dtype_name}, one per trainable param"),
+        optimizer_states=Component("optimizer states", training.opt, OPTIMIZER_NOTES[train.optimizer]),
         activations=Component("activations", acts, f"saved for backward; {_human(per_layer)} per layer x "
                                                    f"{shape.layers}, {tokens:,} tokens"),
-        logits=Component("logits + loss", logits, logits_note),
-        optimizer_step=Component("optimizer step", step, "temporaries of the update (peak alternative)"),
-        eval_pass=Component("eval pass", evaluation,
-                            f"batch {eval_batch} x seq {eval_seq}, no grad" if evaluation else "no eval file"),
+        logits=_logits(shape, cfg, batch, act, int8_contexts),
+        optimizer_step=Component("optimizer step", training.step, "temporaries of the update (peak alternative)"),
+        eval_pass=Component("eval pass", evaluation, f"batch {batch.eval_rows} x seq {eval_seq}, no grad"
+                            if evaluation else "no eval file"),
         overhead=Component("runtime overhead", RUNTIME_OVERHEAD[device],
                            "CUDA context" if device == "cuda" else "Python + torch process"),
         notes=notes,

@@ -70,6 +70,16 @@ class Layout:
     mlp_in: tuple[str, ...]  # gate + up (gated), or the one input projection
     mlp_out: str
     gated: bool = True
+    # Tensors of MLP width a plain MLP's activation keeps beyond its input: GPT-2's gelu_new is
+    # written as torch ops (tanh, its sum with 1, half the input); exact GELU and ReLU keep none.
+    activation_saves: int = 0
+    activation_keeps_output: bool = False  # ReLU: what it keeps is the output projection's input
+    # Rotary on a fused q/k/v output: v stays a view of it, so the whole output lives beside the
+    # rotated q and k (GPT-NeoX, Phi-3)
+    rotary_on_fused_qkv: bool = False
+    # Gemma 2 runs eager attention (for its score softcapping): it keeps the softcapped scores'
+    # tanh and the softmax, tokens x keys per head each, instead of SDPA's logsumexp
+    eager_score_tensors: int = 0
     layer_norm: bool = False  # LayerNorm with bias (GPT-2, GPT-NeoX, OPT) instead of RMSNorm
     norms_per_layer: int = 2  # Gemma 2 also normalises each sublayer's output
     head_norms: bool = False  # Qwen3: RMSNorm over each head's q and k
@@ -80,14 +90,14 @@ LLAMA = Layout(("q_proj", "k_proj", "v_proj"), "o_proj", ("gate_proj", "up_proj"
 LAYOUTS = {
     "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA,
     "qwen3": dataclasses.replace(LLAMA, head_norms=True),
-    "gemma2": dataclasses.replace(LLAMA, norms_per_layer=4, tied_default=True),
-    "phi3": Layout(("qkv_proj",), "o_proj", ("gate_up_proj",), "down_proj"),
-    "gpt2": Layout(("c_attn",), "attn.c_proj", ("c_fc",), "mlp.c_proj", gated=False, layer_norm=True,
-                   tied_default=True),
+    "gemma2": dataclasses.replace(LLAMA, norms_per_layer=4, tied_default=True, eager_score_tensors=2),
+    "phi3": Layout(("qkv_proj",), "o_proj", ("gate_up_proj",), "down_proj", rotary_on_fused_qkv=True),
+    "gpt2": Layout(("c_attn",), "attn.c_proj", ("c_fc",), "mlp.c_proj", gated=False, activation_saves=3,
+                   layer_norm=True, tied_default=True),
     "gpt_neox": Layout(("query_key_value",), "dense", ("dense_h_to_4h",), "dense_4h_to_h", gated=False,
-                       layer_norm=True),
+                       layer_norm=True, rotary_on_fused_qkv=True),
     "opt": Layout(("q_proj", "k_proj", "v_proj"), "out_proj", ("fc1",), "fc2", gated=False, layer_norm=True,
-                  tied_default=True),
+                  activation_keeps_output=True, tied_default=True),
 }
 # config.json keys of the architectures that do not use Llama's names.
 RENAMED_KEYS = {"gpt2": {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
@@ -124,6 +134,7 @@ class ModelShape:
     mlp_bias: bool = False
     positions: int = 0  # rows of a learned position embedding (GPT-2, OPT)
     layout: Layout = LLAMA
+    logit_softcap: bool = False  # Gemma 2's tanh on the logits keeps one more tokens x vocab tensor
 
     @classmethod
     def of(cls, config: Any, name: str = "") -> "ModelShape":
@@ -152,7 +163,7 @@ class ModelShape:
             qkv_bias=bias[0], o_bias=bias[1], mlp_bias=bias[2],
             positions={"gpt2": config.get("n_positions", 0),
                        "opt": config.get("max_position_embeddings", 0) + 2}.get(model_type, 0),  # OPT offsets by 2
-            layout=layout)
+            layout=layout, logit_softcap=config.get("final_logit_softcapping") is not None)
 
     @property
     def q_dim(self) -> int:

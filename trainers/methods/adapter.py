@@ -106,5 +106,13 @@ def trainable_sizes(shape, method) -> list[int]:
     return [h * b, b, b * h, h] * 2 * shape.layers  # down, up (with biases) after both blocks
 
 
-SPEC = register(TensorsMethodSpec(name="adapter", trainable_sizes=trainable_sizes, config_cls=AdapterConfig, apply=apply, attach=attach,
-                                  saves="adapter", mergeable=False, summary="bottleneck MLPs after attention and feed-forward"))
+def memory_terms(shape, method):
+    from trainers.memory.activations import MethodTerms
+
+    return MethodTerms(bottleneck=method.bottleneck_size)
+
+
+SPEC = register(TensorsMethodSpec(
+    name="adapter", config_cls=AdapterConfig, apply=apply, attach=attach, saves="adapter", mergeable=False,
+    trainable_sizes=trainable_sizes, memory_terms=memory_terms,
+    summary="bottleneck MLPs after attention and feed-forward"))

@@ -53,5 +53,12 @@ def trainable_sizes(shape, method) -> list[int]:
     return linear + [shape.hidden] * norms
 
 
-SPEC = register(TensorsMethodSpec(name="bitfit", trainable_sizes=trainable_sizes, config_cls=BitFitConfig, apply=apply, saves="adapter",
-                                  check_combination=check_combination, summary="only bias terms train"))
+def memory_terms(shape, method):
+    from trainers.memory.activations import MethodTerms
+
+    return MethodTerms(biases_train=True, storage="base")
+
+
+SPEC = register(TensorsMethodSpec(
+    name="bitfit", config_cls=BitFitConfig, apply=apply, saves="adapter", check_combination=check_combination,
+    trainable_sizes=trainable_sizes, memory_terms=memory_terms, summary="only bias terms train"))

@@ -33,5 +33,11 @@ def trainable_sizes(shape, method) -> list[int]:
     return full_sizes(shape)
 
 
-register(MethodSpec(name="full", config_cls=FullConfig, apply=apply, saves="model", trainable_sizes=trainable_sizes,
-                    check_combination=check_combination, summary="all weights trainable"))
+def memory_terms(shape, method):
+    from trainers.memory.activations import MethodTerms
+
+    return MethodTerms(weights_train=True, norms_train=(True, True, True), input_grad=True, storage="base")
+
+
+register(MethodSpec(name="full", config_cls=FullConfig, apply=apply, saves="model", check_combination=check_combination,
+                    trainable_sizes=trainable_sizes, memory_terms=memory_terms, summary="all weights trainable"))

@@ -63,5 +63,14 @@ def trainable_sizes(shape, method) -> list[int]:
     return [linears[t][0] if t in feedforward else linears[t][1] for t in targets] * shape.layers
 
 
-register(MethodSpec(name="ia3", trainable_sizes=trainable_sizes, config_cls=IA3Config, apply=apply, saves="adapter",
+def memory_terms(shape, method):
+    from trainers.memory.activations import MethodTerms
+    from trainers.memory.counts import ia3_targets
+
+    targets, feedforward = ia3_targets(shape, method)
+    return MethodTerms(ia3=tuple(targets), ia3_ff=tuple(feedforward))
+
+
+register(MethodSpec(name="ia3", config_cls=IA3Config, apply=apply, saves="adapter", trainable_sizes=trainable_sizes,
+                    memory_terms=memory_terms,
                     summary="learned scaling vectors on attention outputs and feed-forward inputs"))

@@ -55,5 +55,20 @@ def trainable_sizes(shape, method) -> list[int]:
     return norm_sizes(shape, *ln_tuning_norms(shape, method))
 
 
-register(MethodSpec(name="ln_tuning", trainable_sizes=trainable_sizes, config_cls=LNTuningConfig, apply=apply, saves="adapter",
-                    check_combination=check_combination, summary="only the norm layers' weights train"))
+def memory_terms(shape, method):
+    """Which norms train: named targets, or (norms per layer, final) of the default."""
+    from trainers.memory.activations import MethodTerms
+    from trainers.memory.counts import ln_tuning_norms
+
+    targets = method.target_modules
+    if targets is not None:
+        trains = ("input_layernorm" in targets, "post_attention_layernorm" in targets, "norm" in targets)
+    else:
+        per_layer, final = ln_tuning_norms(shape, method)
+        trains = (per_layer >= 2, per_layer >= 1, final)
+    return MethodTerms(norms_train=trains, storage="copy")  # PEFT trains copies of the norms
+
+
+register(MethodSpec(name="ln_tuning", config_cls=LNTuningConfig, apply=apply, saves="adapter",
+                    check_combination=check_combination, trainable_sizes=trainable_sizes, memory_terms=memory_terms,
+                    summary="only the norm layers' weights train"))

@@ -100,5 +100,14 @@ def trainable_sizes(shape, method) -> list[int]:
     return sizes * shape.layers
 
 
-register(MethodSpec(name="lora", config_cls=LoraConfig, apply=apply, saves="adapter", trainable_sizes=trainable_sizes,
-                    check_combination=check_combination, summary="low-rank update on frozen linear layers"))
+def memory_terms(shape, method):
+    from trainers.memory.activations import MethodTerms
+    from trainers.memory.counts import lora_targets
+
+    return MethodTerms(lora=tuple(lora_targets(shape, method)), rank=method.r, dropout=method.dropout,
+                       dora=method.use_dora)
+
+
+register(MethodSpec(name="lora", config_cls=LoraConfig, apply=apply, saves="adapter", check_combination=check_combination,
+                    trainable_sizes=trainable_sizes, memory_terms=memory_terms,
+                    summary="low-rank update on frozen linear layers"))

@@ -45,6 +45,13 @@ def trainable_sizes(shape, method) -> list[int]:
     return [n * 2 * L * kv]
 
 
-register(MethodSpec(name="prefix", trainable_sizes=trainable_sizes, config_cls=PrefixConfig, apply=apply, saves="adapter", mergeable=False,
+def memory_terms(shape, method):
+    from trainers.memory.activations import MethodTerms
+
+    return MethodTerms(attention_grad=True)
+
+
+register(MethodSpec(name="prefix", config_cls=PrefixConfig, apply=apply, saves="adapter", mergeable=False,
                     virtual_tokens=lambda method: (0, method.num_virtual_tokens),
+                    trainable_sizes=trainable_sizes, memory_terms=memory_terms,
                     summary="trainable key/value prefix in every attention layer"))

@@ -53,6 +53,13 @@ def trainable_sizes(shape, method) -> list[int]:
     return [method.num_virtual_tokens * shape.hidden]
 
 
-register(MethodSpec(name="prompt", trainable_sizes=trainable_sizes, config_cls=PromptConfig, apply=apply, saves="adapter", mergeable=False,
+def memory_terms(shape, method):
+    from trainers.memory.activations import MethodTerms
+
+    return MethodTerms(input_grad=True)
+
+
+register(MethodSpec(name="prompt", config_cls=PromptConfig, apply=apply, saves="adapter", mergeable=False,
                     virtual_tokens=lambda method: (method.num_virtual_tokens, 0),
+                    trainable_sizes=trainable_sizes, memory_terms=memory_terms,
                     summary="trainable input embeddings prepended to every sequence"))

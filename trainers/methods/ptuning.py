@@ -55,6 +55,15 @@ def trainable_sizes(shape, method) -> list[int]:
     return [n * h, h * e, e, e * e, e, e * h, h]
 
 
-register(MethodSpec(name="ptuning", trainable_sizes=trainable_sizes, config_cls=PTuningConfig, apply=apply, saves="adapter", mergeable=False,
+def memory_terms(shape, method):
+    """The prompt encoder runs once per step, for batch 1."""
+    from trainers.memory.activations import MethodTerms
+
+    encoder = method.num_virtual_tokens * (shape.hidden + 2 * method.encoder_hidden_size) * 4
+    return MethodTerms(input_grad=True, per_step_bytes=encoder)
+
+
+register(MethodSpec(name="ptuning", config_cls=PTuningConfig, apply=apply, saves="adapter", mergeable=False,
                     virtual_tokens=lambda method: (method.num_virtual_tokens, 0),
+                    trainable_sizes=trainable_sizes, memory_terms=memory_terms,
                     summary="virtual input tokens produced by a small trainable encoder"))

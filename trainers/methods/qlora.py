@@ -14,7 +14,7 @@ from trainers.methods.base import register
 from trainers.methods.base import MethodSpec
 from trainers.methods.lora import LoraConfig
 from trainers.methods.lora import apply as lora_apply
-from trainers.methods.lora import target_problems, trainable_sizes
+from trainers.methods.lora import memory_terms, target_problems, trainable_sizes
 
 FOUR_BIT = ("nf4", "fp4")
 
@@ -31,5 +31,6 @@ def check_combination(cfg) -> list[tuple[str, str]]:
     return target_problems(cfg)
 
 
-register(MethodSpec(name="qlora", config_cls=QLoraConfig, apply=lora_apply, saves="adapter", trainable_sizes=trainable_sizes,
-                    check_combination=check_combination, summary="LoRA on a 4-bit nf4/fp4 base"))
+register(MethodSpec(name="qlora", config_cls=QLoraConfig, apply=lora_apply, saves="adapter",
+                    check_combination=check_combination, trainable_sizes=trainable_sizes, memory_terms=memory_terms,
+                    summary="LoRA on a 4-bit nf4/fp4 base"))
