@@ -13,9 +13,12 @@ LoRA (r=16, all linear layers) and QLoRA (nf4 base, bf16 compute; needs bitsandb
 tokens/s: median over the steps after --warmup-steps (train_loop logs every step, and its
 per-step loss.item() synchronises the GPU). Peak memory: torch.cuda.max_memory_allocated from
 before the model is loaded (weights, gradients, optimizer state, activations). MFU = tokens/s x
-FLOP/token / peak: FLOP/token = 6N for full fine-tuning (forward 2N, backward 4N) and 4N for
-LoRA/QLoRA (the frozen weights need no weight gradients), N = the base model's parameters;
-attention's own FLOPs (~12 x layers x hidden x seq per token) are left out, as is customary.
+FLOP/token / peak. FLOP/token counts the weight matmuls (`train_flops_per_token`): 2 per weight
+forward and 2 for the input gradient, plus 2 for the weight gradient of trained weights - 6N for
+full fine-tuning, 4N of the frozen base + 6x the adapter's for LoRA/QLoRA, N = the weights of the
+linear layers (the input embedding is a lookup, not a matmul). Attention's own FLOPs (~12 x layers
+x hidden x seq per token) are left out, as is customary. tests/test_benchmarks.py checks the count
+against torch.utils.flop_counter.
 --peak-tflops: the device's dense bf16 peak (H100/H200 SXM: 989).
 
 Imports nothing of Ray, Hydra, MLflow, TRL or datasets (the config is built from
@@ -93,14 +96,25 @@ def save_random_model(size: dict, directory: Path) -> int:
     return n_params
 
 
+def train_flops_per_token(model) -> int:
+    """Matmul FLOPs of one token's forward and backward through `model` (the method applied):
+    (4 + 2 if trained) x in x out per linear layer. bitsandbytes' 4-bit layers are nn.Linear with
+    the logical in/out features, so QLoRA counts as LoRA. Slightly high for the first layer's
+    projections, whose input (the frozen embedding) needs no gradient."""
+    import torch
+
+    return sum((6 if m.weight.requires_grad else 4) * m.in_features * m.out_features
+               for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 def experiment(args, method: str, model_dir: Path, use_gpu: bool):
     """The trial config, straight from the dataclasses (no Hydra), checked like any other."""
-    from trainers.config import (ConfigError, DataConfig, ExperimentConfig, ModelConfig, PrecisionConfig,
-                                 TrainConfig, check)
+    from trainers.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, PrecisionConfig, TrainConfig
     from trainers.methods.full import FullConfig
     from trainers.methods.lora import LoraConfig
     from trainers.methods.qlora import QLoraConfig
     from trainers.recipes.sft import SftConfig
+    from trainers.validate import check
 
     method_cfg = {"full": FullConfig(), "lora": LoraConfig(r=args.rank, alpha=2.0 * args.rank),
                   "qlora": QLoraConfig(r=args.rank, alpha=2.0 * args.rank)}[method]
@@ -129,7 +143,7 @@ def random_rows(n: int, seq_len: int, vocab: int, seed: int = 0):
     return [Example(row, row, f"random:{i}") for i, row in enumerate(ids)]
 
 
-def measure(args, method: str, model_dir: Path, n_params: int, vocab: int, device) -> dict:
+def measure(args, method: str, model_dir: Path, vocab: int, device) -> dict:
     import torch
 
     from trainers.methods import METHODS as REGISTRY
@@ -146,6 +160,7 @@ def measure(args, method: str, model_dir: Path, n_params: int, vocab: int, devic
     started = time.perf_counter()
     model = REGISTRY[method].apply(load_base_model(cfg, device), cfg)
     trainable, _ = count_parameters(model)
+    flops_per_token = train_flops_per_token(model)
     recorder = StepRecorder()
     rows = random_rows(max(64, args.batch_size * 4), args.seq_len, vocab)
     train_loop(model, rows, cfg.train, 0, device, DistInfo(), recorder)
@@ -153,7 +168,6 @@ def measure(args, method: str, model_dir: Path, n_params: int, vocab: int, devic
         torch.cuda.synchronize(device)
     peak_bytes = peak.peak_bytes()
     tokens_per_s = statistics.median(recorder.tokens_per_s[args.warmup_steps:])
-    flops_per_token = (6 if method == "full" else 4) * n_params
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -189,7 +203,7 @@ def main(argv=None) -> int:
         results = []
         for method in methods:
             try:
-                results.append(measure(args, method, Path(tmp), n_params, size["vocab_size"], device))
+                results.append(measure(args, method, Path(tmp), size["vocab_size"], device))
             except Exception as err:  # one method failing (OOM, a kernel missing) still reports the others
                 results.append({"method": method, "skipped": f"{type(err).__name__}: {str(err).splitlines()[0]}"})
             print(f"  {method}: done", flush=True)
@@ -200,9 +214,8 @@ def main(argv=None) -> int:
         if "skipped" in r:
             print(f"| {r['method']} | skipped: {r['skipped']} | | | | |")
             continue
-        factor = "6N" if r["method"] == "full" else "4N"
         print(f"| {r['method']} | {r['trainable_params']:,} | {r['tokens_per_s']:,.0f} | "
-              f"{r['peak_bytes'] / 2**20:,.1f} | {factor} = {r['flops_per_token']:.3g} | {100 * r['mfu']:.3g}% |")
+              f"{r['peak_bytes'] / 2**20:,.1f} | {r['flops_per_token']:.3g} | {100 * r['mfu']:.3g}% |")
     imported = [name for name in ABSENT_ON_GPU_BOX if name in sys.modules]
     if imported:  # a trainers module grew a top-level import the GPU box cannot satisfy
         print(f"\nwarning: imported {', '.join(imported)}", file=sys.stderr)
