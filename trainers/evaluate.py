@@ -9,10 +9,8 @@ from __future__ import annotations
 import math
 
 from trainers.data import IGNORE_INDEX, EvalPrompt, Example, pad_batch
-
-
-def unwrap(model):
-    return model.module if hasattr(model, "module") and model.__class__.__name__.endswith("DataParallel") else model
+from trainers.generation import decode, generate, has_virtual_tokens
+from trainers.parallel import unwrap
 
 
 def score_in_batches(model, items: list, batch_size: int, score) -> list:
@@ -69,41 +67,21 @@ def generate_answers(model, tokenizer, prompts: list[EvalPrompt], batch_size: in
                      device) -> list[str]:
     """Greedy completions of the prompts (in their order), decoded up to eos.
 
-    Each batch holds prompts of one length, so no row is padded: prefix/prompt/P-tuning put their
-    virtual tokens before any left padding, which shifts them away from the prompt and changes the
-    output (prefix tuning's logits by ~0.4 on a tiny model); for other models this is only batching.
+    A model with virtual tokens (prefix/prompt/P-tuning) gets batches of prompts of one length, so
+    no row is padded: its virtual tokens would sit before the left padding, away from the prompt,
+    and change the output (prefix tuning's logits by ~0.4 on a tiny model).
     """
-    import torch
-
-    model.eval()
-    # With a KV cache, generate() (transformers 5 + peft 0.21) drops the prefix-tuning prefix,
-    # which PEFT passes as past_key_values: decode prefix models without the cache.
-    use_cache = not _is_prefix_tuned(model)
     answers: list[str] = [""] * len(prompts)
-    by_length: dict[int, list[int]] = {}
+    batches: dict[int, list[int]] = {}
     for index, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt.prompt_ids), []).append(index)
-    with torch.no_grad():
-        for width, indices in sorted(by_length.items()):
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start:start + batch_size]
-                input_ids = torch.tensor([prompts[i].prompt_ids for i in chunk], dtype=torch.long, device=device)
-                out = model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                    do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                    use_cache=use_cache,
-                )
-                for i, row in zip(chunk, out[:, width:].tolist()):
-                    if tokenizer.eos_token_id in row:
-                        row = row[:row.index(tokenizer.eos_token_id)]
-                    answers[i] = tokenizer.decode(row, skip_special_tokens=True)
-    model.train()
+        batches.setdefault(len(prompt.prompt_ids) if has_virtual_tokens(model) else 0, []).append(index)
+    for _, indices in sorted(batches.items()):
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            rollouts = generate(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, device)
+            for i, response in zip(chunk, rollouts.responses):
+                answers[i] = decode(tokenizer, response)
     return answers
-
-
-def _is_prefix_tuned(model) -> bool:
-    configs = getattr(model, "peft_config", None) or {}
-    return any(str(getattr(c, "peft_type", "")).endswith("PREFIX_TUNING") for c in configs.values())
 
 
 def exact_match(predictions: list[str], prompts: list[EvalPrompt]) -> float:

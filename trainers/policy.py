@@ -1,5 +1,5 @@
 """What the preference stages (reward, rl, dpo) share: response log-probs, reward-model scores,
-sampling, a frozen reference policy, and the before/after evaluation of a policy on held-out
+a frozen reference policy, and the before/after evaluation of a policy on held-out
 prompts with known answers.
 
 Sequences are token-id lists built the way training data is (trainers/data.py): prompt ids, then
@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import copy
 import statistics
-from dataclasses import dataclass
 
 from trainers.data import IGNORE_INDEX, EvalPrompt, Example, pad_batch
-from trainers.evaluate import exact_match, unwrap
+from trainers.evaluate import exact_match
+from trainers.generation import decode, generate
+from trainers.parallel import unwrap
 
 
 def token_logprobs(model, input_ids, attention_mask, labels, position_ids=None, temperature: float = 1.0):
@@ -49,59 +50,6 @@ def reward_scores(reward_model, sequences: list[list[int]], pad_id: int, device)
     batch = pad_batch(examples, pad_id)
     out = reward_model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
     return out.logits[:, 0].float()
-
-
-@dataclass
-class Rollouts:
-    """Left-padded prompts + generated responses, as one batch the policy can score."""
-
-    input_ids: object  # [n, prompt_width + response_width]
-    attention_mask: object  # prompt tokens and response tokens up to and including the first eos
-    labels: object  # response tokens only (IGNORE_INDEX elsewhere)
-    position_ids: object  # as generate() counted them (left padding shifts them)
-    responses: list[list[int]]  # each response's ids, eos included when it was generated
-
-
-def generate(model, tokenizer, prompts: list[EvalPrompt], max_new_tokens: int, device, sample: bool = False,
-             temperature: float = 1.0) -> Rollouts:
-    """Responses to `prompts`: greedy, or sampled at `temperature` (no top-k/top-p: the policy's own
-    distribution, whose log-probs the policy gradient uses)."""
-    import torch
-
-    model = unwrap(model)
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    width = max(len(p.prompt_ids) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p.prompt_ids):] = torch.tensor(p.prompt_ids)
-        prompt_mask[i, width - len(p.prompt_ids):] = 1
-    options = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=prompt_mask.to(device),
-                             max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-                             use_cache=True, **options).cpu()
-    model.train(was_training)
-    generated = out[:, width:]
-    response_mask = torch.zeros_like(generated)
-    responses = []
-    for i, row in enumerate(generated.tolist()):
-        n = row.index(eos_id) + 1 if eos_id in row else len(row)
-        response_mask[i, :n] = 1
-        responses.append(row[:n])
-    attention = torch.cat([prompt_mask, response_mask], dim=1)
-    labels = torch.where(torch.cat([torch.zeros_like(prompt_mask), response_mask], dim=1).bool(), out,
-                         torch.full_like(out, IGNORE_INDEX))
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    return Rollouts(out.to(device), attention.to(device), labels.to(device), position_ids.to(device), responses)
-
-
-def decode(tokenizer, ids: list[int]) -> str:
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class Reference:
