@@ -9,6 +9,7 @@ lineage, merging the upstream adapter, reloading a trained reward model.
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -274,3 +275,115 @@ def test_dpo_loss_and_margins_match_trl_dpo_trainer(toy, sft_dir, tmp_path):
     assert logs["dpo/reward_margin"] == pytest.approx(metrics["rewards/margins"], abs=1e-5)
     assert logs["dpo/chosen_reward"] == pytest.approx(metrics["rewards/chosen"], abs=1e-5)
     assert logs["dpo/reward_accuracy"] == pytest.approx(metrics["rewards/accuracies"], abs=1e-6)
+
+
+def _grads(model, loss) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_grpo_policy_gradient_and_kl_match_trl_grpo_trainer(toy, sft_dir, tmp_path):
+    """The rl stage's loss against TRL's GRPOTrainer on one batch: same prompts, sampled responses,
+    rewards, reference model and kl_coef (TRL: loss_type="grpo", scale_rewards="group", one
+    iteration per batch, use_bias_correction_kl off). Ours is written as REINFORCE (value -A log pi),
+    TRL's as the PPO ratio, which is 1 on-policy (value -A): the gradients must agree, and so must
+    the KL they log."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trainers.data import load_rows, prompts_with_answers
+    from trainers.generation import generate
+    from trainers.policy import Reference
+    from trainers.recipes.rl import group_advantages, policy_loss
+
+    group_size, kl_coef, temperature = 4, 0.3, 0.9
+    tokenizer = AutoTokenizer.from_pretrained(toy["model"])
+    _, rows, sources = load_rows(toy["pref_train"], "preference", 3)
+    prompts, _ = prompts_with_answers(tokenizer, rows, sources, "preference", 64, "error")
+    prompts[1].prompt_ids = prompts[1].prompt_ids[1:]  # prompts of different lengths: left padding counts too
+    reference = AutoModelForCausalLM.from_pretrained(f"{sft_dir}/model").eval()
+    policy = AutoModelForCausalLM.from_pretrained(f"{sft_dir}/model")
+    torch.manual_seed(3)
+    with torch.no_grad():  # a policy that has moved away from the reference: the KL term is not 0
+        for param in policy.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    policy.eval()
+    group = [p for p in prompts for _ in range(group_size)]
+    rollouts = generate(policy, tokenizer, group, 3, CPU, sample=True, temperature=temperature)
+    rewards = torch.randn(len(group), generator=torch.Generator().manual_seed(0))
+
+    advantages = group_advantages(rewards, group_size, scale_rewards=True)
+    for i in range(0, len(group), group_size):  # TRL's: (r - group mean) / (group sample std + 1e-4)
+        block = rewards[i:i + group_size].tolist()
+        expected = [(r - statistics.fmean(block)) / (statistics.stdev(block) + 1e-4) for r in block]
+        assert advantages[i:i + group_size, 0].tolist() == pytest.approx(expected, abs=1e-5)
+    ours, kl, mask = policy_loss(policy, Reference(reference), rollouts, advantages, kl_coef, temperature)
+    our_grads = _grads(policy, ours)
+
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), beta=kl_coef, temperature=temperature, loss_type="grpo",
+                      scale_rewards="group", num_generations=group_size, per_device_train_batch_size=len(group),
+                      max_completion_length=3, report_to=[], use_cpu=True, bf16=False,
+                      use_bias_correction_kl=False)  # rl.py's KL term: see policy_loss
+    trainer = GRPOTrainer(model=policy, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=args,
+                          processing_class=tokenizer,
+                          train_dataset=datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in rows]))
+    width = max(len(p.prompt_ids) for p in group)  # TRL takes the left-padded prompts and the responses apart
+    inputs = {"prompt_ids": rollouts.input_ids[:, :width], "prompt_mask": rollouts.attention_mask[:, :width],
+              "completion_ids": rollouts.input_ids[:, width:], "completion_mask": rollouts.attention_mask[:, width:],
+              "advantages": advantages[:, 0]}
+    # TRL's reference: the policy's checkpoint loaded again (the SFT model, as `reference` above).
+    with torch.no_grad():
+        inputs["ref_per_token_logps"], _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.ref_model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].shape[1])
+    theirs = trainer.compute_loss(trainer.model, inputs)
+    their_grads = _grads(policy, theirs)
+
+    assert len(our_grads) == len(their_grads) and max(g.abs().max().item() for g in our_grads) > 1e-4
+    for mine, other in zip(our_grads, their_grads):
+        torch.testing.assert_close(mine, other, rtol=1e-4, atol=1e-6)
+    our_kl = (kl.sum() / mask.sum()).item()
+    assert our_kl > 1e-4 and our_kl == pytest.approx(trainer._metrics["eval"]["kl"][-1], rel=1e-4)
+
+
+def test_reward_loss_and_metrics_match_trl_reward_trainer(toy, sft_dir, tmp_path):
+    """The reward stage's Bradley-Terry loss against TRL's RewardTrainer (no reward centering:
+    center_rewards_coefficient=None, which the reward stage does not do either) on the same pairs,
+    model and head; sequences as the reward stage reads them (no final eos, trainers/policy.py)."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from trainers.data import Example, load_rows, pad_batch, tokenize_pairs
+    from trainers.policy import reward_sequence
+    from trainers.recipes.reward import pair_scores, pairwise_loss
+
+    tokenizer = AutoTokenizer.from_pretrained(toy["model"])
+    _, rows, sources = load_rows(toy["pref_train"], "preference", 8)
+    pairs, _ = tokenize_pairs(tokenizer, rows, sources, 64, "error")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(f"{sft_dir}/model", num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    with torch.no_grad():
+        model.score.weight.normal_(0, 0.5)  # a head that ranks some pairs each way: a real comparison
+    model.eval()
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ours, _, logs = pairwise_loss(pad, eos, CPU)(model, pairs)
+
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), center_rewards_coefficient=None, report_to=[],
+                        use_cpu=True, bf16=False, per_device_train_batch_size=len(pairs))
+    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
+                            train_dataset=datasets.Dataset.from_list(rows))
+    sides = [reward_sequence([], side.input_ids, eos) for side in [p.chosen for p in pairs] + [p.rejected for p in pairs]]
+    batch = pad_batch([Example(ids, ids) for ids in sides], pad)
+    with torch.no_grad():
+        theirs = trainer.compute_loss(trainer.model, {"input_ids": batch["input_ids"],
+                                                      "attention_mask": batch["attention_mask"]})
+    metrics = {name: values[-1] for name, values in trainer._metrics["eval"].items()}
+    chosen, rejected, _ = pair_scores(model, pairs, pad, eos, CPU)
+    assert 0 < (chosen > rejected).float().mean().item() < 1
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
+    assert logs["reward/accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
+    assert logs["reward/margin"] == pytest.approx(metrics["margin"], abs=1e-6)

@@ -27,12 +27,11 @@ from typing import Optional
 from trainers.context import TrialContext
 from trainers.data import EvalPrompt, load_rows, prompts_with_answers
 from trainers.evaluate import normalise_answer
+from trainers.generation import decode, generate
 from trainers.methods import METHODS
 from trainers.model import count_parameters
-from trainers.policy import (Reference, decode, generate, policy_evaluation, reward_scores, reward_sequence,
-                             token_logprobs)
-from trainers.recipes.base import register
-from trainers.recipes.base import RecipeSpec, StageConfig, needs_mergeable_method
+from trainers.policy import Reference, policy_evaluation, reward_scores, reward_sequence, token_logprobs
+from trainers.recipes.base import RecipeSpec, StageConfig, needs_mergeable_method, register
 from trainers.recipes.inputs import load_reward_model, load_start
 from trainers.templates import load_chat_tokenizer
 from trainers.training import train_loop
@@ -74,6 +73,35 @@ class RlConfig(StageConfig):
         return problems
 
 
+def group_advantages(rewards, group_size: int, scale_rewards: bool):
+    """Each response's reward minus its prompt group's mean (over the std + 1e-4 with scale_rewards),
+    [len(rewards), 1]; `rewards` holds each prompt's group_size responses one after another."""
+    grouped = rewards.view(-1, group_size)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards:
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    return advantages.reshape(-1, 1)
+
+
+def policy_loss(model, reference: Reference, rollouts, advantages, kl_coef: float, temperature: float):
+    """(loss, per-token KL, response mask): -advantage * log pi(token) + kl_coef * KL per response
+    token, averaged over each response's tokens, then over the responses.
+
+    Written as REINFORCE (its value is -A log pi); TRL's GRPOTrainer writes the same objective as a
+    PPO ratio pi / pi_old, which is 1 on-policy (its value is -A): the gradients are the same
+    (tests/test_recipes.py compares them). The KL term is GRPO's k3 penalty as published: its
+    gradient leaves out the score-function part KL * grad log pi that TRL adds by default
+    (`use_bias_correction_kl`): 2.7% of the gradient on that test's batch (kl 0.014, kl_coef 0.3)."""
+    batch = (rollouts.input_ids, rollouts.attention_mask, rollouts.labels, rollouts.position_ids)
+    logps, mask = token_logprobs(model, *batch, temperature=temperature)
+    ref_logps, _ = reference.token_logprobs(model, *batch, temperature=temperature)
+    delta = (ref_logps - logps) * mask
+    kl = (delta.exp() - delta - 1) * mask
+    per_token = -advantages * logps + kl_coef * kl
+    lengths = mask.sum(dim=1).clamp(min=1)
+    return ((per_token * mask).sum(dim=1) / lengths).mean(), kl, mask
+
+
 def grpo_loss(stage: RlConfig, reference: Reference, reward_model, tokenizer, max_new_tokens: int, device):
     """The loss of one micro-step: sample, score, and weigh each response's log-prob by its advantage."""
     import torch
@@ -90,26 +118,14 @@ def grpo_loss(stage: RlConfig, reference: Reference, reward_model, tokenizer, ma
             unfinished = torch.tensor([not r or r[-1] != tokenizer.eos_token_id for r in rollouts.responses],
                                       device=rewards.device)
             rewards = rewards - stage.missing_eos_penalty * unfinished.float()
-        grouped = rewards.view(len(prompts), group_size)
-        advantages = grouped - grouped.mean(dim=1, keepdim=True)
-        if stage.scale_rewards:
-            advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
-        advantages = advantages.reshape(-1, 1)
-
-        batch = (rollouts.input_ids, rollouts.attention_mask, rollouts.labels, rollouts.position_ids)
-        logps, mask = token_logprobs(model, *batch, temperature=stage.temperature)
-        ref_logps, _ = reference.token_logprobs(model, *batch, temperature=stage.temperature)
-        delta = (ref_logps - logps) * mask
-        kl = (delta.exp() - delta - 1) * mask
-        per_token = -advantages * logps + stage.kl_coef * kl
-        lengths = mask.sum(dim=1).clamp(min=1)
-        loss = ((per_token * mask).sum(dim=1) / lengths).mean()
+        advantages = group_advantages(rewards, group_size, stage.scale_rewards)
+        loss, kl, mask = policy_loss(model, reference, rollouts, advantages, stage.kl_coef, stage.temperature)
 
         answers = [normalise_answer(decode(tokenizer, r)) for r in rollouts.responses]
         correct = [a == normalise_answer(p.answer) for a, p in zip(answers, group)]
         return loss, int(rollouts.attention_mask.sum()), {
             "rl/reward_mean": rewards.mean().item(),
-            "rl/reward_std": grouped.std(dim=1).mean().item(),
+            "rl/reward_std": rewards.view(-1, group_size).std(dim=1).mean().item(),
             "rl/kl": (kl.sum() / mask.sum().clamp(min=1)).item(),
             "rl/response_length": mask.sum(dim=1).float().mean().item(),
             "rl/accuracy": sum(correct) / len(correct),
