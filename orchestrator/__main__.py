@@ -96,7 +96,8 @@ def check_plan_inputs(plan) -> None:
 
 def open_runs(plan, tracker, argv: list[str], storage: str) -> tuple[str, dict[str, str], set[str]]:
     """Parent run of this invocation, fresh or the unfinished previous one, with the child runs
-    it already has (the runner creates the others as their trials start).
+    it already has (the runner creates the others as their trials start). A drawn trial (a
+    searched grid point's) that did not finish is closed KILLED: the resumed sweep draws anew.
 
     Returns (parent run id, {trial key: child run id}, keys of trials already finished).
     """
@@ -109,18 +110,20 @@ def open_runs(plan, tracker, argv: list[str], storage: str) -> tuple[str, dict[s
             remove(join(storage, plan.experiment, trial.key, "checkpoints"))
         return parent_id, {}, set()
     children = tracker.reopen(previous)
+    planned = {t.key for t in plan.trials}
     run_ids, done = {}, set()
-    for trial in plan.trials:
-        run_id, status = children.get(trial.key, (None, None))
+    for key, (run_id, status) in children.items():
         if status == "FINISHED":
-            done.add(trial.key)
-            run_ids[trial.key] = run_id
-        elif run_id is not None:
+            done.add(key)
+            run_ids[key] = run_id
+        elif key in planned:
             tracker.open_runs.add(run_id)
             tracker.set_status(run_id, "SCHEDULED")
-            run_ids[trial.key] = run_id
+            run_ids[key] = run_id
+        elif status not in ("FAILED", "KILLED"):
+            tracker.set_status(run_id, "KILLED", "a drawn trial the sweep did not finish; the resumed sweep draws anew")
     print(f"resuming sweep run {previous.info.run_id}: {len(done)} finished trial(s) kept, "
-          f"{len(plan.trials) - len(done)} to run (resume=false starts over)")
+          f"{len(planned - done)} planned to run (resume=false starts over)")
     return previous.info.run_id, run_ids, done
 
 
@@ -148,19 +151,20 @@ def run(plan, argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     board = ProgressBoard({t.key: t.label for t in plan.trials})
-    for key in done:
+    for key in done & set(board.lines):
         board.update(key, state="FINISHED", reason="(kept from the earlier run)")
     todo = [t for t in plan.trials if t.key not in done]
     try:
         print(f"MLflow: {tracker.uri} (experiment '{plan.experiment}', parent run {parent_id})")
         outcome = Outcome(states={k: "FINISHED" for k in done})
-        if todo:
+        if todo or plan.groups:  # a searched grid point may have draws left
             ray_logs = connect(plan, log_file.parent)
             signal.signal(signal.SIGTERM, terminate)  # ray.init installs its own (which aborts)
             print(f"logs: {log_file} ; Ray: {ray_logs}", flush=True)
             check_fit(todo, max(n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]),
                       "Ray node (its `memory` resource)")
-            outcome.merge(run_sweep(plan, todo, tracker, run_ids, storage, board, log_file))
+            finished_samples = tracker.finished_samples(parent_id) if plan.groups and done else {}
+            outcome.merge(run_sweep(plan, done, tracker, run_ids, storage, board, log_file, finished_samples))
     except ConfigError as err:  # a trial that fits no node of the cluster
         tracker.close_all("FAILED", str(err))
         _print_errors(err)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainers.config import ConfigError, ExperimentConfig
+from orchestrator.config import OrchestratorConfig
+from trainers.config import ConfigError
 from trainers.validate import from_container
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -29,11 +30,17 @@ def register_schemas() -> None:
     from trainers.recipes import RECIPES
 
     store = ConfigStore.instance()
-    store.store(name="experiment_schema", node=ExperimentConfig)
+    store.store(name="experiment_schema", node=OrchestratorConfig)
     for group, registry in (("method", METHODS), ("stage", RECIPES)):
         for name, spec in registry.items():
             store.store(group=group, name=f"{name}_schema", node=spec.config_cls)
     _registered = True
+
+
+def register_resolvers() -> None:
+    # `${mul:2,${method.r}}`: lets a sweep tie one value to another (alpha = 2r across ranks).
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
 
 
 def compose_raw(overrides: list[str]) -> DictConfig:
@@ -44,9 +51,7 @@ def compose_raw(overrides: list[str]) -> DictConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     register_schemas()
-    # `${mul:2,${method.r}}`: lets a sweep tie one value to another (alpha = 2r across ranks).
-    if not OmegaConf.has_resolver("mul"):
-        OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
+    register_resolvers()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -92,14 +97,14 @@ def _first_lines(err: Exception) -> str:
     return " ".join(lines[:3])
 
 
-def compose(overrides: list[str]) -> ExperimentConfig:
+def compose(overrides: list[str]) -> OrchestratorConfig:
     """Typed and value-checked config; raises ConfigError listing every bad key."""
     raw = compose_raw(overrides)
     try:
         container = OmegaConf.to_container(raw, resolve=True, throw_on_missing=True)
     except Exception as err:  # a ??? left unset, or a broken interpolation
         raise ConfigError([(_key_of(err), _first_lines(err))]) from None
-    return from_container(container)
+    return from_container(container, OrchestratorConfig)
 
 
 def available_sweeps() -> list[str]:

@@ -40,10 +40,37 @@ class Trial:
     after: list[str] = field(default_factory=list)  # keys of the trials whose outputs it starts from
     stage: str = ""  # its pipeline stage (a sweep.stages name); "" in a flat sweep
     estimated_bytes: int | None = None  # predicted peak memory per worker (trainers.memory)
+    group: str = ""  # key of its SearchGroup, if it is one of a searched grid point's trials
+    sample: dict[str, Any] = field(default_factory=dict)  # its drawn values (empty: default settings)
 
     @property
     def config(self) -> dict[str, Any]:
         return to_container(self.cfg)
+
+
+@dataclass
+class SearchGroup:
+    """A searched grid point (orchestrator/search.py): its default-setting trial, run as it is, and
+    the space its other num_samples - 1 trials are drawn from while the sweep runs."""
+
+    key: str
+    label: str
+    default: Trial
+    raw: dict  # the grid point's composed config, interpolations unresolved (search.apply_sample)
+    space: dict  # config key -> search.Dimension
+    num_samples: int
+
+    @property
+    def budget_steps(self) -> int:
+        """Optimizer steps its trials may spend: trials x train.max_steps (ASHA spends less)."""
+        return self.num_samples * self.default.cfg.train.max_steps
+
+    @property
+    def budget_tokens(self) -> int:
+        """Upper bound of the tokens those steps see: steps x rows per step x data.max_seq_len."""
+        train = self.default.cfg.train
+        return self.budget_steps * train.batch_size * train.grad_accum * train.num_workers * \
+            self.default.cfg.data.max_seq_len
 
 
 @dataclass
@@ -54,11 +81,13 @@ class Plan:
     base: ExperimentConfig
     max_concurrent: int | None = None
     notes: list[str] = field(default_factory=list)
+    groups: list[SearchGroup] = field(default_factory=list)
 
     @property
     def key(self) -> str:
-        """Identity of the whole sweep: its experiment and the set of its trials."""
-        return digest([self.experiment, sorted(t.key for t in self.trials)], 12)
+        """Identity of the whole sweep: its experiment, the set of its trials and of its searches."""
+        return digest([self.experiment, sorted(t.key for t in self.trials)]
+                      + ([sorted(g.key for g in self.groups)] if self.groups else []), 12)
 
 
 def override(key: str, value: Any) -> str:
@@ -122,8 +151,9 @@ def expand(sweep_block: dict) -> list[list[tuple[str, Any]]]:
     for variant in variants:
         if not isinstance(variant, dict):
             raise ConfigError([("sweep.variants", f"each variant must be a mapping of overrides, got {variant!r}")])
-        # Group choices first: `method=full` must be applied before `method.*` values.
-        ordered = sorted(variant.items(), key=lambda kv: kv[0] not in GROUPS)
+        # Group choices first: `method=full` must be applied before `method.*` values. A variant's
+        # `search` space stays a pair of its own, which make_plan takes out.
+        ordered = sorted(variant.items(), key=lambda kv: (kv[0] == "search", kv[0] not in GROUPS))
         for combo in itertools.product(*axis_items):
             for seed in seeds:
                 trials.append(ordered + list(combo) + [("train.seed", seed)])
@@ -132,9 +162,18 @@ def expand(sweep_block: dict) -> list[list[tuple[str, Any]]]:
 
 def make_plan(overrides: list[str]) -> Plan:
     """Compose and check the base config and every trial; raise ConfigError on the first bad one."""
+    from orchestrator import search
+
     base = compose(overrides)
     sweep_block = OmegaConf.to_container(OmegaConf.structured(base.sweep), resolve=True)
+    problems = search.check_sweep(base.sweep)
+    if problems:
+        raise ConfigError(problems)
+    sweep_space = search.parse_space(sweep_block.get("search"), "sweep.search")
     if sweep_block.get("stages"):
+        if sweep_space or base.sweep.scheduler:
+            raise ConfigError([("sweep.search" if sweep_space else "sweep.scheduler",
+                                "search and early stopping apply to a flat sweep, not to sweep.stages")])
         trials = plan_pipeline(overrides, base, sweep_block)
         experiment = base.tracking.experiment or base.sweep.name
         plan = Plan(sweep=base.sweep.name, experiment=experiment, trials=trials, base=base)
@@ -142,8 +181,11 @@ def make_plan(overrides: list[str]) -> Plan:
         return finish_plan(plan)
     multi_seed = len(sweep_block.get("seeds") or [0]) > 1
     trials: list[Trial] = []
+    groups: list[SearchGroup] = []
     seen: dict[str, str] = {}
     for pairs in expand(sweep_block):
+        variant_space = search.parse_space(dict(pairs).get("search"), "sweep.variants.search")
+        pairs = [(k, v) for k, v in pairs if k != "search"]
         trial_overrides = [override(k, v) for k, v in pairs]
         try:
             cfg = compose(list(overrides) + trial_overrides)
@@ -158,10 +200,49 @@ def make_plan(overrides: list[str]) -> Plan:
         check_given_inputs(cfg)
         trials.append(Trial(key=key, label=label, overrides=trial_overrides, cfg=cfg,
                             resources=worker_resources(cfg)))
+        space = {**sweep_space, **variant_space}
+        if space:
+            groups.append(search_group(trials[-1], list(overrides) + trial_overrides, space, base.sweep))
+    check_budgets(groups, base)
     experiment = base.tracking.experiment or base.sweep.name
-    plan = Plan(sweep=base.sweep.name, experiment=experiment, trials=trials, base=base)
+    plan = Plan(sweep=base.sweep.name, experiment=experiment, trials=trials, base=base, groups=groups)
     plan.notes += cluster_notes(base)
     return finish_plan(plan)
+
+
+def search_group(default: Trial, overrides: list[str], space: dict, sweep) -> SearchGroup:
+    """The searched grid point of `default`, its space checked against the trial's own config."""
+    from orchestrator import search
+    from orchestrator.compose import compose_raw
+
+    search.check_keys(space, to_container(default.cfg), "sweep.search")
+    raw = OmegaConf.to_container(compose_raw(overrides), resolve=False)
+    search.check_bounds(space, raw, "sweep.search")
+    problems = search.check_scheduler(sweep, default.cfg, default.label)
+    if problems:
+        raise ConfigError(problems)
+    num_samples = sweep.num_samples
+    if sweep.budget is not None:
+        num_samples = sweep.budget // default.cfg.train.max_steps
+        if num_samples < 1:
+            raise ConfigError([("sweep.budget", f"{sweep.budget} steps do not cover one trial of "
+                                                f"train.max_steps={default.cfg.train.max_steps} ({default.label})")])
+    parts = [default.key, sorted((k, d.kind, list(d.args)) for k, d in space.items()), sweep.search_alg,
+             sweep.search_seed, num_samples, sweep.scheduler, sweep.grace_steps, sweep.reduction_factor]
+    key = digest(parts, 12)
+    default.group = key
+    return SearchGroup(key=key, label=default.label, default=default, raw=raw, space=space, num_samples=num_samples)
+
+
+def check_budgets(groups: list[SearchGroup], base: ExperimentConfig) -> None:
+    """A tuned comparison gives every searched grid point the same steps and batch tokens."""
+    if base.sweep.scheduler and not groups:
+        raise ConfigError([("sweep.scheduler", "early stopping applies to searched trials: set sweep.search")])
+    budgets = {(g.budget_steps, g.budget_tokens) for g in groups}
+    if len(budgets) > 1:
+        each = "; ".join(f"{g.label}: {g.budget_steps} steps, {g.budget_tokens:,} tokens" for g in groups)
+        raise ConfigError([("sweep.budget", f"searched grid points must get equal budgets, got {each} (give them the "
+                                            "same train.max_steps, batch and data.max_seq_len)")])
 
 
 def cluster_notes(base: ExperimentConfig) -> list[str]:
@@ -209,6 +290,8 @@ def plan_pipeline(overrides: list[str], base: ExperimentConfig, sweep_block: dic
     trials: list[Trial] = []
     for node in nodes:
         spec = specs[node.stage]
+        if any(k == "search" for k, _ in node.own):
+            raise ConfigError([(f"sweep.stages.{node.stage}.variants", "search applies to a flat sweep, not to a stage")])
         recipe_name = spec.overrides.get("stage", node.stage)
         if recipe_name not in RECIPES:
             raise ConfigError([(f"sweep.stages.{node.stage}.overrides.stage",
@@ -332,5 +415,23 @@ def format_plan(plan: Plan) -> str:
         after = f"  after: {', '.join(labels[k] for k in t.after)}" if t.after else ""
         lines.append(f"  {t.label:<{width}}  {t.key:<12}  {t.cfg.stage.name:<6}  {t.cfg.train.num_workers:>7}  "
                      f"{mem:>9}  {res}{after}")
+    lines += format_search(plan)
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def format_search(plan: Plan) -> list[str]:
+    """What each searched grid point draws and its budget (the same for all: check_budgets)."""
+    if not plan.groups:
+        return []
+    sweep = plan.base.sweep
+    lines = [f"  search: {sweep.search_alg} (seed {sweep.search_seed}), each point's default-setting trial + "
+             f"{plan.groups[0].num_samples - 1} drawn while the sweep runs"
+             + (f"; ASHA on eval/loss (grace {sweep.grace_steps} steps, reduction factor {sweep.reduction_factor})"
+                if sweep.scheduler == "asha" else "")]
+    width = max(len(g.label) for g in plan.groups)
+    for g in plan.groups:
+        space = ", ".join(f"{k}~{d.kind}{list(d.args)}" for k, d in g.space.items())
+        lines.append(f"  budget {g.label:<{width}}  {g.num_samples} trials x {g.default.cfg.train.max_steps} steps = "
+                     f"{g.budget_steps} steps (<= {g.budget_tokens:,} batch tokens)  over {space}")
+    return lines

@@ -50,6 +50,12 @@ class ProgressBoard:
         self.last_periodic = time.monotonic()
         self.live = None  # rich's Live display, from the first redraw on a terminal
 
+    def add(self, key: str, label: str) -> None:
+        """A trial the sweep drew while running (a searched grid point's)."""
+        if key not in self.lines:
+            self.lines[key] = TrialLine(label)
+            self.width = max(self.width, len(label))
+
     def update(self, key: str, **fields) -> None:
         line = self.lines[key]
         old_state = line.state

@@ -2,11 +2,12 @@
 `TorchTrainer` (Train V2) with that trial's ScalingConfig; rank 0 logs into the trial's MLflow
 child run, which the driver created and whose final status only the driver sets.
 
-Trials run in waves: each wave is one Tune run of every trial whose inputs are finished (a flat
-sweep is one wave; a pipeline, orchestrator/dag.py, releases a stage once its upstream trials
-are done). A trial's child run is created when its wave starts, so MLflow's start and end times
-are when it ran. A failed trial skips everything downstream of it: those child runs end KILLED
-with a `skip_reason` tag (MLflow has no SKIPPED status), while other branches carry on.
+A sweep is one Tune run driven by orchestrator/scheduling.py: a trial starts as soon as its own
+inputs are finished (a pipeline stage does not wait for unrelated trials), searched grid points
+draw their trials as it goes, and ASHA may stop a drawn trial early (its run ends FINISHED with
+tag `early_stopped=true`). A trial's child run is created when Tune takes it, so MLflow's start
+and end times are when it ran. A failed trial skips everything downstream of it: those child runs
+end KILLED with a `skip_reason` tag (MLflow has no SKIPPED status), while other branches carry on.
 """
 
 from __future__ import annotations
@@ -152,11 +153,23 @@ def _short_error(trial) -> str:
 class SweepEvents:
     """What the driver does when a trial starts, reports, finishes or fails: MLflow status, board."""
 
-    def __init__(self, board: ProgressBoard, tracker: SweepTracker, run_ids: dict[str, str], outcome: Outcome):
+    def __init__(self, board: ProgressBoard, tracker: SweepTracker, run_ids: dict[str, str], outcome: Outcome,
+                 checkpoints: Callable[[str], str] | None = None):
         self.board, self.tracker, self.run_ids, self.outcome = board, tracker, run_ids, outcome
+        self.checkpoints = checkpoints  # trial key -> its checkpoint directory
 
     def __call__(self, event: str, key: str, fields: dict) -> None:
-        if event == "start":
+        if event == "created":  # the searcher made its child run (on the cluster, under Ray Client)
+            self.run_ids[key] = fields["run_id"]
+            self.tracker.open_runs.add(fields["run_id"])
+            self.board.add(key, fields["label"])
+        elif event == "skipped":  # its run already ended KILLED with the reason
+            self.tracker.open_runs.discard(self.run_ids.get(key))
+            self.outcome.states[key], self.outcome.reasons[key] = "SKIPPED", fields["reason"]
+            self.board.update(key, state="SKIPPED", reason=fields["reason"])
+        elif event == "complete" and fields.get("stopped_at") is not None:
+            self.early_stopped(key, fields["stopped_at"])
+        elif event == "start":
             self.tracker.set_status(self.run_ids[key], "RUNNING")
             self.board.update(key, state="RUNNING")
         elif event == "result":
@@ -171,6 +184,19 @@ class SweepEvents:
             self.outcome.reasons[key] = reason
             self.tracker.set_status(self.run_ids[key], "FAILED", reason)
             self.board.update(key, state="FAILED", reason=reason[:120])
+
+    def early_stopped(self, key: str, step: int) -> None:
+        """ASHA stopped the trial: a finished run of fewer steps, without checkpoints to resume."""
+        from trainers.storage import remove
+
+        self.outcome.states[key] = "FINISHED"
+        run_id = self.run_ids[key]
+        self.tracker.client.set_tag(run_id, "early_stopped", "true")
+        self.tracker.client.set_tag(run_id, "stopped_at_step", str(step))
+        self.tracker.set_status(run_id, "FINISHED")
+        if self.checkpoints is not None:
+            remove(self.checkpoints(key))
+        self.board.update(key, state="FINISHED", reason=f"early stopped at step {step}")
 
 
 def _node_label(result: dict) -> str | None:
@@ -195,7 +221,10 @@ def _make_callback(send: Callable[[str, str, dict], None]):
                 "node": _node_label(result)})
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            send("complete", trial.config["trial"]["key"], {})
+            # A trial ASHA stopped ends without error before its last step.
+            last = trial.last_result or {}
+            step, total = int(last.get("progress/step", 0)), int(last.get("progress/total", 0))
+            send("complete", trial.config["trial"]["key"], {"stopped_at": step if total and step < total else None})
 
         def on_trial_error(self, iteration, trials, trial, **info):
             send("error", trial.config["trial"]["key"], {"reason": _short_error(trial)})
@@ -296,71 +325,30 @@ def connect(plan: Plan, log_dir: Path) -> str:
         return f"(ray session at {session})"
 
 
-def run_sweep(plan: Plan, trials: list, tracker: SweepTracker, run_ids: dict[str, str], storage: str,
-              board: ProgressBoard, log_file: Path) -> Outcome:
-    """Run `trials` (of `plan`; the others count as finished) in waves as their inputs finish;
-    returns each one's final state. Child runs missing from `run_ids` are created as their wave
-    starts (and added to it).
+def run_sweep(plan: Plan, done: set[str], tracker: SweepTracker, run_ids: dict[str, str], storage: str,
+              board: ProgressBoard, log_file: Path, finished_samples: dict[str, int] | None = None) -> Outcome:
+    """Run the plan's trials (those in `done` finished earlier and are kept) and its searched
+    trials as one Tune run; returns each one's final state. `run_ids` maps trial keys to the
+    child runs they have; the others are created as Tune takes them (and added to it).
 
     `storage` is an absolute path every node sees, or a URI (s3://...): see trainers/storage.py.
     """
-    from orchestrator.dag import PipelineState
-
-    todo = {t.key for t in trials}
-    by_key = {t.key: t for t in plan.trials}
-    state = PipelineState([t.key for t in plan.trials], {t.key: t.after for t in plan.trials},
-                          {t.key: t.label for t in plan.trials}, done={k for k in by_key if k not in todo})
-    outcome = Outcome()
-
-    def child_run(trial) -> str:
-        if trial.key not in run_ids:
-            run_ids[trial.key] = tracker.create_child(trial, trial.config, [run_ids[k] for k in trial.after])
-        return run_ids[trial.key]
-
-    while state.ready():
-        wave = [by_key[key] for key in state.ready()]
-        for trial in wave:
-            state.start(trial.key)
-            child_run(trial)
-        result = _run_wave(plan, wave, tracker, run_ids, storage, board, log_file)
-        outcome.merge(result)
-        for trial in wave:
-            if result.states.get(trial.key) == "FINISHED":
-                state.finish(trial.key)
-                continue
-            for key, reason in state.fail(trial.key, result.reasons.get(trial.key, "")).items():
-                tracker.skip(child_run(by_key[key]), reason)
-                outcome.states[key], outcome.reasons[key] = "SKIPPED", reason
-                board.update(key, state="SKIPPED", reason=reason)
-    return outcome
-
-
-def _run_wave(plan: Plan, trials: list, tracker: SweepTracker, run_ids: dict[str, str], storage: str,
-              board: ProgressBoard, log_file: Path) -> Outcome:
-    """Run `trials` (their inputs all finished) as one Ray Tune run; returns each one's final state."""
     import contextlib
 
     import ray
     from ray import tune
 
+    from orchestrator.scheduling import PerGroupASHA, SweepSearcher
     from trainers.storage import join
 
     outcome = Outcome()
-    specs = []
-    for trial in trials:
-        specs.append({
-            "key": trial.key,
-            "cfg": trial.config,
-            "run_id": run_ids[trial.key],
-            "tracking_uri": tracker.uri,
-            "output_dir": join(storage, plan.experiment, trial.key),
-            "ray_storage": join(storage, "ray"),
-            "resources": trial.resources,
-            "max_failures": plan.base.cluster.max_failures,
-            "git": tracker.git,  # a resumed trial may run newer code than its run was created with
-        })
-    events = SweepEvents(board, tracker, run_ids, outcome)
+    events = SweepEvents(board, tracker, run_ids, outcome,
+                         checkpoints=lambda key: join(storage, plan.experiment, key, "checkpoints"))
     relay = _Relay(events) if ray.util.client.ray.is_connected() else None
+    send = relay.sender() if relay else events
+    searcher = SweepSearcher(plan, done, run_ids, tracker, send, storage, finished_samples)
+    sweep = plan.base.sweep
+    scheduler = PerGroupASHA(sweep.grace_steps, sweep.reduction_factor) if sweep.scheduler == "asha" else None
 
     def trial_fn(config: dict) -> None:
         # with_resources sets an attribute on the function it gets. A module-level function
@@ -373,21 +361,23 @@ def _run_wave(plan: Plan, trials: list, tracker: SweepTracker, run_ids: dict[str
         # The trial function only waits on its TorchTrainer; the workers hold the real resources.
         # (A bundle needs some resource: one byte of memory reserves nothing a worker needs.)
         tune.with_resources(trial_fn, {"CPU": 0, "memory": 1}),
-        param_space={"trial": tune.grid_search(specs)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent or 0, num_samples=1),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=max(1, searcher.total),
+                                    max_concurrent_trials=plan.max_concurrent or None),
         run_config=tune.RunConfig(
             name=f"{plan.sweep}-{time.strftime('%Y%m%d-%H%M%S')}",
             **ray_storage(join(storage, "ray")),
-            callbacks=[_make_callback(relay.sender() if relay else events)],
+            callbacks=[_make_callback(send)],
             verbose=0,
         ),
     )
     # Tune prints its own banners even at verbose=0; they go to the log, the board to the console.
     with open(log_file, "a") as log, contextlib.redirect_stdout(log), relay or contextlib.nullcontext():
         tuner.fit()
-    for trial in trials:
-        if trial.key not in outcome.states:
-            outcome.states[trial.key] = "FAILED"
-            outcome.reasons[trial.key] = "trial ended without reporting completion"
-            tracker.set_status(run_ids[trial.key], "FAILED", outcome.reasons[trial.key])
+    # What never ran, or never reported its end.
+    for key in [t.key for t in plan.trials if t.key not in done] + [k for k in run_ids if k not in done]:
+        if key not in outcome.states:
+            outcome.states[key] = "FAILED"
+            outcome.reasons[key] = "trial ended without reporting completion"
+            if run_ids.get(key) in tracker.open_runs:
+                tracker.set_status(run_ids[key], "FAILED", outcome.reasons[key])
     return outcome

@@ -149,10 +149,32 @@ class SweepTracker:
                 found[key] = (child.info.run_id, child.info.status)
         return found
 
-    def create_child(self, trial, config: dict, input_run_ids: list[str] = ()) -> str:
+    def __getstate__(self) -> dict:
+        # Under Ray Client the sweep's searcher, which creates child runs, runs on the cluster:
+        # it takes the tracker along and opens its own connection to the store.
+        return {k: v for k, v in self.__dict__.items() if k != "client"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.client = client(self.uri)
+
+    def finished_samples(self, parent_id: str) -> dict[str, int]:
+        """Searched grid point key -> its drawn trials that finished under `parent_id`."""
+        children = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and "
+                                                "attributes.status = 'FINISHED'", max_results=5000)
+        counts: dict[str, int] = {}
+        for child in children:
+            group, sample = child.data.tags.get("search_group_key"), child.data.tags.get("sample")
+            if group and sample != "default":
+                counts[group] = counts.get(group, 0) + 1
+        return counts
+
+    def create_child(self, trial, config: dict, input_run_ids: list[str] = (), tags: dict | None = None) -> str:
         """The child run of a trial; `input_run_ids` are the runs of the trials it starts from
-        (a pipeline stage), tagged `input_run_id` as a comma-separated list."""
+        (a pipeline stage), tagged `input_run_id` as a comma-separated list; `tags` are added."""
         inputs = {"input_run_id": ",".join(input_run_ids)} if input_run_ids else {}
+        inputs.update(tags or {})
         run = self.client.create_run(
             self.experiment_id,
             run_name=trial.label,

@@ -1,6 +1,6 @@
 """Pipelines of stages without Ray: expansion into trials, one shared upstream trial, keys that
-follow their upstream, topological order, skip propagation, and the runner's waves (with a
-stand-in for the Ray Tune run of a wave)."""
+follow their upstream, topological order, skip propagation, and the order in which the sweep's
+Tune searcher (orchestrator/scheduling.py) hands trials out as their inputs finish."""
 
 from __future__ import annotations
 
@@ -154,51 +154,85 @@ def test_bad_pipelines_are_refused_before_anything_runs(rlhf_plan, extra, key, f
     assert any(k == key and fragment in msg for k, msg in err.value.problems), err.value.problems
 
 
-# --------------------------------------------------------------------------- the runner's waves
+# --------------------------------------------------------------------------- the sweep's searcher
 
 
 class FakeTracker:
-    def __init__(self):
-        self.created, self.skipped = [], {}
+    """The child-run side of orchestrator.tracking.SweepTracker, in memory."""
 
-    def create_child(self, trial, config, input_run_ids=()):
+    uri, git = "sqlite:///unused.db", {}
+
+    def __init__(self):
+        self.created, self.skipped, self.statuses = [], {}, {}
+
+    def create_child(self, trial, config, input_run_ids=(), tags=None):
         self.created.append((trial.label, list(input_run_ids)))
         return f"run-{trial.label}"
 
     def skip(self, run_id, reason):
         self.skipped[run_id] = reason
 
+    def set_status(self, run_id, status, reason=None):
+        self.statuses[run_id] = (status, reason)
 
-def test_waves_release_stages_as_inputs_finish_and_skip_after_a_failure(rlhf_plan, monkeypatch):
-    from orchestrator import runner
-    from orchestrator.progress import ProgressBoard
 
+def searcher_of(plan, tmp_path, done=frozenset()):
+    from orchestrator.scheduling import SweepSearcher
+
+    events = []
+    run_ids = {key: f"run-kept-{key}" for key in done}  # a resumed sweep knows its finished trials' runs
+    searcher = SweepSearcher(plan, set(done), run_ids, FakeTracker(), lambda *e: events.append(e), str(tmp_path))
+    return searcher, events
+
+
+def handed(searcher, trial_id):
+    """Label of the trial `suggest` hands Tune, or what it says instead (None / FINISHED)."""
+    suggestion = searcher.suggest(trial_id)
+    if isinstance(suggestion, dict):
+        return searcher.live[trial_id].label
+    return suggestion
+
+
+def test_stages_start_as_their_inputs_finish_and_a_failure_skips_downstream(rlhf_plan, tmp_path):
     plan = rlhf_plan("++sweep.stages.dpo.after=[sft]")
     labels = {t.key: t.label for t in plan.trials}
-    waves = []
-
-    def fake_wave(plan, trials, tracker, run_ids, storage, board, log_file):
-        waves.append([t.label for t in trials])
-        outcome = runner.Outcome()
-        for t in trials:
-            failed = t.label == "reward"
-            outcome.states[t.key] = "FAILED" if failed else "FINISHED"
-            if failed:
-                outcome.reasons[t.key] = "ValueError: boom"
-        return outcome
-
-    monkeypatch.setattr(runner, "_run_wave", fake_wave)
-    tracker, run_ids = FakeTracker(), {}
-    board = ProgressBoard(labels, stream=io.StringIO())
-    outcome = runner.run_sweep(plan, plan.trials, tracker, run_ids, "/unused", board, None)
-    assert waves == [["sft"], ["reward", "dpo"]]  # rl never starts: its reward input failed
-    states = {labels[k]: s for k, s in outcome.states.items()}
+    searcher, events = searcher_of(plan, tmp_path)
+    assert handed(searcher, "t1") == "sft"
+    assert handed(searcher, "t2") is None  # nothing else is ready while sft runs
+    searcher.on_trial_complete("t1")
+    assert [handed(searcher, "t3"), handed(searcher, "t4")] == ["reward", "dpo"]
+    searcher.on_trial_complete("t3", error=True)
+    assert handed(searcher, "t5") is None  # rl needs reward; dpo still runs
+    searcher.on_trial_complete("t4")
+    assert handed(searcher, "t6") == "FINISHED"
+    states = {labels[k]: s for k, s in searcher.state.states.items()}
     assert states == {"sft": "FINISHED", "reward": "FAILED", "dpo": "FINISHED", "rl r=4": "SKIPPED",
                       "rl r=16": "SKIPPED"}
+    tracker = searcher.runs
     assert tracker.skipped == {"run-rl r=4": "upstream reward failed", "run-rl r=16": "upstream reward failed"}
+    assert sorted(labels[k] for e, k, _ in events if e == "skipped") == ["rl r=16", "rl r=4"]
     inputs = dict(tracker.created)
     assert inputs["sft"] == [] and inputs["reward"] == ["run-sft"] and inputs["rl r=4"] == ["run-sft", "run-reward"]
-    assert board.lines[next(k for k, v in labels.items() if v == "rl r=4")].state == "SKIPPED"
+
+
+def test_a_fast_branch_goes_on_while_a_slow_one_runs(tmp_path):
+    """No waves: the fast branch's next stage is handed out while the slow branch's first runs."""
+    plan = make_plan([f"storage.path={tmp_path}", "sweep.name=branches",
+                      "++sweep.stages={slow:{overrides:{train.lr:0.001,stage:sft}},fast:{overrides:{stage:sft}},"
+                      "slow_next:{after:[slow],overrides:{stage:sft}},fast_next:{after:[fast],overrides:{stage:sft}}}"])
+    searcher, _ = searcher_of(plan, tmp_path)
+    assert [handed(searcher, "a"), handed(searcher, "b")] == ["slow", "fast"]
+    searcher.on_trial_complete("b")
+    assert handed(searcher, "c") == "fast_next"  # slow still running
+    assert searcher.state.states[searcher.live["a"].key] == "RUNNING"
+
+
+def test_kept_trials_are_not_handed_out_again(rlhf_plan, tmp_path):
+    plan = rlhf_plan()
+    sft = next(t for t in plan.trials if t.label == "sft")
+    searcher, _ = searcher_of(plan, tmp_path, done={sft.key})
+    assert handed(searcher, "t1") == "reward"  # sft's output is kept from the earlier run
+    assert searcher.runs.created == [("reward", [f"run-kept-{sft.key}"])]
 
 
 def test_the_report_shows_a_skipped_trial_as_skipped():

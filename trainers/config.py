@@ -161,6 +161,10 @@ class TrainConfig:
     optimizer: str = "adamw"
     eval_batch_size: int = 64
     log_every: int = 10  # steps between train/* metrics
+    # Steps between evaluations of eval/loss on the eval split during training (0 = only at the
+    # end): what an early-stopping scheduler (sweep.scheduler=asha) decides on. Each costs a pass
+    # over the eval rows (data.max_eval_rows bounds it).
+    eval_every: int = 0
     seed: int = 0
     num_workers: int = 1  # Ray Train workers (DDP when > 1)
     # num_workers > 1 and method=full: shard parameters, gradients and optimizer state (FSDP) instead
@@ -192,6 +196,8 @@ class TrainConfig:
             problems.append(("train.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"))
         if self.optimizer not in OPTIMIZERS:
             problems.append(("train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"))
+        if self.eval_every < 0:
+            problems.append(("train.eval_every", f"must be >= 0, got {self.eval_every}"))
         if self.checkpoint_every < 0:
             problems.append(("train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}"))
         if self.time_limit_s is not None and self.time_limit_s <= 0:
@@ -211,44 +217,9 @@ class TrainConfig:
 
 
 @dataclass
-class ClusterConfig:
-    # null = start a local Ray; auto | HOST:PORT | ray://HOST:10001 = attach to a running cluster.
-    address: Optional[str] = None
-    # Upper bound on trials running at once; null = as many as the cluster's resources allow.
-    max_concurrent_trials: Optional[int] = None
-    # Local Ray only: CPUs it may use (null = all).
-    num_cpus: Optional[int] = None
-    # Memory of one GPU on the GPU nodes: trials whose estimate fits share a GPU by fraction.
-    gpu_memory_gb: float = 80.0
-    # Times Ray Train restarts a trial's workers after a worker failure.
-    max_failures: int = 1
-
-
-@dataclass
-class TrackingConfig:
-    uri: str = "sqlite:///mlflow.db"
-    experiment: Optional[str] = None  # null = the sweep's name
-
-
-@dataclass
 class StorageConfig:
     # Checkpoints and adapters of every trial; a path all nodes see, or s3://bucket/prefix.
     path: str = "runs"
-
-
-@dataclass
-class SweepConfig:
-    name: str = "single"
-    # Cartesian product: {"method.r": [1, 2, 4]} -> 3 trials. Keys are Hydra override keys.
-    axes: Dict[str, Any] = field(default_factory=dict)
-    # Explicit override sets, each crossed with `axes`: [{"method": "full"}, {"method.r": 8}].
-    variants: List[Any] = field(default_factory=list)
-    seeds: List[int] = field(default_factory=lambda: [0])
-    # A pipeline instead (e.g. RLHF: sft -> reward -> rl, sft -> dpo): stage name -> {after: [stage
-    # names], overrides: {...}, axes: {...}, variants: [...], seeds: [...]}. Each stage expands like
-    # a sweep of its own, and its trials start from the outputs of the stages it comes after
-    # (orchestrator/dag.py; sweeps/rlhf.yaml). Excludes the top-level axes and variants.
-    stages: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -261,10 +232,12 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # Typed by the chosen stage recipe's own dataclass (trainers.recipes registry).
     stage: Any = None
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Where and how the orchestrator runs a sweep (orchestrator/config.py types them); a trial only
+    # carries them along, so a logged config.yaml loads here as it was written.
+    cluster: Any = None
+    tracking: Any = None
     storage: StorageConfig = field(default_factory=StorageConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+    sweep: Any = None
     dry_run: bool = False
     # Rerunning a sweep whose last invocation did not finish continues it: finished trials are
     # kept, unfinished ones resume from their checkpoints. false: always start fresh.

@@ -162,13 +162,15 @@ class LoopStats:
 def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, device, dist: DistInfo,
                tracker: Tracker, checkpoints: CheckpointManager | None = None,
                faults: FaultPlan | None = None, loss_fn: LossFn | None = None,
-               group_by_length: bool = False) -> LoopStats:
+               group_by_length: bool = False, evaluate: Callable[[Any], dict] | None = None) -> LoopStats:
     """Runs train.max_steps optimizer steps; logs train/loss, train/lr, train/tokens_per_s (and
     the extra metrics of `loss_fn`, which defaults to the causal-LM loss on `examples`).
     `examples` may be PackedRows (data.pack_examples); `group_by_length` is data.group_by_length.
 
     With `checkpoints`, it resumes from the newest verified checkpoint (weights, optimizer,
     schedule, RNG and data position) and writes one every train.checkpoint_every steps.
+    `evaluate(model)` -> metrics (eval/loss) is logged every train.eval_every steps before the last
+    (the recipe evaluates at the end): what an early-stopping scheduler decides on.
     """
     import torch
     import torch.distributed as torch_dist
@@ -241,6 +243,12 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
             window_start = time.perf_counter()
             tracking_s += window_start - logging_started
             window_loss, window_tokens, window_extras = 0.0, 0, {}
+        if evaluate is not None and train.eval_every and step % train.eval_every == 0 and step < train.max_steps:
+            eval_started = time.perf_counter()
+            tracker.log_metrics(evaluate(model), step=step)
+            eval_s = time.perf_counter() - eval_started  # not training time: out of train_s and tokens/s
+            tracking_s += eval_s
+            window_start += eval_s
     # Throughput is the trainer's: time spent handing metrics to the tracker is not training.
     stats.train_s = time.perf_counter() - started - tracking_s
     return stats

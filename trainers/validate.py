@@ -88,8 +88,9 @@ def check_fsdp(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     return []
 
 
-def from_container(raw: dict | DictConfig) -> ExperimentConfig:
-    """Typed config from a plain (resolved) mapping; raises ConfigError naming bad keys."""
+def from_container(raw: dict | DictConfig, schema: type | None = None) -> ExperimentConfig:
+    """Typed config from a plain (resolved) mapping; raises ConfigError naming bad keys. `schema`
+    is ExperimentConfig or a subclass (the orchestrator's types cluster, tracking and sweep)."""
     raw = OmegaConf.create(raw) if not isinstance(raw, DictConfig) else raw
     schemas = {}
     for group, registry in (("method", METHODS), ("stage", RECIPES)):
@@ -99,10 +100,10 @@ def from_container(raw: dict | DictConfig) -> ExperimentConfig:
             raise ConfigError([(f"{group}.name", f"unknown {group} {name!r}; known: {', '.join(sorted(registry))}")])
         schemas[group] = registry[name].config_cls
     try:
-        schema = OmegaConf.structured(ExperimentConfig)
-        schema.method = OmegaConf.structured(schemas["method"])
-        schema.stage = OmegaConf.structured(schemas["stage"])
-        merged = OmegaConf.merge(schema, raw)
+        typed = OmegaConf.structured(schema or ExperimentConfig)
+        typed.method = OmegaConf.structured(schemas["method"])
+        typed.stage = OmegaConf.structured(schemas["stage"])
+        merged = OmegaConf.merge(typed, raw)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "config"

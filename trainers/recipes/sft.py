@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from trainers.context import TrialContext
 from trainers.data import load_rows, non_pad_fraction, pack_examples, tokenize_split
-from trainers.evaluate import evaluate
+from trainers.evaluate import eval_loss, evaluate
 from trainers.methods import METHODS
 from trainers.model import count_parameters
 from trainers.recipes.base import register
@@ -52,10 +52,15 @@ def run(ctx: TrialContext) -> dict[str, float]:
     trainable, total = count_parameters(model)
     ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total, **data_metrics})
 
-    # --- train
+    # --- train (eval/loss every train.eval_every steps, if asked and there is an eval split)
+    def periodic_eval(model) -> dict[str, float]:
+        return {"eval/loss": eval_loss(model, evaluation.examples, cfg.train.eval_batch_size, tokenizer.pad_token_id,
+                                       device)}
+
     stats = train_loop(ctx.wrap_parallel(model), batches, cfg.train, tokenizer.pad_token_id, device, ctx.dist,
                        ctx.tracker, checkpoints=ctx.checkpoints, faults=ctx.faults,
-                       group_by_length=cfg.data.group_by_length)
+                       group_by_length=cfg.data.group_by_length,
+                       evaluate=periodic_eval if evaluation is not None and cfg.train.eval_every else None)
     metrics = stats.as_metrics(trainable, total)
 
     # --- evaluate and save (rank 0; the others wait at the barrier)
