@@ -133,6 +133,7 @@ def run(plan, argv: list[str]) -> int:
     from orchestrator.plan import check_fit
     from orchestrator.progress import ProgressBoard
     from orchestrator.report import build_report, console_table
+    from orchestrator.tuning import console as tuning_table, tunings
     from trainers.config import ConfigError
     from orchestrator.runner import Outcome, connect, run_sweep
     from orchestrator.tracking import SweepTracker
@@ -187,6 +188,9 @@ def run(plan, argv: list[str]) -> int:
     rows, _ = build_report(tracker.client, parent)
     print()
     print(console_table(rows))
+    tuned = tunings([run for cell in rows for run in cell.runs])
+    if tuned:
+        print("\ntuning (best of each method's search beside its default settings):\n" + tuning_table(tuned))
     print(f"\nmlflow ui --backend-store-uri {tracker.uri}")
     if failed:
         labels = {t.key: t.label for t in plan.trials}

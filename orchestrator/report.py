@@ -23,135 +23,20 @@ import csv
 import io
 import logging
 import math
-import re
-import statistics
 import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from trainers.identity import identity
+from orchestrator.cells import Cell, Stat, TrialRow, group_cells
 
 log = logging.getLogger("orchestrator")
 
 # Final metrics of a stage beyond the SFT contract (reward model, DPO, RL) become columns of their
 # own, when some trial has them.
 STAGE_METRIC_PREFIXES = ("eval/", "reward/", "dpo/", "rl/", "ppo/", "grpo/")
-SEED_IN_LABEL = re.compile(r"(^|\s)seed=\S+")
-
-
-# --------------------------------------------------------------------------- rows and cells
-
-
-@dataclass
-class TrialRow:
-    """One child run (one trial)."""
-
-    run_id: str
-    label: str
-    method: str
-    stage: str
-    status: str
-    params: dict
-    metrics: dict
-    tags: dict = field(default_factory=dict)
-    start_time: int = 0
-
-    def metric(self, name: str):
-        value = self.metrics.get(name)
-        return value if value is not None and math.isfinite(value) else None
-
-    @property
-    def seed(self) -> str:
-        return self.params.get("train.seed", "")
-
-    @property
-    def reason(self) -> str:
-        return self.tags.get("failure_reason") or self.tags.get("skip_reason") or ""
-
-    @property
-    def node(self) -> str:
-        """'ip/node-id prefix' of the Ray node rank 0 ran on (IPs repeat when nodes share a machine)."""
-        node_id = self.tags.get("node_id")
-        return f"{self.tags.get('node_ip', '?')}/{node_id[:8]}" if node_id else ""
-
-    @property
-    def trainable_pct(self):
-        trainable, total = self.metric("model/trainable_params"), self.metric("model/total_params")
-        return 100.0 * trainable / total if trainable is not None and total else None
-
-    @property
-    def cell_key(self) -> tuple:
-        """Equal for trials of one experiment that differ only by seed (trainers/identity.py)."""
-        return (self.stage, tuple(sorted(identity(self.params, seed=False).items())))
-
-
-@dataclass
-class Stat:
-    mean: float
-    std: float | None  # sample standard deviation; None for a single value
-    n: int
-
-
-@dataclass
-class Cell:
-    """Trials that differ only by their seed."""
-
-    label: str
-    runs: list[TrialRow]
-
-    @property
-    def finished(self) -> list[TrialRow]:
-        return [r for r in self.runs if r.status == "FINISHED"]
-
-    @property
-    def method(self) -> str:
-        return self.runs[0].method
-
-    @property
-    def stage(self) -> str:
-        return self.runs[0].stage
-
-    def param(self, key: str):
-        return self.runs[0].params.get(key)
-
-    def stat(self, value: Callable[[TrialRow], float | None]) -> Stat | None:
-        """Mean and spread of a per-trial value over the finished trials that have it."""
-        values = [v for v in (value(r) for r in self.finished) if v is not None]
-        if not values:
-            return None
-        std = statistics.stdev(values) if len(values) > 1 else None
-        return Stat(statistics.fmean(values), std, len(values))
-
-    def metric(self, name: str) -> Stat | None:
-        return self.stat(lambda r: r.metric(name))
-
-    @property
-    def state(self) -> str:
-        counts = Counter(r.status for r in self.runs)
-        if set(counts) == {"FINISHED"}:
-            return "FINISHED"
-        if len(self.runs) == 1:
-            return self.runs[0].status
-        order = sorted(counts.items(), key=lambda item: (item[0] != "FINISHED", item[0]))
-        return ", ".join(f"{n}/{len(self.runs)} {status}" for status, n in order)
-
-
-def cell_label(label: str) -> str:
-    return SEED_IN_LABEL.sub("", label).strip()
-
-
-def group_cells(rows: list[TrialRow]) -> list[Cell]:
-    """Cells in the order their first trial started."""
-    cells: dict[tuple, Cell] = {}
-    for row in sorted(rows, key=lambda r: r.start_time):
-        key = row.cell_key
-        if key not in cells:
-            cells[key] = Cell(cell_label(row.label) or row.method, [])
-        cells[key].runs.append(row)
-    return list(cells.values())
 
 
 # --------------------------------------------------------------------------- formatting
@@ -428,7 +313,7 @@ def environment_summary(cells: list[Cell]) -> list[str]:
 
 def build_report(client, parent, out_dir: Path | None = None) -> tuple[list[Cell], Path]:
     """Write the report files, log them under the parent run's `report/`; returns cells and dir."""
-    from orchestrator import plots, report_html
+    from orchestrator import plots, report_html, tuning
 
     rows = collect(client, parent)
     cells = group_cells(rows)
@@ -437,6 +322,10 @@ def build_report(client, parent, out_dir: Path | None = None) -> tuple[list[Cell
     sweep = parent.data.tags.get("sweep", "sweep")
 
     figures, skipped = plots.figures(cells, loss_histories(client, rows))
+    tuned = tuning.tunings(rows)
+    if tuned:
+        figure = tuning.figure(tuned, plots.Colors())
+        figures.append(figure) if isinstance(figure, plots.Figure) else skipped.append(("tuning", figure))
     drawn = []
     for figure in figures:
         try:
@@ -449,6 +338,10 @@ def build_report(client, parent, out_dir: Path | None = None) -> tuple[list[Cell
     environment = environment_summary(cells)
     markdown = [f"# {sweep}", "", f"Parent run `{parent.info.run_id}`, {len(rows)} trial(s) in {len(cells)} cell(s).",
                 "", markdown_table(cells)]
+    if tuned:
+        markdown += ["## Tuning", "", "Per searched method: its default-setting trial beside the best trial its search "
+                     "found (trials ASHA stopped early spend budget but are not candidates).", "",
+                     tuning.markdown(tuned), ""]
     if drawn:
         markdown += ["## Plots", ""] + [f"![{f.title}]({f.name}.png)" for f in drawn] + [""]
     if skipped:

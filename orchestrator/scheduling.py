@@ -70,7 +70,7 @@ class SweepSearcher(Searcher):
 
     def __init__(self, plan: Plan, done: set[str], run_ids: dict[str, str], runs, send: Callable,
                  storage: str, finished_samples: dict[str, int] | None = None):
-        super().__init__(metric=search.METRIC, mode=search.MODE)
+        super().__init__()  # no metric of its own: Tune would then demand it in every progress report
         self.plan, self.runs, self.send, self.storage, self.run_ids = plan, runs, send, storage, run_ids
         self.by_key = {t.key: t for t in plan.trials}
         self.state = PipelineState([t.key for t in plan.trials], {t.key: t.after for t in plan.trials},
