@@ -294,7 +294,14 @@ def test_environment_and_replay_name_what_a_rerun_needs(make_cfg, tmp_path, stor
     # The config the replay command trains from is the trial's own config.
     path = download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=str(tmp_path / "replay"),
                               tracking_uri=tracker.uri)
-    assert from_container(yaml.safe_load(Path(path).read_text())) == trial.cfg
+    # The Ray-free trainers library loads it (carrying cluster/tracking/sweep along untyped); the
+    # orchestrator's schema types those sections too.
+    from orchestrator.config import OrchestratorConfig
+    from trainers.config import to_container
+
+    logged = yaml.safe_load(Path(path).read_text())
+    assert to_container(from_container(logged)) == to_container(trial.cfg)
+    assert from_container(logged, OrchestratorConfig) == trial.cfg
 
 
 def test_the_replay_command_reproduces_the_logged_eval_loss(tmp_path, store_uri):
