@@ -159,6 +159,12 @@ class LoopStats:
         return self.tokens / self.train_s if self.train_s > 0 else 0.0
 
 
+def _timed(fn: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
 def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, device, dist: DistInfo,
                tracker: Tracker, checkpoints: CheckpointManager | None = None,
                faults: FaultPlan | None = None, loss_fn: LossFn | None = None,
@@ -244,11 +250,8 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
             tracking_s += window_start - logging_started
             window_loss, window_tokens, window_extras = 0.0, 0, {}
         if evaluate is not None and train.eval_every and step % train.eval_every == 0 and step < train.max_steps:
-            eval_started = time.perf_counter()
-            tracker.log_metrics(evaluate(model), step=step)
-            eval_s = time.perf_counter() - eval_started  # not training time: out of train_s and tokens/s
-            tracking_s += eval_s
-            window_start += eval_s
+            eval_s = _timed(lambda: tracker.log_metrics(evaluate(model), step=step))
+            tracking_s, window_start = tracking_s + eval_s, window_start + eval_s  # not training time
     # Throughput is the trainer's: time spent handing metrics to the tracker is not training.
     stats.train_s = time.perf_counter() - started - tracking_s
     return stats
