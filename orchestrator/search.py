@@ -195,8 +195,10 @@ def make_searcher(alg: str, space: dict[str, Dimension], seed: int):
         return None
     domains = {key: dim.tune_domain() for key, dim in space.items()}
     if alg == "optuna":
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per study would break the board
         return OptunaSearch(space=domains, metric=METRIC, mode=MODE, seed=seed)
     from ray.tune.search.hyperopt import HyperOptSearch
 
