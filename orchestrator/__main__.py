@@ -193,7 +193,7 @@ def run(plan, argv: list[str]) -> int:
         print("\ntuning (best of each method's search beside its default settings):\n" + tuning_table(tuned))
     print(f"\nmlflow ui --backend-store-uri {tracker.uri}")
     if failed:
-        labels = {t.key: t.label for t in plan.trials}
+        labels = {key: line.label for key, line in board.lines.items()}  # drawn trials included
         for state in ("FAILED", "KILLED", "SKIPPED"):
             keys = [k for k in failed if outcome.states[k] == state]
             if keys:

@@ -153,6 +153,9 @@ class SweepSearcher(Searcher):
         label = f"{group.label} #{draws.number} {search.describe(sample)}"
         try:
             cfg = search.apply_sample(group.raw, sample)
+            # What `data.template=auto` resolved to: the plan's input check did it for the
+            # default-setting trial (orchestrator/__main__.py), and a draw has the same data.
+            cfg.data.template = group.default.cfg.data.template
             error = None
         except ConfigError as err:
             cfg, error = group.default.cfg, "invalid draw: " + "; ".join(f"{k}: {m}" for k, m in err.problems)
