@@ -176,8 +176,9 @@ def architecture(shape) -> str:
 
 
 # bitsandbytes' CPU 4-bit kernel, used for no-grad forwards (evaluation, generation), repacks each
-# weight in blocks of 32 output features and asserts the count divides (bitsandbytes 0.50).
-CPU_4BIT_BLOCK = 32
+# weight in blocks of 32 output features and reshapes its scales to one per 64 inputs of a row: other
+# sizes fail there (an assertion, or a reshape error), after training (bitsandbytes 0.50).
+CPU_4BIT_OUT_BLOCK, CPU_4BIT_IN_BLOCK = 32, 64
 
 
 def cpu_4bit_problems(cfg: "ExperimentConfig") -> list[tuple[str, str]]:
@@ -186,14 +187,15 @@ def cpu_4bit_problems(cfg: "ExperimentConfig") -> list[tuple[str, str]]:
     shape = model_shape(cfg)
     if shape is None:
         return []
-    odd = {name: out for name, (_, out, _) in shape.linears().items() if out % CPU_4BIT_BLOCK}
+    odd = [f"{name} ({fan_in} -> {out})" for name, (fan_in, out, _) in shape.linears().items()
+           if out % CPU_4BIT_OUT_BLOCK or fan_in % CPU_4BIT_IN_BLOCK]
     if not odd:
         return []
-    layers = ", ".join(f"{name} ({out})" for name, out in odd.items())
     return [("precision.name", f"method {cfg.method.name} on a {cfg.precision.name} base of {architecture(shape)} "
-                               f"on CPU: bitsandbytes' CPU 4-bit kernel needs out_features divisible by "
-                               f"{CPU_4BIT_BLOCK} for evaluation, and {layers} are not; use train.use_gpu=true, "
-                               "precision=int8 or a float precision")]
+                               f"on CPU: bitsandbytes' CPU 4-bit kernel needs in_features divisible by "
+                               f"{CPU_4BIT_IN_BLOCK} and out_features by {CPU_4BIT_OUT_BLOCK} for evaluation, "
+                               f"and {', '.join(odd)} are not; use train.use_gpu=true, precision=int8 or a "
+                               "float precision")]
 
 
 def positive(method: MethodConfig, *keys: str) -> list[tuple[str, str]]:
