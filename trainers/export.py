@@ -1,0 +1,156 @@
+"""A trained trial as a standalone causal LM for serving: `serving_model(cfg, artifact_dir, merge)`.
+
+Loads the trial's base model, applies its saved artifact (trainers.methods.load_trained) and, with
+`merge`, folds a PEFT adapter into the weights (`merge_and_unload`), so the result is a plain
+transformers model that any server loads. A method whose artifact cannot merge (prompt learning:
+virtual tokens) stays a PEFT model (base + adapter); one that is neither a transformers model nor a
+PEFT model after loading (bottleneck adapters insert this project's modules) is refused.
+
+The generation settings reproduce the trial's evaluation (trainers/evaluate.py): greedy, at most
+data.max_new_tokens, the prompt rendered with the same template and tokenized the same way. A
+request is the text the template's `{prompt}` slot holds; `request_text` derives it from a data row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from trainers.config import ExperimentConfig
+
+PROMPT_SLOT = "{prompt}"
+_SENTINEL = "\x00PROMPT\x00"  # stands for the request while a template is rendered
+
+
+class NotServable(ValueError):
+    """The trial's artifact cannot become a served text-generation model (the reason says why)."""
+
+
+@dataclass
+class ServingModel:
+    model: object  # a transformers PreTrainedModel, or a peft.PeftModel (base + adapter)
+    tokenizer: object
+    merged: bool  # True: plain transformers weights (merged adapter, full or in-place tensors)
+    prompt_template: str  # str.format template with one `{prompt}` slot
+    generate: dict = field(default_factory=dict)  # pipeline call kwargs that reproduce the evaluation
+    note: str = ""  # why a merge was not done, when it was asked for
+
+
+def data_format(cfg: ExperimentConfig) -> str:
+    """`instruction` or `chat`: the trial's data.format, read from its eval (or train) file on `auto`."""
+    from trainers.data import load_rows
+
+    if cfg.data.format != "auto":
+        return cfg.data.format
+    fmt, _, _ = load_rows(cfg.data.eval_file or cfg.data.train_file, "auto", 1)
+    return fmt
+
+
+def prompt_template(fmt: str) -> str:
+    """The rendered prompt of one request, as trainers.data renders an eval prompt of format `fmt`,
+    with `{prompt}` where the request goes (other braces escaped for str.format)."""
+    from trainers.data import format_prompt, render_chat_prompt
+
+    if fmt == "instruction":
+        rendered = format_prompt(_SENTINEL)
+    elif fmt == "chat":
+        rendered = render_chat_prompt([{"role": "user", "content": _SENTINEL}])
+    else:
+        raise NotServable(f"data format {fmt!r} has no text-generation prompt to serve")
+    return rendered.replace("{", "{{").replace("}", "}}").replace(_SENTINEL, PROMPT_SLOT)
+
+
+def request_text(rendered_prompt: str, template: str) -> str:
+    """What to send to the served model so that `template` renders `rendered_prompt` (an eval
+    prompt of the trial's data): the part between the template's fixed text before and after."""
+    prefix, suffix = (part.format() for part in template.split(PROMPT_SLOT))
+    if not (rendered_prompt.startswith(prefix) and rendered_prompt.endswith(suffix)):
+        raise ValueError(f"prompt {rendered_prompt[:60]!r}... is not rendered by the template {template[:60]!r}...")
+    return rendered_prompt[len(prefix):len(rendered_prompt) - len(suffix)]
+
+
+def _add_special_tokens(tokenizer, template: str, fmt: str) -> bool:
+    """The tokenizer flag under which a pipeline's whole-text tokenization of a rendered request
+    gives the ids the trial's evaluation generated from (trainers.data.eval_prompt)."""
+    from trainers.data import eval_prompt
+
+    text = "What is the probe?"
+    row = ({"instruction": text, "input": "", "output": "-"} if fmt == "instruction" else
+           {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "-"}]})
+    wanted, _ = eval_prompt(tokenizer, row, fmt)
+    for flag in (False, True):
+        if tokenizer(template.format(prompt=text), add_special_tokens=flag)["input_ids"] == wanted:
+            return flag
+    raise NotServable(f"{fmt} prompts: the tokenizer encodes a whole rendered prompt differently from the "
+                      "trial's evaluation, so a served model would not see the prompts it was evaluated on")
+
+
+def _unquantized(cfg: ExperimentConfig) -> ExperimentConfig:
+    """A 4/8-bit base is loaded at its compute dtype: merging into quantized weights would round the
+    adapter away, and a served model is stored unquantized."""
+    if not cfg.precision.quantized:
+        return cfg
+    precision = dataclasses.replace(cfg.precision, name=cfg.precision.compute_dtype, double_quant=False)
+    return dataclasses.replace(cfg, precision=precision)
+
+
+def serving_model(cfg: ExperimentConfig, artifact_dir, merge: bool = True) -> ServingModel:
+    """The trial's trained model on CPU, merged when `merge` and its method can merge."""
+    import peft
+    import torch
+
+    from trainers.generation import is_prefix_tuned
+    from trainers.methods import METHODS, load_trained
+    from trainers.methods.base import TensorsMethodSpec
+    from trainers.model import load_base_model, load_tokenizer
+    from trainers.recipes.base import UNMERGEABLE_METHODS
+
+    name = cfg.method.name
+    if name not in METHODS:
+        raise NotServable(f"method {name!r} is not in the method registry")
+    fmt = data_format(cfg)
+    template = prompt_template(fmt)
+    mergeable = name not in UNMERGEABLE_METHODS
+    if isinstance(METHODS[name], TensorsMethodSpec) and not mergeable:
+        raise NotServable(f"method {name}: its trained modules are this project's own, not part of a "
+                          "transformers architecture or PEFT, so no server could load them; only its "
+                          "adapter artifact (trainers.methods.load_trained) reproduces the trial")
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_trained(load_base_model(_unquantized(cfg), torch.device("cpu")), artifact_dir)
+    is_peft = isinstance(model, peft.PeftModel)
+    note = ""
+    if is_peft and merge and mergeable:
+        model = model.merge_and_unload()
+    elif is_peft and merge:
+        note = (f"method {name} cannot merge into the weights (it adds virtual tokens to every input): "
+                "registered as base + adapter")
+    model.requires_grad_(False)
+    model.eval()
+    merged = not isinstance(model, peft.PeftModel)
+    greedy = _make_greedy(model if merged else model.get_base_model(), cfg)
+    generate = {**greedy, "add_special_tokens": _add_special_tokens(tokenizer, template, fmt)}
+    if is_prefix_tuned(model):
+        generate["use_cache"] = False  # as trainers.generation decodes them, for the same reason
+    return ServingModel(model=model, tokenizer=tokenizer, merged=merged,
+                        prompt_template=template, generate=generate, note=note)
+
+
+def _make_greedy(model, cfg: ExperimentConfig) -> dict:
+    """Generation defaults of a served model: those of the trial's evaluation. Returns them."""
+    model.config.use_cache = True  # training turned the KV cache off; evaluation generated with it
+    greedy = {"do_sample": False, "max_new_tokens": cfg.data.max_new_tokens}
+    for key in ("temperature", "top_p", "top_k"):  # sampling knobs a base's own generation config may set
+        setattr(model.generation_config, key, None)
+    model.generation_config.update(**greedy)
+    return greedy
+
+
+def save_base(cfg: ExperimentConfig, out_dir) -> None:
+    """The trial's base model, untouched by its method, as a transformers directory (safetensors)."""
+    import torch
+
+    from trainers.model import load_base_model
+
+    model = load_base_model(_unquantized(cfg), torch.device("cpu"))
+    _make_greedy(model, cfg)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
