@@ -25,6 +25,8 @@ USAGE = """usage: python -m orchestrator [+sweep=NAME] [KEY=VALUE ...]
   data.template=...      auto | model (the tokenizer's chat template) | plain
   storage.path=...       checkpoints and adapters: a directory every node sees, or s3://bucket/prefix
                          (default ./runs)
+  promote=true           at the end, register the best trial in the MLflow Model Registry
+                         (python -m orchestrator.promote SWEEP_NAME for other metrics and options)
   GROUP=OPTION           config groups: {groups}
 """
 
@@ -184,6 +186,7 @@ def run(plan, argv: list[str]) -> int:
 
     failed = outcome.failed
     tracker.set_status(parent_id, "FAILED" if failed else "FINISHED")
+    promoted, promote_error = promote_best(plan, tracker.uri, parent_id, failed)
     parent = tracker.client.get_run(parent_id)
     rows, _ = build_report(tracker.client, parent)
     print()
@@ -192,6 +195,10 @@ def run(plan, argv: list[str]) -> int:
     if tuned:
         print("\ntuning (best of each method's search beside its default settings):\n" + tuning_table(tuned))
     print(f"\nmlflow ui --backend-store-uri {tracker.uri}")
+    if promoted:
+        print(promoted)
+    if promote_error:
+        print(f"error: promote: {promote_error}", file=sys.stderr)
     if failed:
         labels = {key: line.label for key, line in board.lines.items()}  # drawn trials included
         for state in ("FAILED", "KILLED", "SKIPPED"):
@@ -200,7 +207,22 @@ def run(plan, argv: list[str]) -> int:
                 print(f"\n{len(keys)} trial(s) {state.lower()}: " + "; ".join(
                     f"{labels[k]} ({outcome.reasons.get(k, '')})" for k in keys), file=sys.stderr)
         return 1
-    return 0
+    return 2 if promote_error else 0
+
+
+def promote_best(plan, uri: str, parent_id: str, failed) -> tuple[str, str]:
+    """With promote=true and every trial finished: register the best one (orchestrator.promote).
+    Returns (what was promoted, why nothing was), one of them empty."""
+    from orchestrator.promote import PromoteError, describe, promote
+
+    if not plan.base.promote:
+        return "", ""
+    if failed:
+        return "", "not every trial finished; choose with python -m orchestrator.promote " + plan.sweep
+    try:
+        return describe(promote(uri, plan.sweep, parent_id=parent_id)), ""
+    except PromoteError as err:
+        return "", str(err)
 
 
 if __name__ == "__main__":

@@ -179,12 +179,13 @@ def register(client, sweep: str, winner: Winner, metric: str, name: str, merge: 
     """Build the served model of the winning trial, log it into the trial's run and register it."""
     from mlflow.exceptions import MlflowException
 
-    from trainers.export import NotServable, serving_model
+    from trainers.export import NotServable, check_servable, serving_model
 
     artifact_path = f"{MODEL_ARTIFACT}/{name}-{uuid.uuid4().hex[:8]}"  # promoting again never overwrites
     with tempfile.TemporaryDirectory(prefix="promote-") as where:
         cfg = trial_config(client, winner.run_id, where)
         try:
+            check_servable(cfg)  # before any download
             served = serving_model(cfg, artifact_dir(client, winner.run_id, where), merge=merge)
         except NotServable as err:
             raise PromoteError(f"{winner.label} (run {winner.run_id}): {err}") from None
@@ -208,15 +209,16 @@ def register(client, sweep: str, winner: Winner, metric: str, name: str, merge: 
 
 
 def promote(uri: str, sweep: str, metric: str = DEFAULTS["metric"], mode: str = DEFAULTS["mode"],
-            name: str = "", merge: bool = True) -> Promotion:
-    """Register the best trial of the newest run of `sweep`; tags its parent run `promoted_model`."""
+            name: str = "", merge: bool = True, parent_id: str | None = None) -> Promotion:
+    """Register the best trial of the newest run of `sweep` (or of parent run `parent_id`); tags
+    that parent run `promoted_model`."""
     from orchestrator.report import collect
     from orchestrator.tracking import client as make_client
 
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise PromoteError(f"tracking.uri: no MLflow store at {uri}")
     client = make_client(uri)
-    parent = latest_parent(client, sweep)
+    parent = client.get_run(parent_id) if parent_id else latest_parent(client, sweep)
     winner = pick_winner(collect(client, parent), metric, mode)
     name = name or f"{sweep}-best"
     promotion = register(client, sweep, winner, metric, name, merge)

@@ -338,6 +338,8 @@ def build_report(client, parent, out_dir: Path | None = None) -> tuple[list[Cell
     environment = environment_summary(cells)
     markdown = [f"# {sweep}", "", f"Parent run `{parent.info.run_id}`, {len(rows)} trial(s) in {len(cells)} cell(s).",
                 "", markdown_table(cells)]
+    if parent.data.tags.get("promoted_model"):  # set by orchestrator.promote
+        markdown += [f"Promoted to the MLflow Model Registry: {parent.data.tags['promoted_model']}", ""]
     if tuned:
         markdown += ["## Tuning", "", "Per searched method: its default-setting trial beside the best trial its search "
                      "found (trials ASHA stopped early spend budget but are not candidates).", "",

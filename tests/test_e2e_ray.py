@@ -1,6 +1,7 @@
 """End to end on a real local Ray: the CLI runs a small LoRA sweep as Ray Tune + Ray Train trials
 and everything the MLflow contract promises is there, down to an adapter that reloads with
-`PeftModel.from_pretrained` and reproduces the logged eval loss."""
+`PeftModel.from_pretrained` and reproduces the logged eval loss; with `promote=true` the best trial
+ends up in the Model Registry (tests/test_promote.py checks what the registered model answers)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def sweep_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("sweep")
     cmd = [sys.executable, "-m", "orchestrator", "+sweep=lora_rank", "sweep.axes={method.r:[2,8]}",
            "train.max_steps=30", "train.log_every=10", "data.max_train_rows=400", "data.max_eval_rows=40",
-           "cluster.num_cpus=2"]
+           "cluster.num_cpus=2", "promote=true"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     return work, proc
@@ -107,3 +108,19 @@ def test_logged_adapter_reloads_and_reproduces_eval_loss(sweep_run, tmp_path):
     split = tokenize_split(tokenizer, rows, sources, fmt, cfg.data.max_seq_len, cfg.data.overlength)
     loss = eval_loss(model, split.examples, 64, tokenizer.pad_token_id, torch.device("cpu"))
     assert loss == pytest.approx(child.data.metrics["eval/loss"], rel=1e-4, abs=1e-5)
+
+
+def test_promote_true_registers_the_best_trial_and_the_report_names_it(sweep_run):
+    from mlflow.tracking import MlflowClient
+
+    work, proc = sweep_run
+    assert "as models:/lora_rank-best/1 (merged)" in proc.stdout, proc.stdout[-2000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    version = client.get_model_version("lora_rank-best", "1")
+    experiment = client.get_experiment_by_name("lora_rank")
+    children = client.search_runs([experiment.experiment_id], filter_string="tags.trial_key != ''")
+    best = max(c.data.metrics["eval/accuracy"] for c in children)
+    assert client.get_run(version.run_id).data.metrics["eval/accuracy"] == best
+    parent = client.search_runs([experiment.experiment_id], filter_string="tags.sweep = 'lora_rank'")[0]
+    report = client.download_artifacts(parent.info.run_id, "report/comparison.md", str(work))
+    assert "Promoted to the MLflow Model Registry: lora_rank-best version 1" in open(report).read()

@@ -110,3 +110,92 @@ def test_unmerged_registers_base_plus_adapter_with_the_same_answers(trained_stor
     assert "peft_adaptor" in mlflow.models.get_model_info("models:/lora-adapter/1").flavors["transformers"]
     accuracy, _ = held_out_accuracy("models:/lora-adapter/1", make_cfg("data.max_eval_rows=60"))
     assert accuracy == winner.data.metrics["eval/accuracy"]  # the adapter computes as in the trial
+
+
+# --------------------------------------------------------------------------- selection and bad input
+
+
+@pytest.fixture(scope="module")
+def fake_store(tmp_path_factory):
+    """A store whose sweeps have made-up final metrics (no training): returns (uri, log_sweep) where
+    log_sweep(sweep_name, plan_args, metrics_of(trial) -> dict | None) logs one parent run; a trial
+    whose metrics are None ends FAILED."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('fake') / 'mlflow.db'}"
+
+    def log_sweep(name: str, plan_args: list[str], metrics_of) -> str:
+        plan = make_plan(plan_args)
+        tracker = SweepTracker(uri, name)
+        parent = tracker.start_parent(name, plan_args, "")
+        for trial in plan.trials:
+            run_id = tracker.create_child(trial, trial.config)
+            metrics = metrics_of(trial)
+            if metrics is None:
+                tracker.set_status(run_id, "FAILED", "made-up failure")
+                continue
+            TrialTracker(tracker.uri, run_id, rank=0).log_metrics(metrics)
+            tracker.set_status(run_id, "FINISHED")
+        tracker.set_status(parent, "FINISHED")
+        return parent
+
+    return uri, log_sweep
+
+
+def winner_of(uri: str, parent_id: str, metric: str = "eval/accuracy", mode: str = "max"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    winner = pick_winner(collect(client, client.get_run(parent_id)), metric, mode)
+    return client.get_run(winner.run_id), winner
+
+
+def test_seeds_are_averaged_before_the_best_cell_is_picked(fake_store):
+    uri, log_sweep = fake_store
+    # r=1 has the single best seed (0.9) but the lower mean (0.55 vs 0.6).
+    accuracy = {(1, 0): 0.9, (1, 1): 0.2, (4, 0): 0.6, (4, 1): 0.6}
+    parent = log_sweep("seeded", ["+sweep=lora_rank", "sweep.axes={method.r:[1,4]}", "sweep.seeds=[0,1]"],
+                       lambda t: {"eval/accuracy": accuracy[(t.cfg.method.r, t.cfg.train.seed)],
+                                  "model/trainable_params": 1000.0 * t.cfg.method.r})
+    run, winner = winner_of(uri, parent)
+    assert run.data.params["method.r"] == "4"
+    assert winner.value == pytest.approx(0.6) and winner.seeds == 2
+    run, winner = winner_of(uri, parent, mode="min")  # lowest mean: r=1 (0.55); its best seed by min is 0.2
+    assert run.data.params["method.r"] == "1" and winner.trial_value == pytest.approx(0.2)
+
+
+def test_a_tie_goes_to_fewer_trainable_parameters(fake_store):
+    uri, log_sweep = fake_store
+    parent = log_sweep("tied", ["+sweep=lora_rank", "sweep.axes={method.r:[16,2,8]}"],
+                       lambda t: {"eval/accuracy": 0.5, "model/trainable_params": 1000.0 * t.cfg.method.r})
+    run, _ = winner_of(uri, parent)
+    assert run.data.params["method.r"] == "2"
+
+
+def registered_names(uri: str) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    return [m.name for m in MlflowClient(tracking_uri=uri).search_registered_models()]
+
+
+@pytest.fixture(scope="module")
+def bad_sweeps(fake_store):
+    uri, log_sweep = fake_store
+    plan_args = ["+sweep=lora_rank", "sweep.axes={method.r:[1,2]}"]
+    log_sweep("failing", plan_args, lambda t: {"eval/accuracy": 0.5, "model/trainable_params": 10.0})
+    log_sweep("all_failed", plan_args, lambda t: None)
+    log_sweep("bottleneck", ["method=adapter"], lambda t: {"eval/accuracy": 0.5})
+    return uri
+
+
+@pytest.mark.parametrize("case, args, reason", [
+    ("unknown sweep", ["no_such_sweep"], "no parent run with tag sweep=no_such_sweep"),
+    ("unlogged metric", ["failing", "metric=eval/bleu"], "metric 'eval/bleu': no FINISHED trial logged it"),
+    ("no finished trial", ["all_failed"], "no FINISHED trial"),
+    ("unservable method", ["bottleneck"], "method adapter: its trained modules are this project's own"),
+    ("bad option", ["failing", "mode=best"], "mode: must be max or min"),
+    ("unknown option", ["failing", "metirc=eval/loss"], "metirc: unknown option"),
+])
+def test_bad_input_exits_2_with_the_reason_and_registers_nothing(bad_sweeps, capsys, case, args, reason):
+    uri = bad_sweeps
+    assert main([*args, f"tracking.uri={uri}"]) == 2
+    assert reason in capsys.readouterr().err
+    assert registered_names(uri) == []

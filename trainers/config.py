@@ -242,6 +242,9 @@ class ExperimentConfig:
     # Rerunning a sweep whose last invocation did not finish continues it: finished trials are
     # kept, unfinished ones resume from their checkpoints. false: always start fresh.
     resume: bool = True
+    # After a sweep whose trials all finished: register its best trial in the MLflow Model Registry
+    # (orchestrator.promote with its defaults: eval/accuracy, max, merged, name SWEEP-best).
+    promote: bool = False
 
 
 def to_container(cfg: ExperimentConfig) -> dict:

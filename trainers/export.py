@@ -94,27 +94,35 @@ def _unquantized(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, precision=precision)
 
 
+def check_servable(cfg: ExperimentConfig) -> str:
+    """The trial's data format, once its method is known to give a servable model (NotServable if not)."""
+    from trainers.methods import METHODS
+    from trainers.methods.base import TensorsMethodSpec
+    from trainers.recipes.base import UNMERGEABLE_METHODS
+
+    name = cfg.method.name
+    if name not in METHODS:
+        raise NotServable(f"method {name!r} is not in the method registry")
+    if isinstance(METHODS[name], TensorsMethodSpec) and name in UNMERGEABLE_METHODS:
+        raise NotServable(f"method {name}: its trained modules are this project's own, not part of a "
+                          "transformers architecture or PEFT, so no server could load them; only its "
+                          "adapter artifact (trainers.methods.load_trained) reproduces the trial")
+    return data_format(cfg)
+
+
 def serving_model(cfg: ExperimentConfig, artifact_dir, merge: bool = True) -> ServingModel:
     """The trial's trained model on CPU, merged when `merge` and its method can merge."""
     import peft
     import torch
 
     from trainers.generation import is_prefix_tuned
-    from trainers.methods import METHODS, load_trained
-    from trainers.methods.base import TensorsMethodSpec
+    from trainers.methods import load_trained
     from trainers.model import load_base_model, load_tokenizer
     from trainers.recipes.base import UNMERGEABLE_METHODS
 
-    name = cfg.method.name
-    if name not in METHODS:
-        raise NotServable(f"method {name!r} is not in the method registry")
-    fmt = data_format(cfg)
+    fmt = check_servable(cfg)
     template = prompt_template(fmt)
-    mergeable = name not in UNMERGEABLE_METHODS
-    if isinstance(METHODS[name], TensorsMethodSpec) and not mergeable:
-        raise NotServable(f"method {name}: its trained modules are this project's own, not part of a "
-                          "transformers architecture or PEFT, so no server could load them; only its "
-                          "adapter artifact (trainers.methods.load_trained) reproduces the trial")
+    name, mergeable = cfg.method.name, cfg.method.name not in UNMERGEABLE_METHODS
     tokenizer = load_tokenizer(cfg.model)
     model = load_trained(load_base_model(_unquantized(cfg), torch.device("cpu")), artifact_dir)
     is_peft = isinstance(model, peft.PeftModel)
@@ -130,7 +138,7 @@ def serving_model(cfg: ExperimentConfig, artifact_dir, merge: bool = True) -> Se
     greedy = _make_greedy(model if merged else model.get_base_model(), cfg)
     generate = {**greedy, "add_special_tokens": _add_special_tokens(tokenizer, template, fmt)}
     if is_prefix_tuned(model):
-        generate["use_cache"] = False  # as trainers.generation decodes them, for the same reason
+        generate["use_cache"] = False  # as evaluate.generate_answers decodes them, for the same reason
     return ServingModel(model=model, tokenizer=tokenizer, merged=merged,
                         prompt_template=template, generate=generate, note=note)
 

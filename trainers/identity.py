@@ -17,8 +17,8 @@ import json
 from typing import Any, Mapping
 
 # Where and how a trial runs, logs and is stored, and how the sweep is driven: the same
-# experiment run elsewhere, logged elsewhere or resumed is the same experiment.
-NOT_IDENTITY = ("cluster", "tracking", "storage", "sweep", "dry_run", "resume")
+# experiment run elsewhere, logged elsewhere, resumed or promoted is the same experiment.
+NOT_IDENTITY = ("cluster", "tracking", "storage", "sweep", "dry_run", "resume", "promote")
 # The seed, and what follows from it: a pipeline stage starts from its upstream trial of the same
 # seed, whose output path differs per seed.
 SEED_DEPENDENT = ("train.seed", "stage.init_from", "stage.reward_from")
