@@ -194,7 +194,8 @@ def register(client, sweep: str, winner: Winner, metric: str, name: str, merge: 
     tags = {"sweep": sweep, "trial_key": winner.trial_key, "trial": winner.label, "metric": metric,
             "metric_value": repr(winner.value), "trial_metric_value": repr(winner.trial_value),
             "seeds": str(winner.seeds), "base_model": cfg.model.name_or_path, "method": cfg.method.name,
-            "merged": str(served.merged).lower(), "prompt_template": served.prompt_template}
+            "merged": str(served.merged).lower(), "prompt_template": served.prompt_template,
+            "trainable_params": "" if winner.trainable is None else f"{winner.trainable:.0f}"}
     if served.note:
         tags["note"] = served.note
     try:

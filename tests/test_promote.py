@@ -199,3 +199,37 @@ def test_bad_input_exits_2_with_the_reason_and_registers_nothing(bad_sweeps, cap
     assert main([*args, f"tracking.uri={uri}"]) == 2
     assert reason in capsys.readouterr().err
     assert registered_names(uri) == []
+
+
+@pytest.mark.parametrize("method, merged", [("ia3", True), ("prefix", False)])
+def test_served_model_answers_as_the_trial_evaluated(tmp_path, make_cfg, method, merged):
+    """Through a plain transformers pipeline with the served settings: a merged (IA)3 model and a
+    prefix-tuned one (cannot merge: base + adapter, decoded without KV cache as in evaluation)
+    give the trial's own greedy answers to its held-out prompts."""
+    import torch
+    import transformers
+
+    from trainers.data import format_prompt, load_rows, tokenize_split
+    from trainers.evaluate import generate_answers
+    from trainers.export import request_text, serving_model
+    from trainers.methods import load_trained
+    from trainers.model import load_base_model, load_tokenizer
+    from trainers.trial import run_trial
+
+    cfg = make_cfg(f"method={method}", "train.max_steps=20", "train.checkpoint_every=0",
+                   "data.max_train_rows=200", "data.max_eval_rows=30")
+    run_trial(cfg, tmp_path / "trial")
+    served = serving_model(cfg, tmp_path / "trial" / "adapter", merge=True)
+    assert served.merged is merged and bool(served.note) is not merged
+
+    tokenizer = load_tokenizer(cfg.model)
+    fmt, rows, sources = load_rows(cfg.data.eval_file, cfg.data.format, cfg.data.max_eval_rows)
+    prompts = tokenize_split(tokenizer, rows, sources, fmt, cfg.data.max_seq_len, "error", with_prompts=True).prompts
+    trained = load_trained(load_base_model(cfg, torch.device("cpu")), tmp_path / "trial" / "adapter")
+    expected = generate_answers(trained, tokenizer, prompts, 64, cfg.data.max_new_tokens, torch.device("cpu"))
+
+    pipeline = transformers.pipeline("text-generation", model=served.model, tokenizer=served.tokenizer)
+    requests = [served.prompt_template.format(prompt=request_text(format_prompt(r["instruction"], r["input"]),
+                                                                  served.prompt_template)) for r in rows]
+    answers = [out[0]["generated_text"] for out in pipeline(requests, return_full_text=False, **served.generate)]
+    assert [a.strip() for a in answers] == [e.strip() for e in expected]
