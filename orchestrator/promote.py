@@ -135,7 +135,8 @@ def trial_config(client, run_id: str, where: str):
     """The trial's resolved config (its config.yaml artifact) as an ExperimentConfig."""
     import yaml
 
-    from trainers.config import ConfigError, from_container
+    from trainers.config import ConfigError
+    from trainers.validate import from_container
 
     path = client.download_artifacts(run_id, "config.yaml", where)
     with open(path) as handle:
