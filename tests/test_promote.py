@@ -201,11 +201,12 @@ def test_bad_input_exits_2_with_the_reason_and_registers_nothing(bad_sweeps, cap
     assert registered_names(uri) == []
 
 
-@pytest.mark.parametrize("method, merged", [("ia3", True), ("prefix", False)])
+@pytest.mark.parametrize("method, merged", [("ia3", True), ("ln_tuning", True), ("bitfit", True), ("prefix", False)])
 def test_served_model_answers_as_the_trial_evaluated(tmp_path, make_cfg, method, merged):
-    """Through a plain transformers pipeline with the served settings: a merged (IA)3 model and a
-    prefix-tuned one (cannot merge: base + adapter, decoded without KV cache as in evaluation)
-    give the trial's own greedy answers to its held-out prompts."""
+    """Through a plain transformers pipeline with the served settings: merged (IA)3 and LayerNorm
+    tuning, BitFit's biases in place, and a prefix-tuned model (cannot merge: base + adapter,
+    decoded without KV cache as in evaluation) give the trial's own greedy answers to its
+    held-out prompts."""
     import torch
     import transformers
 
