@@ -1,6 +1,7 @@
 """A trained trial as a standalone causal LM for serving: `serving_model(cfg, artifact_dir, merge)`.
 
-Loads the trial's base model, applies its saved artifact (trainers.methods.load_trained) and, with
+Loads what the trial trained from (its base model, or for a pipeline stage the upstream policy
+merged), applies its saved artifact (trainers.methods.load_trained) and, with
 `merge`, folds a PEFT adapter into the weights (`merge_and_unload`), so the result is a plain
 transformers model that any server loads. A method whose artifact cannot merge (prompt learning:
 virtual tokens) stays a PEFT model (base + adapter); one that is neither a transformers model nor a
@@ -8,7 +9,8 @@ PEFT model after loading (bottleneck adapters insert this project's modules) is 
 
 The generation settings reproduce the trial's evaluation (trainers/evaluate.py): greedy, at most
 data.max_new_tokens, the prompt rendered with the same template and tokenized the same way. A
-request is the text the template's `{prompt}` slot holds; `request_text` derives it from a data row.
+request is the text the template's `{prompt}` slot holds; `request_text` derives it from a rendered
+eval prompt.
 """
 
 from __future__ import annotations
@@ -47,14 +49,17 @@ def data_format(cfg: ExperimentConfig) -> str:
 
 
 def prompt_template(fmt: str) -> str:
-    """The rendered prompt of one request, as trainers.data renders an eval prompt of format `fmt`,
-    with `{prompt}` where the request goes (other braces escaped for str.format)."""
+    """The rendered prompt of one request, as trainers.data renders an eval prompt of format `fmt`
+    (a preference prompt is used as written), with `{prompt}` where the request goes (other braces
+    escaped for str.format)."""
     from trainers.data import format_prompt, render_chat_prompt
 
     if fmt == "instruction":
         rendered = format_prompt(_SENTINEL)
     elif fmt == "chat":
         rendered = render_chat_prompt([{"role": "user", "content": _SENTINEL}])
+    elif fmt == "preference":
+        rendered = _SENTINEL
     else:
         raise NotServable(f"data format {fmt!r} has no text-generation prompt to serve")
     return rendered.replace("{", "{{").replace("}", "}}").replace(_SENTINEL, PROMPT_SLOT)
@@ -71,27 +76,44 @@ def request_text(rendered_prompt: str, template: str) -> str:
 
 def _add_special_tokens(tokenizer, template: str, fmt: str) -> bool:
     """The tokenizer flag under which a pipeline's whole-text tokenization of a rendered request
-    gives the ids the trial's evaluation generated from (trainers.data.eval_prompt)."""
-    from trainers.data import eval_prompt
+    gives the ids the trial's evaluation generated from (trainers.data.prompts_with_answers)."""
+    from trainers.data import prompts_with_answers
 
     text = "What is the probe?"
-    row = ({"instruction": text, "input": "", "output": "-"} if fmt == "instruction" else
-           {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "-"}]})
-    wanted, _ = eval_prompt(tokenizer, row, fmt)
+    row = {"instruction": {"instruction": text, "input": "", "output": "-"},
+           "chat": {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "-"}]},
+           "preference": {"prompt": text, "chosen": "-", "rejected": "-"}}[fmt]
+    (evaluated,), _ = prompts_with_answers(tokenizer, [row], ["probe"], fmt, 10**6, "error")
     for flag in (False, True):
-        if tokenizer(template.format(prompt=text), add_special_tokens=flag)["input_ids"] == wanted:
+        if tokenizer(template.format(prompt=text), add_special_tokens=flag)["input_ids"] == evaluated.prompt_ids:
             return flag
     raise NotServable(f"{fmt} prompts: the tokenizer encodes a whole rendered prompt differently from the "
                       "trial's evaluation, so a served model would not see the prompts it was evaluated on")
 
 
-def _unquantized(cfg: ExperimentConfig) -> ExperimentConfig:
-    """A 4/8-bit base is loaded at its compute dtype: merging into quantized weights would round the
-    adapter away, and a served model is stored unquantized."""
+def _for_serving(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The trial's config as the promoting (CPU) process loads it: a 4/8-bit base at its compute
+    dtype, since merging into quantized weights would round the adapter away and a served model is
+    stored unquantized; no Liger kernels (GPU-only, and a served model is plain transformers)."""
+    train = dataclasses.replace(cfg.train, liger=False)
     if not cfg.precision.quantized:
-        return cfg
+        return dataclasses.replace(cfg, train=train)
     precision = dataclasses.replace(cfg.precision, name=cfg.precision.compute_dtype, double_quant=False)
-    return dataclasses.replace(cfg, precision=precision)
+    return dataclasses.replace(cfg, precision=precision, train=train)
+
+
+def _start_model(cfg: ExperimentConfig):
+    """What the trial trained from (trainers.recipes.inputs.load_start: the base, or its upstream
+    stage's policy merged), on CPU."""
+    import torch
+
+    from trainers.config import ConfigError
+    from trainers.recipes.inputs import load_start
+
+    try:
+        return load_start(_for_serving(cfg), torch.device("cpu"))
+    except (ConfigError, OSError, ValueError) as err:
+        raise NotServable(f"cannot load what the trial started from: {err}") from None
 
 
 def check_servable(cfg: ExperimentConfig) -> str:
@@ -113,18 +135,17 @@ def check_servable(cfg: ExperimentConfig) -> str:
 def serving_model(cfg: ExperimentConfig, artifact_dir, merge: bool = True) -> ServingModel:
     """The trial's trained model on CPU, merged when `merge` and its method can merge."""
     import peft
-    import torch
 
     from trainers.generation import is_prefix_tuned
     from trainers.methods import load_trained
-    from trainers.model import load_base_model, load_tokenizer
+    from trainers.model import load_tokenizer
     from trainers.recipes.base import UNMERGEABLE_METHODS
 
     fmt = check_servable(cfg)
     template = prompt_template(fmt)
     name, mergeable = cfg.method.name, cfg.method.name not in UNMERGEABLE_METHODS
     tokenizer = load_tokenizer(cfg.model)
-    model = load_trained(load_base_model(_unquantized(cfg), torch.device("cpu")), artifact_dir)
+    model = load_trained(_start_model(cfg), artifact_dir)
     is_peft = isinstance(model, peft.PeftModel)
     note = ""
     if is_peft and merge and mergeable:
@@ -154,11 +175,7 @@ def _make_greedy(model, cfg: ExperimentConfig) -> dict:
 
 
 def save_base(cfg: ExperimentConfig, out_dir) -> None:
-    """The trial's base model, untouched by its method, as a transformers directory (safetensors)."""
-    import torch
-
-    from trainers.model import load_base_model
-
-    model = load_base_model(_unquantized(cfg), torch.device("cpu"))
+    """What the trial started from, untouched by its method, as a transformers directory."""
+    model = _start_model(cfg)
     _make_greedy(model, cfg)
     model.save_pretrained(str(out_dir), safe_serialization=True)
