@@ -173,7 +173,7 @@ def save_served(served, cfg, out_dir: Path) -> None:
         # (transformers 5 + peft 0.21) come out under `base_layer.` names that no loader maps back:
         # replace them with the untouched base, which the saved adapter then applies to.
         shutil.rmtree(out_dir / "model")
-        save_base(cfg, out_dir / "model")
+        save_base(cfg, served.tokenizer, out_dir / "model")
 
 
 def register(client, sweep: str, winner: Winner, metric: str, name: str, merge: bool) -> Promotion:

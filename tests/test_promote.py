@@ -46,7 +46,8 @@ def held_out_accuracy(model_uri: str, cfg) -> tuple[float, int]:
     prompt template's slot takes; and how many rows."""
     import mlflow
 
-    from trainers.data import format_prompt, load_rows
+    from trainers.data import load_rows
+    from trainers.templates import format_prompt
     from trainers.evaluate import normalise_answer
     from trainers.export import request_text
 
@@ -210,7 +211,8 @@ def test_served_model_answers_as_the_trial_evaluated(tmp_path, make_cfg, method,
     import torch
     import transformers
 
-    from trainers.data import format_prompt, load_rows, tokenize_split
+    from trainers.data import load_rows, tokenize_split
+    from trainers.templates import format_prompt
     from trainers.evaluate import generate_answers
     from trainers.export import request_text, serving_model
     from trainers.methods import load_trained
@@ -233,4 +235,54 @@ def test_served_model_answers_as_the_trial_evaluated(tmp_path, make_cfg, method,
     requests = [served.prompt_template.format(prompt=request_text(format_prompt(r["instruction"], r["input"]),
                                                                   served.prompt_template)) for r in rows]
     answers = [out[0]["generated_text"] for out in pipeline(requests, return_full_text=False, **served.generate)]
+    assert [a.strip() for a in answers] == [e.strip() for e in expected]
+
+
+def test_a_model_chat_template_is_served_as_evaluated(tmp_path, make_cfg):
+    """data.template=model with a Llama-3 style template whose end of turn (<|eot_id|>) is not the
+    base's eos: the served prompt template is the model's rendering of one user turn, and greedy
+    answers (stopping at the end of turn) equal the trial's evaluation."""
+    import torch
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from test_templates import LLAMA3, SPECIALS, make_tokenizer
+    from trainers.data import load_rows, tokenize_split
+    from trainers.evaluate import generate_answers
+    from trainers.export import request_text, serving_model
+    from trainers.methods import load_trained
+    from trainers.model import load_base_model
+    from trainers.templates import chat_template, conversation, load_chat_tokenizer
+    from trainers.trial import run_trial
+
+    base = make_tokenizer(LLAMA3, SPECIALS["llama3"] + ["<|end_of_text|>"], "<|end_of_text|>")
+    base.save_pretrained(tmp_path / "model")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=len(base), max_position_embeddings=256,
+                                 pad_token_id=base.pad_token_id, eos_token_id=base.eos_token_id)
+                     ).save_pretrained(tmp_path / "model")
+    cfg = make_cfg(f"model.name_or_path={tmp_path / 'model'}", "data.template=model", "train.max_steps=10",
+                   "train.checkpoint_every=0", "data.max_train_rows=100", "data.max_eval_rows=20",
+                   "data.max_seq_len=128")
+    run_trial(cfg, tmp_path / "trial")
+    served = serving_model(cfg, tmp_path / "trial" / "adapter", merge=True)
+    assert served.prompt_template.startswith("<|begin_of_text|><|start_header_id|>user")
+    assert served.prompt_template.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+    tokenizer = load_chat_tokenizer(cfg)
+    fmt, rows, sources = load_rows(cfg.data.eval_file, cfg.data.format, cfg.data.max_eval_rows)
+    prompts = tokenize_split(tokenizer, rows, sources, fmt, cfg.data.max_seq_len, "error", with_prompts=True,
+                             template="model").prompts
+    trained = load_trained(load_base_model(cfg, torch.device("cpu")), tmp_path / "trial" / "adapter")
+    expected = generate_answers(trained, tokenizer, prompts, 64, cfg.data.max_new_tokens, torch.device("cpu"))
+
+    template = chat_template(tokenizer, "model")
+    rendered = [template.render(conversation(row, fmt)[:-1], generation=True) for row in rows]
+    requests = [request_text(text, served.prompt_template) for text in rendered]
+    assert any(answer.strip() for answer in expected)  # something to compare
+    assert requests[0] == rows[0]["instruction"] + (f"\n\n{rows[0]['input']}" if rows[0]["input"] else "")
+    pipeline = transformers.pipeline("text-generation", model=served.model, tokenizer=served.tokenizer)
+    answers = [out[0]["generated_text"] for out in pipeline(
+        [served.prompt_template.format(prompt=r) for r in requests], return_full_text=False, **served.generate)]
     assert [a.strip() for a in answers] == [e.strip() for e in expected]

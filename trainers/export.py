@@ -39,29 +39,31 @@ class ServingModel:
 
 
 def data_format(cfg: ExperimentConfig) -> str:
-    """`instruction` or `chat`: the trial's data.format, read from its eval (or train) file on `auto`."""
+    """The trial's data.format, read from its eval (or train) data on `auto`."""
     from trainers.data import load_rows
 
     if cfg.data.format != "auto":
         return cfg.data.format
-    fmt, _, _ = load_rows(cfg.data.eval_file or cfg.data.train_file, "auto", 1)
+    fmt, _, _ = load_rows(cfg.data.eval_file or cfg.data.train_file, "auto", 1, cfg.data.columns.mapping())
     return fmt
 
 
-def prompt_template(fmt: str) -> str:
-    """The rendered prompt of one request, as trainers.data renders an eval prompt of format `fmt`
-    (a preference prompt is used as written), with `{prompt}` where the request goes (other braces
-    escaped for str.format)."""
-    from trainers.data import format_prompt, render_chat_prompt
+def prompt_template(template, fmt: str) -> str:
+    """The prompt of a one-turn request as the trial's chat template (trainers.templates: the
+    model's or the plain one) renders an eval prompt of format `fmt`, with `{prompt}` where the
+    request goes (other braces escaped for str.format)."""
+    from trainers.templates import ModelTemplate, format_prompt, render_chat_prompt
 
-    if fmt == "instruction":
-        rendered = format_prompt(_SENTINEL)
+    if fmt not in ("instruction", "chat", "preference"):
+        raise NotServable(f"data format {fmt!r} has no text-generation prompt to serve")
+    if isinstance(template, ModelTemplate):
+        rendered = template.render([{"role": "user", "content": _SENTINEL}], generation=True)
     elif fmt == "chat":
         rendered = render_chat_prompt([{"role": "user", "content": _SENTINEL}])
-    elif fmt == "preference":
-        rendered = _SENTINEL
-    else:
-        raise NotServable(f"data format {fmt!r} has no text-generation prompt to serve")
+    else:  # the plain template renders an instruction, and a preference row's text prompt, alike
+        rendered = format_prompt(_SENTINEL)
+    if rendered.count(_SENTINEL) != 1:
+        raise NotServable(f"the {template.name} chat template does not render a request exactly once")
     return rendered.replace("{", "{{").replace("}", "}}").replace(_SENTINEL, PROMPT_SLOT)
 
 
@@ -74,7 +76,7 @@ def request_text(rendered_prompt: str, template: str) -> str:
     return rendered_prompt[len(prefix):len(rendered_prompt) - len(suffix)]
 
 
-def _add_special_tokens(tokenizer, template: str, fmt: str) -> bool:
+def _add_special_tokens(tokenizer, template, prompt_text: str, fmt: str) -> bool:
     """The tokenizer flag under which a pipeline's whole-text tokenization of a rendered request
     gives the ids the trial's evaluation generated from (trainers.data.prompts_with_answers)."""
     from trainers.data import prompts_with_answers
@@ -83,9 +85,9 @@ def _add_special_tokens(tokenizer, template: str, fmt: str) -> bool:
     row = {"instruction": {"instruction": text, "input": "", "output": "-"},
            "chat": {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "-"}]},
            "preference": {"prompt": text, "chosen": "-", "rejected": "-"}}[fmt]
-    (evaluated,), _ = prompts_with_answers(tokenizer, [row], ["probe"], fmt, 10**6, "error")
+    (evaluated,), _ = prompts_with_answers(tokenizer, [row], ["probe"], fmt, 10**6, "error", template)
     for flag in (False, True):
-        if tokenizer(template.format(prompt=text), add_special_tokens=flag)["input_ids"] == evaluated.prompt_ids:
+        if tokenizer(prompt_text.format(prompt=text), add_special_tokens=flag)["input_ids"] == evaluated.prompt_ids:
             return flag
     raise NotServable(f"{fmt} prompts: the tokenizer encodes a whole rendered prompt differently from the "
                       "trial's evaluation, so a served model would not see the prompts it was evaluated on")
@@ -138,13 +140,14 @@ def serving_model(cfg: ExperimentConfig, artifact_dir, merge: bool = True) -> Se
 
     from trainers.generation import is_prefix_tuned
     from trainers.methods import load_trained
-    from trainers.model import load_tokenizer
     from trainers.recipes.base import UNMERGEABLE_METHODS
+    from trainers.templates import chat_template, load_chat_tokenizer
 
     fmt = check_servable(cfg)
-    template = prompt_template(fmt)
+    tokenizer = load_chat_tokenizer(cfg)  # eos: the end-of-turn token under a model's chat template
+    template = chat_template(tokenizer, cfg.data.template)
+    prompt_text = prompt_template(template, fmt)
     name, mergeable = cfg.method.name, cfg.method.name not in UNMERGEABLE_METHODS
-    tokenizer = load_tokenizer(cfg.model)
     model = load_trained(_start_model(cfg), artifact_dir)
     is_peft = isinstance(model, peft.PeftModel)
     note = ""
@@ -156,26 +159,27 @@ def serving_model(cfg: ExperimentConfig, artifact_dir, merge: bool = True) -> Se
     model.requires_grad_(False)
     model.eval()
     merged = not isinstance(model, peft.PeftModel)
-    greedy = _make_greedy(model if merged else model.get_base_model(), cfg)
-    generate = {**greedy, "add_special_tokens": _add_special_tokens(tokenizer, template, fmt)}
+    greedy = _make_greedy(model if merged else model.get_base_model(), tokenizer, cfg)
+    generate = {**greedy, "add_special_tokens": _add_special_tokens(tokenizer, template, prompt_text, fmt)}
     if is_prefix_tuned(model):
         generate["use_cache"] = False  # as evaluate.generate_answers decodes them, for the same reason
     return ServingModel(model=model, tokenizer=tokenizer, merged=merged,
-                        prompt_template=template, generate=generate, note=note)
+                        prompt_template=prompt_text, generate=generate, note=note)
 
 
-def _make_greedy(model, cfg: ExperimentConfig) -> dict:
-    """Generation defaults of a served model: those of the trial's evaluation. Returns them."""
+def _make_greedy(model, tokenizer, cfg: ExperimentConfig) -> dict:
+    """Generation defaults of a served model: those of the trial's evaluation (greedy, its
+    max_new_tokens, stopping at the tokenizer's eos). Returns the ones a pipeline call takes."""
     model.config.use_cache = True  # training turned the KV cache off; evaluation generated with it
     greedy = {"do_sample": False, "max_new_tokens": cfg.data.max_new_tokens}
     for key in ("temperature", "top_p", "top_k"):  # sampling knobs a base's own generation config may set
         setattr(model.generation_config, key, None)
-    model.generation_config.update(**greedy)
+    model.generation_config.update(**greedy, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return greedy
 
 
-def save_base(cfg: ExperimentConfig, out_dir) -> None:
+def save_base(cfg: ExperimentConfig, tokenizer, out_dir) -> None:
     """What the trial started from, untouched by its method, as a transformers directory."""
     model = _start_model(cfg)
-    _make_greedy(model, cfg)
+    _make_greedy(model, tokenizer, cfg)
     model.save_pretrained(str(out_dir), safe_serialization=True)
