@@ -262,7 +262,7 @@ def test_a_model_chat_template_is_served_as_evaluated(tmp_path, make_cfg):
                                  num_key_value_heads=2, vocab_size=len(base), max_position_embeddings=256,
                                  pad_token_id=base.pad_token_id, eos_token_id=base.eos_token_id)
                      ).save_pretrained(tmp_path / "model")
-    cfg = make_cfg(f"model.name_or_path={tmp_path / 'model'}", "data.template=model", "train.max_steps=10",
+    cfg = make_cfg(f"model.name_or_path={tmp_path / 'model'}", "data.template=model", "train.max_steps=2",
                    "train.checkpoint_every=0", "data.max_train_rows=100", "data.max_eval_rows=20",
                    "data.max_seq_len=128")
     run_trial(cfg, tmp_path / "trial")
@@ -280,7 +280,7 @@ def test_a_model_chat_template_is_served_as_evaluated(tmp_path, make_cfg):
     template = chat_template(tokenizer, "model")
     rendered = [template.render(conversation(row, fmt)[:-1], generation=True) for row in rows]
     requests = [request_text(text, served.prompt_template) for text in rendered]
-    assert any(answer.strip() for answer in expected)  # something to compare
+    assert any(answer.strip() for answer in expected)  # two steps from random init: not yet ending at once
     assert requests[0] == rows[0]["instruction"] + (f"\n\n{rows[0]['input']}" if rows[0]["input"] else "")
     pipeline = transformers.pipeline("text-generation", model=served.model, tokenizer=served.tokenizer)
     answers = [out[0]["generated_text"] for out in pipeline(
