@@ -122,12 +122,11 @@ def check_servable(cfg: ExperimentConfig) -> str:
     """The trial's data format, once its method is known to give a servable model (NotServable if not)."""
     from trainers.methods import METHODS
     from trainers.methods.base import TensorsMethodSpec
-    from trainers.recipes.base import UNMERGEABLE_METHODS
 
     name = cfg.method.name
     if name not in METHODS:
         raise NotServable(f"method {name!r} is not in the method registry")
-    if isinstance(METHODS[name], TensorsMethodSpec) and name in UNMERGEABLE_METHODS:
+    if isinstance(METHODS[name], TensorsMethodSpec) and not METHODS[name].mergeable:
         raise NotServable(f"method {name}: its trained modules are this project's own, not part of a "
                           "transformers architecture or PEFT, so no server could load them; only its "
                           "adapter artifact (trainers.methods.load_trained) reproduces the trial")
@@ -139,15 +138,14 @@ def serving_model(cfg: ExperimentConfig, artifact_dir, merge: bool = True) -> Se
     import peft
 
     from trainers.generation import is_prefix_tuned
-    from trainers.methods import load_trained
-    from trainers.recipes.base import UNMERGEABLE_METHODS
+    from trainers.methods import METHODS, load_trained
     from trainers.templates import chat_template, load_chat_tokenizer
 
     fmt = check_servable(cfg)
     tokenizer = load_chat_tokenizer(cfg)  # eos: the end-of-turn token under a model's chat template
     template = chat_template(tokenizer, cfg.data.template)
     prompt_text = prompt_template(template, fmt)
-    name, mergeable = cfg.method.name, cfg.method.name not in UNMERGEABLE_METHODS
+    name, mergeable = cfg.method.name, METHODS[cfg.method.name].mergeable
     model = load_trained(_start_model(cfg), artifact_dir)
     is_peft = isinstance(model, peft.PeftModel)
     note = ""
