@@ -4,9 +4,10 @@
                                               [name=SWEEP_NAME-best] [merge=true]
 
 Reads the newest parent run of the sweep (tag `sweep`) and its trials the way the report does
-(orchestrator/report.py: trials differing only by seed are one cell, scored by their mean over the
-finished seeds). The best cell by `metric` wins, ties going to fewer trainable parameters; of its
-seeds, the one with the best own value is registered. The registered model is an MLflow
+(orchestrator/cells.py: trials differing only by seed are one cell, scored by their mean over the
+finished seeds; trials ASHA stopped early are not candidates). The best cell by `metric` wins,
+ties going to fewer trainable parameters; of its seeds, the one with the best own value is
+registered. The registered model is an MLflow
 `transformers` text-generation model logged into that trial's run: the base with the trial's
 adapter merged in (`merge=true`, when the method can merge) or base + PEFT adapter, with the
 prompt template and greedy settings the trial was evaluated with, so that
@@ -93,13 +94,15 @@ def latest_parent(client, sweep: str):
 
 def pick_winner(rows, metric: str, mode: str) -> Winner:
     """The best finished trial of causal-LM stages by `metric` (seed cells averaged); see module doc."""
-    from orchestrator.report import group_cells
+    from orchestrator.cells import group_cells
     from trainers.recipes import RECIPES
 
-    candidates = [r for r in rows if r.status == "FINISHED"
+    # A trial ASHA stopped early never ran its budget: not a candidate (as in the report's tuning).
+    candidates = [r for r in rows if r.status == "FINISHED" and r.tags.get("early_stopped") != "true"
                   and RECIPES.get(r.stage) is not None and RECIPES[r.stage].produces == "policy"]
     if not candidates:
-        raise PromoteError("no FINISHED trial of a stage that produces a text-generation model")
+        raise PromoteError("no FINISHED trial (that ran its whole budget) of a stage that produces a "
+                           "text-generation model")
     cells = [c for c in group_cells(candidates) if c.metric(metric) is not None]
     if not cells:
         logged = sorted({name for r in candidates for name in r.metrics if not name.startswith("train/")})

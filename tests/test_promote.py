@@ -174,6 +174,20 @@ def test_a_tie_goes_to_fewer_trainable_parameters(fake_store):
     assert run.data.params["method.r"] == "2"
 
 
+def test_a_trial_stopped_early_is_not_a_candidate(fake_store):
+    from mlflow.tracking import MlflowClient
+
+    uri, log_sweep = fake_store
+    parent = log_sweep("asha", ["+sweep=lora_rank", "sweep.axes={method.r:[1,2]}"],
+                       lambda t: {"eval/accuracy": 0.9 if t.cfg.method.r == 1 else 0.4,
+                                  "model/trainable_params": 1000.0 * t.cfg.method.r})
+    client = MlflowClient(tracking_uri=uri)
+    r1 = [r for r in collect(client, client.get_run(parent)) if r.params["method.r"] == "1"][0]
+    client.set_tag(r1.run_id, "early_stopped", "true")  # as the runner tags a trial ASHA stopped
+    run, _ = winner_of(uri, parent)
+    assert run.data.params["method.r"] == "2"
+
+
 def registered_names(uri: str) -> list[str]:
     from mlflow.tracking import MlflowClient
 
