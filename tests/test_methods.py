@@ -338,7 +338,8 @@ def test_fp16_compute_on_cpu_is_refused_and_allowed_on_gpu(tmp_path):
     from_container({**raw, "train": {"use_gpu": True}})
 
 
-def test_fp16_weights_train_with_an_optimizer_that_keeps_fp32_math(tmp_path):
+def test_fp16_weights_validate_on_gpu_with_an_optimizer_that_keeps_fp32_math(tmp_path):
+    # Config validation only: fp16 training needs a GPU (refused on CPU above), so no step runs here.
     for method in ("full", "bitfit", "ln_tuning"):
         cfg_for(tmp_path, method, "fp16", use_gpu=True, optimizer="adamw_8bit")
 
