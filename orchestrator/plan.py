@@ -340,7 +340,7 @@ def worker_resources(cfg: ExperimentConfig, estimated: int | None = None) -> dic
     """Ray resources of one worker: CPUs; on GPU nodes the GPU fraction the estimate needs (so
     small trials share a GPU); on CPU nodes the estimate as Ray `memory` (so trials that fit share
     a node and the rest wait)."""
-    resources = {"CPU": float(cfg.train.cpus_per_worker)}
+    resources = {"CPU": float(cfg.train.cpus_per_worker or 1)}
     if cfg.train.use_gpu:
         gpu_bytes = cfg.cluster.gpu_memory_gb * GiB
         share = 1.0
@@ -387,8 +387,29 @@ def concurrency(plan: Plan) -> int | None:
     return cap
 
 
+def resolve_cpus(plan: Plan) -> None:
+    """Each trial's train.cpus_per_worker (also its torch threads) where it is auto (null): a trial
+    that runs alone on a local Ray gets the whole node, split over its workers; otherwise 1, which
+    lets trials run side by side. Resolved after the trial keys: the key does not depend on the
+    machine, and threads change speed, not what is learned."""
+    cluster = plan.base.cluster
+    alone = len(plan.trials) == 1 or cluster.max_concurrent_trials == 1
+    node_cpus = cluster.num_cpus or os.cpu_count() or 1
+    for t in plan.trials:
+        if t.cfg.train.cpus_per_worker is not None:
+            continue
+        if alone and cluster.address is None:
+            t.cfg.train.cpus_per_worker = max(1, node_cpus // t.cfg.train.num_workers)
+        else:
+            t.cfg.train.cpus_per_worker = 1
+    if cluster.address is not None and any(t.cfg.train.cpus_per_worker == 1 for t in plan.trials):
+        plan.notes.append("train.cpus_per_worker unset: 1 CPU (and 1 torch thread) per worker on an attached "
+                          "cluster, whose nodes this plan does not see; set it to use more")
+
+
 def finish_plan(plan: Plan) -> Plan:
-    """Memory estimates and resources of every trial, the fit check, and the concurrency."""
+    """Threads, memory estimates and resources of every trial, the fit check, and the concurrency."""
+    resolve_cpus(plan)
     for t in plan.trials:
         t.estimated_bytes = estimate_bytes(t.cfg)
         t.resources = worker_resources(t.cfg, t.estimated_bytes)
@@ -407,7 +428,7 @@ def format_plan(plan: Plan) -> str:
              f"at most {plan.max_concurrent or 'cluster-limited'} at once"]
     width = max((len(t.label) for t in plan.trials), default=5)
     lines.append(f"  {'trial':<{width}}  {'key':<12}  {'stage':<6}  {'workers':>7}  {'est. mem':>9}  "
-                 "resources/worker")
+                 "resources/worker (CPU = torch threads)")
     labels = {t.key: t.label for t in plan.trials}
     for t in plan.trials:
         res = ", ".join(f"{k}={_amount(k, v)}" for k, v in t.resources.items())

@@ -38,9 +38,11 @@ def train_worker(config: dict) -> None:
 
     from orchestrator.tracking import TrialTracker
     from trainers.validate import from_container
+    from trainers.runtime import set_threads
     from trainers.trial import environment, run_trial
 
     cfg = from_container(config["cfg"])
+    set_threads(cfg.train.cpus_per_worker)  # before env.torch_threads is recorded
     context = ray.train.get_context()
     rank = context.get_world_rank()
     # Where this worker runs. On one machine several Ray nodes share an IP: the node id tells them apart.

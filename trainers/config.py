@@ -170,7 +170,10 @@ class TrainConfig:
     # num_workers > 1 and method=full: shard parameters, gradients and optimizer state (FSDP) instead
     # of a full replica per worker (DDP); for models whose training state does not fit one device.
     fsdp: bool = False
-    cpus_per_worker: int = 1  # also torch's intra-op threads
+    # CPUs Ray reserves per worker, and its torch intra-op threads. None (auto): the whole node
+    # split over the workers when the trial runs alone on a local Ray (a one-trial sweep, or
+    # cluster.max_concurrent_trials=1), else 1; `python -m trainers` keeps torch's own default.
+    cpus_per_worker: Optional[int] = None
     use_gpu: bool = False
     time_limit_s: Optional[float] = None  # per trial; None = no limit
     checkpoint_every: int = 50  # steps between atomic checkpoints (0 = none); a restart resumes there
@@ -186,7 +189,7 @@ class TrainConfig:
         positive = ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "log_every", "num_workers",
                     "cpus_per_worker")
         for key in positive:
-            if getattr(self, key) <= 0:
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
                 problems.append((f"train.{key}", f"must be > 0, got {getattr(self, key)}"))
         if not self.lr > 0:
             problems.append(("train.lr", f"must be > 0, got {self.lr}"))

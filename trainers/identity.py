@@ -17,8 +17,9 @@ import json
 from typing import Any, Mapping
 
 # Where and how a trial runs, logs and is stored, and how the sweep is driven: the same
-# experiment run elsewhere, logged elsewhere, resumed or promoted is the same experiment.
-NOT_IDENTITY = ("cluster", "tracking", "storage", "sweep", "dry_run", "resume", "promote")
+# experiment run elsewhere, logged elsewhere, resumed or promoted is the same experiment. Its CPUs
+# (torch threads) too: the planner sizes them to the node and to how many trials run at once.
+NOT_IDENTITY = ("cluster", "tracking", "storage", "sweep", "dry_run", "resume", "promote", "train.cpus_per_worker")
 # The seed, and what follows from it: a pipeline stage starts from its upstream trial of the same
 # seed, whose output path differs per seed.
 SEED_DEPENDENT = ("train.seed", "stage.init_from", "stage.reward_from")

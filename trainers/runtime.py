@@ -38,6 +38,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_threads(cpus: int | None) -> None:
+    """torch's intra-op threads = the CPUs reserved for this worker (None: leave torch's default,
+    one per core). A Ray worker starts with OMP_NUM_THREADS at its reservation; setting torch's
+    count too holds whatever the environment says."""
+    import torch
+
+    if cpus is not None and torch.get_num_threads() != cpus:
+        torch.set_num_threads(cpus)
+
+
 def pick_device(use_gpu: bool, local_rank: int = 0):
     import torch
 

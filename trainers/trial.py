@@ -13,7 +13,7 @@ from pathlib import Path
 from trainers.checkpoint import file_sha256
 from trainers.config import ExperimentConfig
 from trainers.context import TrialContext
-from trainers.runtime import dist_info, pick_device, seed_everything
+from trainers.runtime import dist_info, pick_device, seed_everything, set_threads
 from trainers.storage import TrialStorage
 from trainers.tracking import Tracker
 
@@ -25,7 +25,7 @@ def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | 
 
     from trainers.recipes import RECIPES
 
-    torch.set_num_threads(cfg.train.cpus_per_worker)
+    set_threads(cfg.train.cpus_per_worker)
     seed_everything(cfg.train.seed)
     dist = dist_info()
     # output_dir may be remote (s3://...): the trial then writes to a local staging dir and uploads.
@@ -108,7 +108,7 @@ def environment(cfg: ExperimentConfig, device=None) -> dict[str, str]:
     from trainers.model import load_tokenizer
     from trainers.templates import chat_template
 
-    env = {"python": platform.python_version()}
+    env = {"python": platform.python_version(), "torch_threads": str(torch.get_num_threads())}
     for name in ENV_PACKAGES:
         try:
             env[name] = metadata.version(name)
