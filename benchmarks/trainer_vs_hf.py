@@ -1,6 +1,22 @@
 """Our trainer beside a plain Hugging Face `transformers.Trainer` + PEFT LoRA script, one process.
 
     python benchmarks/trainer_vs_hf.py [--epochs 1] [--repeats 3] [--threads 1] [--memory-steps 6]
+    python benchmarks/trainer_vs_hf.py --model-shape smollm2-135m [--json out.json]
+    python benchmarks/trainer_vs_hf.py --tiny        # a tiny random model: checks the script
+
+--model-shape smollm2-135m: a random-init model of SmolLM2-135M's exact shape (Llama: hidden 576,
+30 layers, 9 heads / 3 KV heads, MLP 1536, vocab 49152, tied embeddings; speed does not depend on
+the weights), the first 320 embedded instruction rows, batch 8, max_seq_len 64, 0.6 epoch (24
+steps of 8), all of this machine's CPUs as torch threads in every variant, and the baselines a
+user would pick beside ours (SHAPE_VARIANTS):
+
+  hf+group    transformers.Trainer grouping by length (train_sampling_strategy="group_by_length",
+              transformers 5's spelling of group_by_length=True)
+  trl+pack    TRL SFTTrainer, packing=True (best-fit-decreasing rows of max_seq_len, padding-free)
+  trl+padfree TRL SFTTrainer, padding_free=True (each batch of examples as one unpadded row)
+  orch        `python -m orchestrator` as a user runs one trial (local Ray, MLflow, checkpoints
+              off as in the others): its own time/train_s and tokens, and the whole command's wall
+              time, process and Ray start included, reported apart
 
 Same model (embedded:base, fp32), data (the embedded instruction split, 16-31 tokens a row),
 LoRA (r=8, alpha=16, all linear layers), optimizer (fused AdamW, lr 2e-3, cosine, 6% warmup,
@@ -33,8 +49,12 @@ token cross-entropy of the embedded eval split after training (trainers.evaluate
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,26 +63,86 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+REPO = Path(__file__).resolve().parent.parent
 LR, WARMUP, CLIP, SEED = 2e-3, 0.06, 1.0, 0
 VARIANTS = ("hf", "ours", "ours+group", "ours+pack", "ours+match")
+SHAPE_VARIANTS = ("hf", "hf+group", "trl+pack", "trl+padfree", "ours", "ours+group", "ours+pack", "orch")
 OPTIONAL = ("ours+pack16",)
+# Llama shapes for --model-shape; "tiny" is what --tiny trains (the script's own check).
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
+                         max_position_embeddings=2048, rope_theta=100000.0, rms_norm_eps=1e-5),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=1024, tie_word_embeddings=True, max_position_embeddings=256),
+}
+# What --model-shape changes (issue #16's setting); explicit flags win.
+SHAPE_DEFAULTS = dict(batch_size=8, max_seq_len=64, rows=320, epochs=0.6, threads=os.cpu_count() or 1)
+TINY_DEFAULTS = dict(batch_size=4, max_seq_len=64, rows=48, epochs=0.5, threads=1, repeats=1, memory_steps=2)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=float, default=1.0, help="training budget of each variant, in epochs")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both trainers)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=float, default=None, help="training budget of each variant, in epochs "
+                                                                   "(default 1; --model-shape 0.6)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads, every variant (default 1; --model-shape all CPUs)")
+    parser.add_argument("--batch-size", type=int, default=None, help="examples a step (default 16; --model-shape 8)")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="default: the data config's 96; --model-shape 64")
+    parser.add_argument("--rows", type=int, default=None, help="first N training rows (default all; --model-shape 320)")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--memory-steps", type=int, default=6)
+    parser.add_argument("--memory-steps", type=int, default=None, help="steps of the peak-memory runs (default 6)")
+    parser.add_argument("--model-shape", choices=sorted(set(SHAPES) - {"tiny"}), default=None,
+                        help="train a random-init model of this shape (built once under the temp dir)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model, 1 repeat: checks the script")
+    parser.add_argument("--json", default=None, help="also write the medians and every run to this JSON file")
     parser.add_argument("--multiturn", action="store_true",
                         help="chats of 1-4 consecutive rows as turns (more varied lengths), max_seq_len 256")
     parser.add_argument("--model", default="embedded:base")
     parser.add_argument("--train-file", default="embedded:instruct_train.jsonl")
     parser.add_argument("--eval-file", default="embedded:instruct_eval.jsonl")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"also: {', '.join(OPTIONAL)}")
-    return parser.parse_args(argv)
+    parser.add_argument("--variants", default=None,
+                        help=f"default {','.join(VARIANTS)}; with --model-shape/--tiny {','.join(SHAPE_VARIANTS)}; "
+                             f"also: {', '.join(OPTIONAL)}")
+    args = parser.parse_args(argv)
+    shape = "tiny" if args.tiny else args.model_shape
+    defaults = dict(batch_size=16, max_seq_len=None, rows=None, epochs=1.0, threads=1, repeats=3, memory_steps=6)
+    if shape:
+        defaults.update(SHAPE_DEFAULTS)
+        defaults.update(TINY_DEFAULTS if args.tiny else {})
+        args.model = str(build_shape_model(shape))
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.shape = shape
+    if args.variants is None:
+        args.variants = ",".join(SHAPE_VARIANTS if shape else VARIANTS)
+    return args
+
+
+def build_shape_model(shape: str) -> Path:
+    """A random-init Llama of SHAPES[shape] with the embedded base's tokenizer, saved once (fp32
+    safetensors) under the temp dir; later runs reuse it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainers.model import resolve_model_path
+
+    out = Path(tempfile.gettempdir()) / "finetune-lab-bench" / f"shape-{shape}"
+    if (out / "model.safetensors").is_file():
+        return out
+    tokenizer_dir = Path(resolve_model_path("embedded:base"))
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    model.save_pretrained(partial)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, partial / name)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
+    return out
 
 
 class Setup:
@@ -79,12 +159,13 @@ class Setup:
         data = DataConfig(train_file=args.train_file, eval_file=args.eval_file)
         if args.multiturn:
             data.max_seq_len = 256
+        data.max_seq_len = args.max_seq_len or data.max_seq_len
         self.cfg = ExperimentConfig(model=ModelConfig(name_or_path=args.model), data=data,
                                     method=LoraConfig(r=args.rank, alpha=2.0 * args.rank), stage=SftConfig())
         self.tokenizer = load_tokenizer(self.cfg.model)
         splits = []
-        for uri in (data.train_file, data.eval_file):
-            fmt, rows, sources = load_rows(uri, data.format)
+        for uri, limit in ((data.train_file, args.rows), (data.eval_file, None)):
+            fmt, rows, sources = load_rows(uri, data.format, limit)
             if args.multiturn:
                 fmt, rows, sources = "chat", *as_chats(rows, sources)
             splits.append(tokenize_split(self.tokenizer, rows, sources, fmt, data.max_seq_len,
@@ -107,7 +188,7 @@ class Setup:
     def micro_batch(self, variant: str) -> tuple[int, bool]:
         """(size, packed) of the variant's micro-batch: rows of max_seq_len, or examples."""
         rows = math.ceil(self.args.batch_size * self.mean_len / self.max_seq_len)  # >= batch_size examples
-        if variant == "ours+pack":
+        if variant in ("ours+pack", "trl+pack"):
             return rows, True
         if variant == "ours+pack16":
             return self.args.batch_size, True
@@ -139,33 +220,53 @@ def as_chats(rows: list[dict], sources: list[str]) -> tuple[list[dict], list[str
     return chats, chat_sources
 
 
-# ----------------------------------------------------------------------------- the HF script
+# ----------------------------------------------------------------------------- the HF scripts
 
 
-def hf_run(setup: Setup, steps: int, seed: int, memory: bool = False) -> dict:
-    """The usual hand-written script: AutoModel + get_peft_model + Trainer + DataCollatorForSeq2Seq."""
+def hf_model(setup: Setup):
+    """The usual hand-written start: AutoModelForCausalLM + get_peft_model (same LoRA as ours)."""
     import peft
     import torch
-    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, PrinterCallback, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import AutoModelForCausalLM
 
     from trainers.model import resolve_model_path
-    from trainers.runtime import PeakMemory
 
     args = setup.args
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype=torch.float32)
     model.config.use_cache = False
-    model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
-                                                       target_modules="all-linear", task_type="CAUSAL_LM"))
-    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in setup.train]
-    pad = DataCollatorForSeq2Seq(setup.tokenizer, padding=True, label_pad_token_id=-100)
-    batch_tokens: list[tuple[int, int]] = []  # (useful, computed) tokens of each batch the loader made
+    return peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
 
-    def collate(features):
-        batch = pad(features)
-        batch_tokens.append((int(batch["attention_mask"].sum()), batch["attention_mask"].numel()))
-        return batch
+
+def count_tokens(model, steps: int) -> list[tuple[int, int]]:
+    """(useful, computed) positions of each of the first `steps` forward passes: a pre-hook reads
+    the batch the trainer really feeds (padded, grouped, packed or padding-free alike)."""
+    seen: list[tuple[int, int]] = []
+
+    def hook(module, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        if len(seen) < steps:
+            seen.append((int(mask.sum()) if mask is not None else ids.numel(), ids.numel()))
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def hf_common(out: str, steps: int, seed: int, batch_size: int) -> dict:
+    """TrainingArguments every HF-side variant shares (the same optimizer and schedule as ours)."""
+    return dict(output_dir=out, per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=LR,
+                lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0, max_grad_norm=CLIP,
+                logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[],
+                use_cpu=True, dataloader_num_workers=0, seed=seed, data_seed=seed, disable_tqdm=True)
+
+
+def train_timed(trainer, model, steps: int, memory: bool) -> dict:
+    """trainer.train() with wall and CPU time from on_train_begin to on_train_end, and peak memory."""
+    import torch
+    from transformers import PrinterCallback, TrainerCallback
+
+    from trainers.runtime import PeakMemory
 
     clock = {}
 
@@ -176,25 +277,77 @@ def hf_run(setup: Setup, steps: int, seed: int, memory: bool = False) -> dict:
         def on_train_end(self, *a, **k):
             clock["end"], clock["cpu_end"] = time.perf_counter(), time.process_time()
 
-    with tempfile.TemporaryDirectory() as out:
-        training_args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=steps, learning_rate=LR,
-            lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0, max_grad_norm=CLIP,
-            logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[],
-            use_cpu=True, dataloader_num_workers=0, seed=seed, data_seed=seed, disable_tqdm=True,
-            remove_unused_columns=False)
-        trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate,
-                          callbacks=[Clock()])
-        trainer.remove_callback(PrinterCallback)  # its log lines to stdout are not training
-        peak = PeakMemory(torch.device("cpu"))
-        if memory:
-            peak.start()
-        trainer.train()
-        peak_bytes = peak.peak_bytes() if memory else 0
-    used = batch_tokens[:steps]  # the loader may have made a batch ahead
+    trainer.add_callback(Clock())
+    trainer.remove_callback(PrinterCallback)  # its log lines to stdout are not training
+    tokens = count_tokens(model, steps)
+    peak = PeakMemory(torch.device("cpu"))
+    if memory:
+        peak.start()
+    trainer.train()
+    peak_bytes = peak.peak_bytes() if memory else 0
     return {"train_s": clock["end"] - clock["start"], "cpu_s": clock["cpu_end"] - clock["cpu_start"],
-            "useful": sum(u for u, _ in used),
-            "computed": sum(c for _, c in used), "peak": peak_bytes, "model": model}
+            "useful": sum(u for u, _ in tokens), "computed": sum(c for _, c in tokens), "peak": peak_bytes,
+            "model": model}
+
+
+def hf_run(setup: Setup, steps: int, seed: int, memory: bool = False, group: bool = False) -> dict:
+    """transformers.Trainer + DataCollatorForSeq2Seq (pads to the longest row of a batch)."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    model = hf_model(setup)
+    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in setup.train]
+    collate = DataCollatorForSeq2Seq(setup.tokenizer, padding=True, label_pad_token_id=-100)
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(**hf_common(out, steps, seed, setup.args.batch_size),
+                                 train_sampling_strategy="group_by_length" if group else "random",
+                                 remove_unused_columns=False)
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
+        return train_timed(trainer, model, steps, memory)
+
+
+def trl_run(setup: Setup, variant: str, steps: int, seed: int, memory: bool = False) -> dict:
+    """TRL's SFTTrainer on the same tokenized examples (labels -100 on the prompt, as ours), with
+    packing=True (rows of max_seq_len, as many rows a step as ours+pack) or padding_free=True."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model = hf_model(setup)
+    dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in setup.train])
+    batch_size, packed = setup.micro_batch(variant)
+    with tempfile.TemporaryDirectory() as out:
+        # padding-free without packing does not enforce max_length (TRL refuses it); rows are within it already
+        args = SFTConfig(**hf_common(out, steps, seed, batch_size), max_length=setup.max_seq_len if packed else None,
+                         packing=packed, padding_free=not packed)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=setup.tokenizer)
+        return train_timed(trainer, model, steps, memory)
+
+
+def orch_run(setup: Setup, steps: int, seed: int) -> dict:
+    """One trial through `python -m orchestrator`, as a user types it, in a fresh process with a
+    fresh MLflow store and storage: the trial's own time/train_s and tokens (metrics.json) and
+    the command's wall time."""
+    args = setup.args
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "orchestrator", f"model.name_or_path={args.model}",
+                   f"data.train_file={args.train_file}", "data.eval_file=null", f"data.max_train_rows={args.rows}",
+                   f"data.max_seq_len={setup.max_seq_len}", f"method.r={args.rank}", f"method.alpha={2 * args.rank}",
+                   f"train.batch_size={args.batch_size}", f"train.max_steps={steps}", f"train.seed={seed}",
+                   f"train.lr={LR}", f"train.warmup_ratio={WARMUP}", f"train.max_grad_norm={CLIP}",
+                   "train.checkpoint_every=0", f"cluster.num_cpus={args.threads}",
+                   f"tracking.uri=sqlite:///{out}/mlflow.db", f"storage.path={out}/storage"]
+        started = time.perf_counter()
+        proc = subprocess.run(command, cwd=out, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        wall = time.perf_counter() - started
+        found = sorted(Path(out, "storage").glob("*/*/metrics.json"))
+        if proc.returncode != 0 or not found:
+            raise RuntimeError(f"orchestrator exited {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}")
+        metrics = json.loads(found[0].read_text())
+        plan = next((line.strip() for line in proc.stdout.splitlines() if "CPU=" in line), "")
+    train_s = metrics["time/train_s"]
+    useful = round(metrics["perf/tokens_per_s"] * train_s)
+    return {"train_s": train_s, "cpu_s": float("nan"), "useful": useful, "computed": float("nan"),
+            "peak": metrics.get("mem/peak_bytes", 0), "model": None, "wall_s": wall, "plan": plan}
 
 
 # ----------------------------------------------------------------------------- our trainer
@@ -237,46 +390,85 @@ def ours_run(setup: Setup, variant: str, steps: int, seed: int, memory: bool = F
 def run(setup: Setup, variant: str, steps: int, seed: int, memory: bool = False) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if variant == "hf":
-            return hf_run(setup, steps, seed, memory)
+        if variant in ("hf", "hf+group"):
+            return hf_run(setup, steps, seed, memory, group=variant == "hf+group")
+        if variant.startswith("trl+"):
+            return trl_run(setup, variant, steps, seed, memory)
+        if variant == "orch":
+            return orch_run(setup, steps, seed)
         return ours_run(setup, variant, steps, seed, memory)
 
 
 def main(argv=None) -> int:
     import torch
 
-    from trainers.evaluate import eval_loss
-
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    setup = Setup(args)
-    unknown = sorted(set(variants) - set(VARIANTS + OPTIONAL))
+    known = VARIANTS + SHAPE_VARIANTS + OPTIONAL
+    unknown = sorted(set(variants) - set(known))
     if unknown:
-        print(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS + OPTIONAL)}", file=sys.stderr)
+        print(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(dict.fromkeys(known))}", file=sys.stderr)
         return 2
+    setup = Setup(args)
     steps = {v: setup.steps(v, args.epochs) for v in variants}
-    print(f"data: {len(setup.train)} train rows ({setup.mean_len:.1f} tokens mean, "
+    load_before = os.getloadavg()[0]
+    print(f"model {args.shape or args.model} ({model_params(args.model):,} params); data: "
+          f"{len(setup.train)} train rows ({setup.mean_len:.1f} tokens mean, "
           f"{min(len(e.input_ids) for e in setup.train)}-{max(len(e.input_ids) for e in setup.train)}), "
           f"{len(setup.eval)} eval rows; max_seq_len {setup.max_seq_len}; LoRA r={args.rank}; "
-          f"{args.threads} thread(s); {args.epochs:g} epoch(s) per run, {args.repeats} interleaved repeats",
-          flush=True)
+          f"{args.threads} thread(s) of {os.cpu_count()} CPUs; {args.epochs:g} epoch(s) per run, "
+          f"{args.repeats} interleaved repeats; load average {load_before:.1f}", flush=True)
+    results = run_interleaved(setup, variants, steps)
+    peaks = {v: run(setup, v, args.memory_steps, seed=0, memory=True)["peak"] for v in variants if v != "orch"}
+    if "orch" in variants:  # the trial's own mem/peak_bytes, over its whole run
+        peaks["orch"] = statistics.median(r["peak"] for r in results["orch"])
+    print_table(setup, variants, steps, results, peaks)
+    load_after = os.getloadavg()[0]
+    print(f"load average (1 min) before {load_before:.1f}, after {load_after:.1f}")
+    if args.json:
+        record = {"args": {k: v for k, v in vars(args).items() if k != "json"}, "steps": steps, "peaks": peaks,
+                  "load_average": [load_before, load_after], "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                  "torch": torch.__version__, "results": results}
+        Path(args.json).write_text(json.dumps(record, indent=2, default=str))
+    return 0
+
+
+def model_params(path: str) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainers.model import resolve_model_path
+
+    with __import__("torch").device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(path)))
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_interleaved(setup: Setup, variants: list[str], steps: dict[str, int]) -> dict[str, list[dict]]:
+    """Every variant once per repeat, in turn (A, B, C, A, B, C...), repeat i shuffling with seed i."""
+    import torch
+
+    from trainers.evaluate import eval_loss
+
     results: dict[str, list[dict]] = {v: [] for v in variants}
-    for repeat in range(args.repeats):
+    for repeat in range(setup.args.repeats):
         for variant in variants:
             out = run(setup, variant, steps[variant], seed=repeat)
-            out["eval_loss"] = eval_loss(out.pop("model"), setup.eval, 64, setup.tokenizer.pad_token_id,
-                                         torch.device("cpu"))
+            model = out.pop("model")
+            out["eval_loss"] = (eval_loss(model, setup.eval, 64, setup.tokenizer.pad_token_id, torch.device("cpu"))
+                                if model is not None else float("nan"))
             out["tokens_per_s"] = out["useful"] / out["train_s"]
             out["tokens_per_cpu_s"] = out["useful"] / out["cpu_s"]
             results[variant].append(out)
+            extra = f"  command {out['wall_s']:.1f} s wall" if "wall_s" in out else ""
             print(f"  repeat {repeat + 1} {variant:<12} {steps[variant]:>4} steps  {out['train_s']:6.2f} s  "
                   f"{out['tokens_per_s']:6.0f} useful tok/s  {out['tokens_per_cpu_s']:6.0f} per CPU-s  "
-                  f"eval loss {out['eval_loss']:.4f}", flush=True)
-    peaks = {}
-    for variant in variants:
-        peaks[variant] = run(setup, variant, args.memory_steps, seed=0, memory=True)["peak"]
+                  f"eval loss {out['eval_loss']:.4f}{extra}", flush=True)
+    return results
 
+
+def print_table(setup: Setup, variants: list[str], steps: dict, results: dict, peaks: dict) -> None:
+    args = setup.args
     base = "hf" if "hf" in variants else variants[0]
     med = {v: {k: statistics.median(r[k] for r in results[v])
                for k in ("tokens_per_s", "tokens_per_cpu_s", "eval_loss")} for v in variants}
@@ -299,7 +491,21 @@ def main(argv=None) -> int:
         ranges = "; ".join(f"{v} {min(r[key] for r in results[v]):{fmt}}-{max(r[key] for r in results[v]):{fmt}}"
                            for v in variants)
         print(f"{label} range over repeats (seeds 0-{args.repeats - 1}): {ranges}")
-    return 0
+    theirs = [v for v in variants if v.startswith(("hf", "trl"))]
+    ours = [v for v in variants if v.startswith("ours")]
+    if theirs and ours:
+        best_theirs = max(theirs, key=lambda v: med[v]["tokens_per_s"])
+        best_ours = max(ours, key=lambda v: med[v]["tokens_per_s"])
+        print(f"best of ours ({best_ours}) vs best baseline ({best_theirs}): "
+              f"{med[best_ours]['tokens_per_s'] / med[best_theirs]['tokens_per_s']:.2f}x useful tok/s")
+    if "orch" in variants and "ours" in variants:
+        walls = [r["wall_s"] for r in results["orch"]]
+        train = [r["train_s"] for r in results["orch"]]
+        print(f"orchestrated trial vs train_loop (ours), steady state (its time/train_s): "
+              f"{med['orch']['tokens_per_s'] / med['ours']['tokens_per_s']:.2f}x useful tok/s; the whole command "
+              f"{statistics.median(walls):.1f} s wall, of which {statistics.median(w - t for w, t in zip(walls, train)):.1f} s "
+              f"is process/Ray start, planning, MLflow and saving")
+        print(f"orchestrator plan: {results['orch'][0]['plan']}")
 
 
 if __name__ == "__main__":

@@ -390,8 +390,8 @@ def concurrency(plan: Plan) -> int | None:
 def resolve_cpus(plan: Plan) -> None:
     """Each trial's train.cpus_per_worker (also its torch threads) where it is auto (null): a trial
     that runs alone on a local Ray gets the whole node, split over its workers; otherwise 1, which
-    lets trials run side by side. Resolved after the trial keys: the key does not depend on the
-    machine, and threads change speed, not what is learned."""
+    lets trials run side by side. Not part of a trial's identity (trainers/identity.py): threads
+    change speed, not what is learned."""
     cluster = plan.base.cluster
     alone = len(plan.trials) == 1 or cluster.max_concurrent_trials == 1
     node_cpus = cluster.num_cpus or os.cpu_count() or 1

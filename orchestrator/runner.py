@@ -37,9 +37,9 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
 
     from orchestrator.tracking import TrialTracker
-    from trainers.validate import from_container
     from trainers.runtime import set_threads
     from trainers.trial import environment, run_trial
+    from trainers.validate import from_container
 
     cfg = from_container(config["cfg"])
     set_threads(cfg.train.cpus_per_worker)  # before env.torch_threads is recorded

@@ -231,6 +231,59 @@ def test_estimate_matches_measured_training_peak(tmp_path):
         del model
 
 
+def test_steps_that_cannot_raise_the_peak_are_not_watched():
+    meter = PeakMemory(CPU)
+    meter.start()
+    meter.begin_step((4, 10))  # the first step: watched, but without optimizer state yet
+    first = torch.empty(1_000_000)  # 4 MB
+    meter.end_step()
+    meter.begin_step((4, 10))  # watched: the first one with optimizer state
+    second = torch.empty(2_000_000)  # 8 MB
+    meter.end_step()
+    meter.begin_step((4, 9))  # no more rows nor width than step 2: skipped
+    skipped = torch.empty(10_000_000)  # 40 MB the meter does not see
+    meter.end_step()
+    del skipped
+    meter.begin_step((2, 12))  # wider than any watched step: watched
+    third = torch.empty(3_000_000)  # 12 MB
+    meter.end_step()
+    after = torch.empty(500_000)  # after the loop (evaluation): watched again
+    peak = meter.peak_bytes()
+    assert 26 * MB <= peak < 27 * MB  # 4 + 8 + 12 + 2
+    assert meter.steps_watched == 3
+    del first, second, third, after
+
+
+def test_watching_only_the_steps_that_can_raise_it_finds_the_same_training_peak(tmp_path):
+    """Rows of 8-39 tokens in shuffled batches: the watched steps' peak is the every-step peak."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainers.data import Example
+    from trainers.model import load_base_model
+    from trainers.runtime import DistInfo
+    from trainers.tracking import Tracker
+    from trainers.training import train_loop
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    rows = torch.randint(3, 512, (32, 40), generator=torch.Generator().manual_seed(0)).tolist()
+    examples = [Example(input_ids=row[:8 + i], labels=row[:8 + i]) for i, row in enumerate(rows)]
+    cfg = experiment("lora", model=str(tmp_path))
+    cfg.train = TrainConfig(max_steps=16, batch_size=4, log_every=16, checkpoint_every=0)
+    peaks, watched = {}, {}
+    for sampled in (False, True):
+        meter = PeakMemory(CPU)
+        meter.start()
+        model = METHODS["lora"].apply(load_base_model(cfg, CPU), cfg)
+        train_loop(model, examples, cfg.train, 0, CPU, DistInfo(), Tracker(), memory=meter if sampled else None)
+        peaks[sampled], watched[sampled] = meter.peak_bytes(), meter.steps_watched
+        del model
+    assert peaks[True] == pytest.approx(peaks[False], rel=0.01)
+    assert 2 <= watched[True] < 16
+
+
 # --- the command line
 
 

@@ -13,7 +13,7 @@ from trainers.checkpoint import CheckpointManager
 from trainers.config import TrainConfig
 from trainers.data import Example, pad_batch
 from trainers.faults import FaultPlan
-from trainers.runtime import DistInfo
+from trainers.runtime import DistInfo, PeakMemory
 from trainers.tracking import Tracker
 
 
@@ -139,6 +139,15 @@ def causal_lm_loss(pad_id: int, device) -> LossFn:
     return loss_fn
 
 
+def batch_shape(batches: list[list]) -> tuple[int, int] | None:
+    """(rows, padded width) of the largest of a step's micro-batches of token rows (examples or
+    packed rows); None for other items (preference pairs, prompts), whose size the loop cannot see."""
+    if not all(hasattr(item, "input_ids") for batch in batches for item in batch):
+        return None
+    return (max(len(batch) for batch in batches),
+            max(len(item.input_ids) for batch in batches for item in batch))
+
+
 @dataclass
 class LoopStats:
     steps: int = 0
@@ -168,10 +177,13 @@ def _timed(fn: Callable[[], Any]) -> float:
 def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, device, dist: DistInfo,
                tracker: Tracker, checkpoints: CheckpointManager | None = None,
                faults: FaultPlan | None = None, loss_fn: LossFn | None = None,
-               group_by_length: bool = False, evaluate: Callable[[Any], dict] | None = None) -> LoopStats:
+               group_by_length: bool = False, evaluate: Callable[[Any], dict] | None = None,
+               memory: PeakMemory | None = None) -> LoopStats:
     """Runs train.max_steps optimizer steps; logs train/loss, train/lr, train/tokens_per_s (and
     the extra metrics of `loss_fn`, which defaults to the causal-LM loss on `examples`).
     `examples` may be PackedRows (data.pack_examples); `group_by_length` is data.group_by_length.
+    `memory` (the trial's started PeakMemory) is told each step's batch shape, so that on CPU it
+    watches only the steps that can raise the peak.
 
     With `checkpoints`, it resumes from the newest verified checkpoint (weights, optimizer,
     schedule, RNG and data position) and writes one every train.checkpoint_every steps.
@@ -194,6 +206,7 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
     # Compiled forward and backward; checkpoints, no_sync and the caller keep the plain module.
     forward_model = torch.compile(model) if train.compile else model
     trainable = [p for p in model.parameters() if p.requires_grad]
+    memory = memory or PeakMemory(device)  # one never started does nothing
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
     window_extras: dict[str, float] = {}
     started, tracking_s = time.perf_counter(), 0.0
@@ -202,8 +215,10 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
         if faults:
             faults.before_step(step)
         step_loss = 0.0
-        for micro in range(train.grad_accum):
-            loss, n_tokens, extras = loss_fn(forward_model, next(stream))
+        batches = [next(stream) for _ in range(train.grad_accum)]
+        memory.begin_step(batch_shape(batches))
+        for micro, batch in enumerate(batches):
+            loss, n_tokens, extras = loss_fn(forward_model, batch)
             loss = loss / train.grad_accum
             if faults:
                 loss = faults.poison_loss(step, loss)
@@ -221,6 +236,7 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        memory.end_step()
         window_loss += step_loss
         stats.steps, stats.last_loss = step, step_loss
         if checkpoints and train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:

@@ -59,7 +59,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
 
     stats = train_loop(ctx.wrap_parallel(model), batches, cfg.train, tokenizer.pad_token_id, device, ctx.dist,
                        ctx.tracker, checkpoints=ctx.checkpoints, faults=ctx.faults,
-                       group_by_length=cfg.data.group_by_length,
+                       group_by_length=cfg.data.group_by_length, memory=ctx.memory,
                        evaluate=periodic_eval if evaluation is not None and cfg.train.eval_every else None)
     metrics = stats.as_metrics(trainable, total)
 
