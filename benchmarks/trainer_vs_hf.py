@@ -133,15 +133,17 @@ def build_shape_model(shape: str) -> Path:
     if (out / "model.safetensors").is_file():
         return out
     tokenizer_dir = Path(resolve_model_path("embedded:base"))
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".partial", dir=out.parent))
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], pad_token_id=0, bos_token_id=1, eos_token_id=2))
     model.save_pretrained(partial)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, partial / name)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
+    try:
+        os.replace(partial, out)
+    except OSError:  # another run built it meanwhile
+        shutil.rmtree(partial, ignore_errors=True)
     return out
 
 

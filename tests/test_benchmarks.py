@@ -1,5 +1,5 @@
-"""The GPU benchmark script runs end to end on a tiny model (CPU here): when a task gets a GPU,
-`python benchmarks/gpu_throughput.py --json out.json` is one command that is known to work."""
+"""Benchmark scripts run end to end on a tiny model (CPU here), so that the one command a lead
+reruns on a quiet box (or a task with a GPU) is known to work: gpu_throughput.py, trainer_vs_hf.py."""
 
 from __future__ import annotations
 
@@ -61,3 +61,35 @@ def test_flop_count_matches_torch_flop_counter(method):
     matmuls = sum(n for op, n in counts.items() if str(op) in ("aten.mm", "aten.addmm"))
     counted = matmuls / ids.numel()
     assert train_flops_per_token(model) == pytest.approx(counted, rel=0.02)
+
+
+def test_trainer_vs_hf_tiny_runs_every_in_process_baseline_on_the_same_tokens(tmp_path):
+    out = tmp_path / "results.json"
+    variants = "hf,hf+group,trl+pack,trl+padfree,ours,ours+group,ours+pack"  # orch needs Ray: see below
+    proc = subprocess.run([sys.executable, "benchmarks/trainer_vs_hf.py", "--tiny", "--variants", variants,
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    runs = {v: r[0] for v, r in record["results"].items()}
+    assert set(runs) == set(variants.split(","))
+    # the padding-free baselines compute no pad position; padded batches do
+    for v in ("trl+pack", "trl+padfree"):
+        assert runs[v]["useful"] == runs[v]["computed"] > 0
+    assert 0 < runs["hf"]["useful"] < runs["hf"]["computed"]
+    # unpacked variants train on as many examples: their token counts are the same rows' lengths
+    per_step = {v: runs[v]["useful"] / record["steps"][v] for v in ("hf", "trl+padfree", "ours")}
+    assert max(per_step.values()) < 1.5 * min(per_step.values())
+    assert all(record["peaks"][v] > 0 for v in runs)
+    assert "| trl+padfree |" in proc.stdout and "best of ours" in proc.stdout
+
+
+@pytest.mark.ray
+def test_trainer_vs_hf_tiny_orchestrated_trial_reports_its_own_training_time(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "benchmarks/trainer_vs_hf.py", "--tiny", "--variants", "ours,orch",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    orch = json.loads(out.read_text())["results"]["orch"][0]
+    assert 0 < orch["train_s"] < orch["wall_s"] and orch["useful"] > 0
+    assert "CPU=1" in orch["plan"]  # --tiny: one thread, so the trial alone on the node reserves 1 CPU
+    assert "orchestrated trial vs train_loop" in proc.stdout

@@ -104,6 +104,7 @@ def test_edited_data_is_a_new_trial_and_a_new_checkpoint_fingerprint(make_cfg, t
     ("tracking.uri=sqlite:///elsewhere.db", False, False),
     ("storage.path=/elsewhere", False, False),
     ("cluster.num_cpus=3", False, False),
+    ("train.cpus_per_worker=3", False, False),  # threads change speed, not what is learned
     ("resume=false", False, False),
     ("train.seed=7", True, False),
     ("method.r=4", True, True),
@@ -161,6 +162,28 @@ def test_bad_axis_value_is_reported_with_its_trial():
         make_plan(["+sweep=lora_rank", "sweep.axes={method.r:[4,0]}"])
     assert "method.r" in [k for k, _ in info.value.problems]
     assert "method.r=0" in str(info.value)
+
+
+def test_a_trial_alone_on_the_node_gets_all_its_cpus_and_trials_side_by_side_one_each():
+    from orchestrator.plan import format_plan
+
+    alone = make_plan(["cluster.num_cpus=4"])  # no sweep: one trial
+    assert [t.cfg.train.cpus_per_worker for t in alone.trials] == [4]
+    assert alone.trials[0].resources["CPU"] == 4.0 and "CPU=4" in format_plan(alone)
+    assert "torch threads" in format_plan(alone)
+    two_workers = make_plan(["cluster.num_cpus=4", "train.num_workers=2"])
+    assert two_workers.trials[0].resources["CPU"] == 2.0  # the node split over the trial's workers
+    side_by_side = make_plan(["+sweep=lora_rank", "cluster.num_cpus=4"])
+    assert {t.cfg.train.cpus_per_worker for t in side_by_side.trials} == {1}
+    assert side_by_side.max_concurrent > 1
+    one_at_a_time = make_plan(["+sweep=lora_rank", "cluster.num_cpus=4", "cluster.max_concurrent_trials=1"])
+    assert {t.resources["CPU"] for t in one_at_a_time.trials} == {4.0}
+    chosen = make_plan(["cluster.num_cpus=4", "train.cpus_per_worker=3"])
+    assert chosen.trials[0].resources["CPU"] == 3.0  # a value the user set is kept
+    attached = make_plan(["cluster.address=auto"])
+    assert attached.trials[0].resources["CPU"] == 1.0
+    assert any("train.cpus_per_worker" in note for note in attached.notes)
+    assert alone.trials[0].key == chosen.trials[0].key  # the same experiment whatever its threads
 
 
 def test_plan_reserves_estimated_memory_and_refuses_what_fits_no_node():
