@@ -168,6 +168,42 @@ class LoopStats:
         return self.tokens / self.train_s if self.train_s > 0 else 0.0
 
 
+@dataclass
+class _LogWindow:
+    """What the steps since the last train/* log line trained: summed loss, tokens and extras."""
+
+    loss: float = 0.0
+    tokens: int = 0
+    extras: dict[str, float] = field(default_factory=dict)
+    start: float = field(default_factory=time.perf_counter)
+
+    def add_micro(self, n_tokens: int, extras: dict[str, float], grad_accum: int) -> None:
+        self.tokens += n_tokens
+        for name, value in extras.items():
+            self.extras[name] = self.extras.get(name, 0.0) + value / grad_accum
+
+    def log(self, step: int, n_steps: int, lr: float, dist: DistInfo, tracker: Tracker, stats: "LoopStats") -> float:
+        """Logs the window's per-step means (averaged over ranks, tokens summed) at `step`, adds its
+        tokens to `stats`; returns the seconds the tracker took, which are not training time."""
+        import torch
+        import torch.distributed as torch_dist
+
+        elapsed = time.perf_counter() - self.start
+        names = sorted(self.extras)
+        sums = torch.tensor([self.tokens, self.loss] + [self.extras[n] for n in names], dtype=torch.float64)
+        if dist.world_size > 1:
+            torch_dist.all_reduce(sums)
+            sums[1:] /= dist.world_size
+        stats.tokens += int(sums[0])
+        stats.last_extras = {name: float(sums[2 + i]) / n_steps for i, name in enumerate(names)}
+        return _timed(lambda: tracker.log_metrics({
+            "train/loss": float(sums[1]) / n_steps,
+            "train/lr": lr,
+            "train/tokens_per_s": float(sums[0]) / max(elapsed, 1e-9),
+            **stats.last_extras,
+        }, step=step))
+
+
 def _timed(fn: Callable[[], Any]) -> float:
     started = time.perf_counter()
     fn()
@@ -207,8 +243,7 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
     forward_model = torch.compile(model) if train.compile else model
     trainable = [p for p in model.parameters() if p.requires_grad]
     memory = memory or PeakMemory(device)  # one never started does nothing
-    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    window_extras: dict[str, float] = {}
+    window = _LogWindow()
     started, tracking_s = time.perf_counter(), 0.0
     model.train()
     for step in range(start + 1, train.max_steps + 1):
@@ -226,9 +261,7 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
             with no_sync(model) if micro < train.grad_accum - 1 else contextlib.nullcontext():
                 loss.backward()
             step_loss += loss.item()
-            window_tokens += n_tokens
-            for name, value in extras.items():
-                window_extras[name] = window_extras.get(name, 0.0) + value / train.grad_accum
+            window.add_micro(n_tokens, extras, train.grad_accum)
         if not math.isfinite(step_loss):
             raise NonFiniteLossError(f"non-finite loss at step {step}")
         if train.max_grad_norm > 0:
@@ -237,7 +270,7 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         memory.end_step()
-        window_loss += step_loss
+        window.loss += step_loss
         stats.steps, stats.last_loss = step, step_loss
         if checkpoints and train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
             checkpoints.save(step, model, optimizer, scheduler, write=dist.is_main)
@@ -246,28 +279,12 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
         if train.time_limit_s is not None and time.perf_counter() - started > train.time_limit_s:
             raise TrialTimeLimitError(f"train.time_limit_s={train.time_limit_s} reached at step {step}")
         if step % train.log_every == 0 or step == train.max_steps:
-            elapsed = time.perf_counter() - window_start
             n_steps = min(step - start, train.log_every if step % train.log_every == 0 else step % train.log_every)
-            names = sorted(window_extras)
-            tokens = torch.tensor([window_tokens, window_loss] + [window_extras[n] for n in names], dtype=torch.float64)
-            if dist.world_size > 1:
-                torch_dist.all_reduce(tokens)
-                tokens[1:] /= dist.world_size
-            stats.tokens += int(tokens[0])
-            stats.last_extras = {name: float(tokens[2 + i]) / n_steps for i, name in enumerate(names)}
-            logging_started = time.perf_counter()
-            tracker.log_metrics({
-                "train/loss": float(tokens[1]) / n_steps,
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/tokens_per_s": float(tokens[0]) / max(elapsed, 1e-9),
-                **stats.last_extras,
-            }, step=step)
-            window_start = time.perf_counter()
-            tracking_s += window_start - logging_started
-            window_loss, window_tokens, window_extras = 0.0, 0, {}
+            tracking_s += window.log(step, n_steps, scheduler.get_last_lr()[0], dist, tracker, stats)
+            window = _LogWindow()
         if evaluate is not None and train.eval_every and step % train.eval_every == 0 and step < train.max_steps:
             eval_s = _timed(lambda: tracker.log_metrics(evaluate(model), step=step))
-            tracking_s, window_start = tracking_s + eval_s, window_start + eval_s  # not training time
+            tracking_s, window.start = tracking_s + eval_s, window.start + eval_s  # not training time
     # Throughput is the trainer's: time spent handing metrics to the tracker is not training.
     stats.train_s = time.perf_counter() - started - tracking_s
     return stats
