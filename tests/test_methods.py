@@ -7,6 +7,7 @@ layers on CPU. Impossible combinations fail validation, naming the key.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
@@ -452,3 +453,22 @@ def test_prefix_tuned_generation_matches_a_manual_greedy_loop():
     if 63 in manual:
         manual = manual[:manual.index(63)]
     assert got == " ".join(map(str, manual))
+
+
+def test_a_4bit_base_trains_on_after_a_mid_training_evaluation(base_dirs):
+    """bitsandbytes repacks a CPU 4-bit weight for its inference kernel when the layer runs in eval
+    mode without grad; training must go on after such an evaluation (train.eval_every for ASHA)."""
+    cfg = cfg_for(base_dirs["4bit"], "qlora", "nf4", max_steps=4, eval_every=2)
+    model = METHODS["qlora"].apply(load_base_model(cfg, CPU), cfg)
+    examples = random_examples()
+
+    def evaluate(m):
+        m.eval()
+        with torch.no_grad():
+            loss = m(input_ids=torch.tensor([examples[0].input_ids]), labels=torch.tensor([examples[0].input_ids])).loss
+        m.train()
+        return {"eval/loss": float(loss)}
+
+    tracker = RecordingTracker()
+    train_loop(model, examples, cfg.train, 0, CPU, DistInfo(), tracker, evaluate=evaluate)
+    assert len(tracker.losses) == 4 and all(math.isfinite(x) for x in tracker.losses)

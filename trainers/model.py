@@ -91,10 +91,22 @@ def load_base_model(cfg: ExperimentConfig, device, model_class=None, **from_pret
         raise
     if quant is None:
         model.to(device)
+    else:
+        keep_4bit_layout_trainable(model)
     model.config.use_cache = False  # training; generation turns it back on
     if cfg.train.liger:
         apply_liger(model, cfg.model.name_or_path)
     return model
+
+
+def keep_4bit_layout_trainable(model) -> None:
+    """bitsandbytes repacks a CPU 4-bit weight for its AVX512-BF16 inference kernel the first time
+    the layer runs in eval mode without grad, and its training path cannot use that layout after
+    ("a view of a leaf Variable ... in-place"): a trial that evaluates mid-training
+    (train.eval_every, RL rollouts) failed its next step. Trials keep the training layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def apply_liger(model, name: str) -> None:
