@@ -298,6 +298,11 @@ def render_png(figure: Figure, path: Path) -> Path:
     rows = (len(figure.panels) + columns - 1) // columns
     widest = max((len(p.categories) for p in figure.panels), default=0)
     width = 6.4 * columns if widest <= 6 else max(9.0, 0.75 * widest + 3)
+    # a line plot with many series (a tuned sweep has dozens of trials) keeps its legend beside the
+    # axes, in columns of up to _LEGEND_COLUMN_ROWS entries: inside, it would cover the lines or, taller
+    # than the axes, squeeze them to nothing
+    outside = max((_outside_legend_columns(p) for p in figure.panels), default=0)
+    width += _LEGEND_COLUMN_WIDTH * outside * columns
     fig = MplFigure(figsize=(width, 4.8 * rows + 0.6), dpi=110, layout="constrained")
     fig.suptitle(figure.title, fontsize=14, fontweight="bold")
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
@@ -311,13 +316,31 @@ def render_png(figure: Figure, path: Path) -> Path:
         ax.set_ylabel(panel.y_label)
         ax.grid(True, alpha=0.3)
         ax.set_axisbelow(True)
-        ax.legend(fontsize=8, loc="upper right" if panel.kind == "bar" else "best",
-                  ncol=len(panel.series) if panel.kind == "bar" else 1)
+        legend_columns = _outside_legend_columns(panel)
+        if legend_columns:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=legend_columns,
+                      borderaxespad=0.0)
+        else:
+            ax.legend(fontsize=8, loc="upper right" if panel.kind == "bar" else "best",
+                      ncol=len(panel.series) if panel.kind == "bar" else 1)
     for ax in axes[len(figure.panels):]:
         ax.set_visible(False)
     path = Path(path)
     fig.savefig(path, format="png")
     return path
+
+
+_MARKERS = ("o", "s", "^", "D", "v")
+_LEGEND_INSIDE_MAX = 12  # more line series than this: the legend goes beside the axes
+_LEGEND_COLUMN_ROWS = 24  # entries per column of that legend
+_LEGEND_COLUMN_WIDTH = 3.2  # inches a column of that legend takes
+
+
+def _outside_legend_columns(panel: Panel) -> int:
+    """Columns of a legend drawn beside `panel` (0: the legend fits inside it)."""
+    if panel.kind == "bar" or len(panel.series) <= _LEGEND_INSIDE_MAX:
+        return 0
+    return -(-len(panel.series) // _LEGEND_COLUMN_ROWS)
 
 
 def _xy_panel(ax, panel: Panel) -> None:
@@ -329,6 +352,7 @@ def _xy_panel(ax, panel: Panel) -> None:
     position = (lambda x: math.log10(x)) if panel.x_log else (lambda x: x)
     all_x = [position(p.x) for s in panel.series if s.kind != "hline" for p in s.points]
     right_edge = min(all_x) + 0.75 * (max(all_x) - min(all_x)) if all_x else 0.0
+    lines_drawn = 0
     for s in panel.series:
         style = "--" if s.dashed else "-"
         if s.kind == "hline":
@@ -344,7 +368,9 @@ def _xy_panel(ax, panel: Panel) -> None:
             continue
         errs = [p.err or 0.0 for p in s.points]
         if s.kind == "lines":
-            marker = "o" if len(xs) <= 30 else None
+            # past the palette's colours, another marker tells apart two lines of the same colour
+            marker = _MARKERS[(lines_drawn // len(PALETTE)) % len(_MARKERS)] if len(xs) <= 30 else None
+            lines_drawn += 1
             ax.plot(xs, ys, color=s.color, linestyle=style, marker=marker, markersize=4, linewidth=1.5, label=s.name)
             if any(errs) and not s.band:
                 ax.errorbar(xs, ys, yerr=errs, fmt="none", ecolor=s.color, capsize=3, linewidth=1)

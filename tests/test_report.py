@@ -329,3 +329,37 @@ def test_the_replay_command_reproduces_the_logged_eval_loss(tmp_path, store_uri)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     replayed = json.loads(next((tmp_path / "rerun").glob("replay-*/metrics.json")).read_text())
     assert replayed["eval/loss"] == pytest.approx(logged, rel=1e-6)
+
+
+def test_a_line_plot_of_many_trials_keeps_its_axes_and_tells_same_coloured_lines_apart(tmp_path):
+    """A tuned sweep's loss curves have dozens of series: the legend goes beside the axes (inside,
+    taller than the axes, it squeezed them to nothing), and lines that share a colour differ in marker."""
+    import warnings
+
+    from matplotlib.image import imread
+
+    from orchestrator.plots import PALETTE, Colors, Figure, Panel, Point, Series, render_png
+
+    colors = Colors()
+
+    def figure(n):
+        series = [Series(f"trial {i} lr={0.001 * (i + 1):g}", colors(f"trial {i}"),
+                         [Point(step, 5.0 - step / 10 - i / n) for step in (10, 20, 30, 40)], kind="lines")
+                  for i in range(n)]
+        return Figure("curves", "Training-loss curves", [Panel("Training loss", "step", "loss", series)])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "constrained_layout not applied" is a UserWarning
+        few = imread(render_png(figure(3), tmp_path / "few.png"))
+        many_path = render_png(figure(40), tmp_path / "many.png")
+    many = imread(many_path)
+    assert many.shape[0] == few.shape[0] and many.shape[1] > few.shape[1] * 1.3  # room beside the axes
+
+    from matplotlib.figure import Figure as MplFigure
+
+    from orchestrator.plots import _xy_panel
+
+    ax = MplFigure().subplots()
+    _xy_panel(ax, figure(len(PALETTE) + 1).panels[0])
+    markers = [line.get_marker() for line in ax.get_lines()]
+    assert markers[0] != markers[len(PALETTE)]  # the first and the (palette + 1)th share a colour
