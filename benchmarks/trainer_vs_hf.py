@@ -67,7 +67,11 @@ REPO = Path(__file__).resolve().parent.parent
 LR, WARMUP, CLIP, SEED = 2e-3, 0.06, 1.0, 0
 VARIANTS = ("hf", "ours", "ours+group", "ours+pack", "ours+match")
 SHAPE_VARIANTS = ("hf", "hf+group", "trl+pack", "trl+padfree", "ours", "ours+group", "ours+pack", "orch")
-OPTIONAL = ("ours+pack16",)
+OPTIONAL = ("ours+pack16", "ours+peak", "ours+peakall")
+# ours+peak: `ours` with PeakMemory measuring as a trial does (started, told each step's batch
+# shape, so it watches only the steps that can raise the peak); ours+peakall: every step watched
+# (what trials did before issue #16). Beside `ours` they give PeakMemory's cost per step.
+PEAK_VARIANTS = ("ours+peak", "ours+peakall")
 # Llama shapes for --model-shape; "tiny" is what --tiny trains (the script's own check).
 SHAPES = {
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -379,14 +383,17 @@ def ours_run(setup: Setup, variant: str, steps: int, seed: int, memory: bool = F
         return inner(m, batch)
 
     peak = PeakMemory(torch.device("cpu"))
-    if memory:
+    tracked = memory or variant in PEAK_VARIANTS
+    if tracked:
         peak.start()
     stats = train_loop(model, items, train, setup.tokenizer.pad_token_id, torch.device("cpu"), DistInfo(),
-                       Tracker(), loss_fn=loss_fn, group_by_length=variant == "ours+group")
+                       Tracker(), loss_fn=loss_fn, group_by_length=variant == "ours+group",
+                       memory=peak if variant == "ours+peak" else None)
     cpu_s = time.process_time() - cpu_start[0]
-    peak_bytes = peak.peak_bytes() if memory else 0
+    peak_bytes = peak.peak_bytes() if tracked else 0
+    watched = peak.steps_watched if variant == "ours+peak" else steps if tracked else 0
     return {"train_s": stats.train_s, "cpu_s": cpu_s, "useful": stats.tokens, "computed": computed[0],
-            "peak": peak_bytes, "model": model}
+            "peak": peak_bytes, "steps_watched": watched, "model": model}
 
 
 def run(setup: Setup, variant: str, steps: int, seed: int, memory: bool = False) -> dict:
@@ -446,15 +453,35 @@ def model_params(path: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def trim_heap() -> None:
+    """Hand the C heap's free pages back (glibc malloc_trim), so that what a previous run freed does
+    not shape the next one's allocations; a no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_interleaved(setup: Setup, variants: list[str], steps: dict[str, int]) -> dict[str, list[dict]]:
-    """Every variant once per repeat, in turn (A, B, C, A, B, C...), repeat i shuffling with seed i."""
+    """Every variant once per repeat, in turn, repeat i shuffling with seed i and starting one
+    variant later (A B C, B C A, C A B...): a variant that runs right after another in the same
+    process inherits its heap and caches, so no variant always takes the same place. Each run
+    starts from a collected, trimmed heap."""
+    import gc
+
     import torch
 
     from trainers.evaluate import eval_loss
 
     results: dict[str, list[dict]] = {v: [] for v in variants}
     for repeat in range(setup.args.repeats):
-        for variant in variants:
+        shift = repeat % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            gc.collect()
+            trim_heap()
             out = run(setup, variant, steps[variant], seed=repeat)
             model = out.pop("model")
             out["eval_loss"] = (eval_loss(model, setup.eval, 64, setup.tokenizer.pad_token_id, torch.device("cpu"))
@@ -494,7 +521,7 @@ def print_table(setup: Setup, variants: list[str], steps: dict, results: dict, p
                            for v in variants)
         print(f"{label} range over repeats (seeds 0-{args.repeats - 1}): {ranges}")
     theirs = [v for v in variants if v.startswith(("hf", "trl"))]
-    ours = [v for v in variants if v.startswith("ours")]
+    ours = [v for v in variants if v.startswith("ours") and v not in PEAK_VARIANTS]
     if theirs and ours:
         best_theirs = max(theirs, key=lambda v: med[v]["tokens_per_s"])
         best_ours = max(ours, key=lambda v: med[v]["tokens_per_s"])
@@ -508,6 +535,21 @@ def print_table(setup: Setup, variants: list[str], steps: dict, results: dict, p
               f"{statistics.median(walls):.1f} s wall, of which {outside:.1f} s "
               f"is process/Ray start, planning, MLflow and saving")
         print(f"orchestrator plan: {results['orch'][0]['plan']}")
+    if "ours" in variants:
+        for variant in (v for v in PEAK_VARIANTS if v in variants):
+            print(peak_cost_line(variant, results, steps))
+
+
+def peak_cost_line(variant: str, results: dict[str, list[dict]], steps: dict[str, int]) -> str:
+    """PeakMemory's cost per training step: `variant`'s loop time over the untracked `ours` of the
+    same repeat (interleaved, same seed and batches), median over repeats; CPU time beside it."""
+    wall = statistics.median(t["train_s"] / o["train_s"] - 1 for t, o in zip(results[variant], results["ours"]))
+    cpu = statistics.median(t["cpu_s"] / o["cpu_s"] - 1 for t, o in zip(results[variant], results["ours"]))
+    watched = sorted({r["steps_watched"] for r in results[variant]})
+    peaks = sorted({r["peak"] for r in results[variant]})
+    return (f"PeakMemory cost, {variant} vs ours: {wall:+.1%} training-loop wall time, {cpu:+.1%} CPU time "
+            f"(median of per-repeat ratios); steps watched {'/'.join(map(str, watched))} of {steps[variant]}; "
+            f"peak {'/'.join(f'{p:,}' for p in peaks)} bytes")
 
 
 if __name__ == "__main__":

@@ -254,6 +254,36 @@ def test_steps_that_cannot_raise_the_peak_are_not_watched():
     del first, second, third, after
 
 
+def test_a_planned_run_watches_the_first_step_and_one_step_per_uncovered_shape():
+    from trainers.runtime import steps_to_watch
+
+    # steps 1-5 (index 0-4): (8, 20) first, then (8, 25) twice, (8, 22), a last short batch (3, 30)
+    shapes = [(8, 20), (8, 25), (8, 22), (8, 25), (3, 30)]
+    assert steps_to_watch(shapes) == {0, 1, 4}  # (8, 22) is covered by (8, 25); (3, 30) is wider
+    assert steps_to_watch([(8, 27), (8, 20), (8, 21)]) == {0, 2}  # the widest later step, not the first
+    assert steps_to_watch([(8, 20), None, (8, 19)]) == {0, 1, 2}  # unknown shapes are watched
+    assert steps_to_watch([(4, 9)]) == {0} and steps_to_watch([]) == set()
+
+
+def test_a_planned_meter_skips_what_the_plan_leaves_out():
+    meter = PeakMemory(CPU)
+    meter.start()
+    meter.plan([(4, 10), (4, 9), (4, 12)])  # step 2 is covered by step 3
+    meter.begin_step((4, 10))
+    first = torch.empty(1_000_000)  # 4 MB
+    meter.end_step()
+    meter.begin_step((4, 9))
+    skipped = torch.empty(10_000_000)  # 40 MB the meter does not see
+    meter.end_step()
+    del skipped
+    meter.begin_step((4, 12))
+    third = torch.empty(2_000_000)  # 8 MB
+    meter.end_step()
+    assert 12 * MB <= meter.peak_bytes() < 13 * MB
+    assert meter.steps_watched == 2
+    del first, third
+
+
 def test_watching_only_the_steps_that_can_raise_it_finds_the_same_training_peak(tmp_path):
     """Rows of 8-39 tokens in shuffled batches: the watched steps' peak is the every-step peak."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -281,7 +311,7 @@ def test_watching_only_the_steps_that_can_raise_it_finds_the_same_training_peak(
         peaks[sampled], watched[sampled] = meter.peak_bytes(), meter.steps_watched
         del model
     assert peaks[True] == pytest.approx(peaks[False], rel=0.01)
-    assert 2 <= watched[True] < 16
+    assert watched[True] == 2 and watched[False] == 0  # the first step and the widest later one
 
 
 # --- the command line

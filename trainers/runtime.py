@@ -167,6 +167,28 @@ class LiveTensorBytes:
             self.live_bytes -= entry[0]
 
 
+def steps_to_watch(shapes: list[tuple[int, int] | None]) -> set[int]:
+    """Indexes of the training steps whose peak memory must be watched for the run's peak, given
+    each step's (rows, padded width), None where unknown: the first step (it creates the
+    optimizer state; watching it counts that state from the start), every step of unknown shape,
+    and of the later steps the first one of each shape that no other later step's shape covers
+    (as many rows or more and as wide or wider): a covered step holds the same optimizer state
+    and smaller activations, so it cannot exceed the step that covers it."""
+    watch = {0} if shapes else set()
+    first: dict[tuple[int, int], int] = {}
+    for index, shape in enumerate(shapes[1:], 1):
+        if shape is None:
+            watch.add(index)
+        else:
+            first.setdefault(tuple(shape), index)
+    widest = -1
+    for rows, width in sorted(first, reverse=True):  # most rows first; among equal rows, widest first
+        if width > widest:  # not covered by a shape with more rows (or the same rows, wider)
+            watch.add(first[(rows, width)])
+            widest = width
+    return watch
+
+
 def _storage_tracking_mode():
     """The dispatch mode class behind LiveTensorBytes (built on first use: importing torch is slow)."""
     global _STORAGE_TRACKING_MODE
@@ -250,6 +272,7 @@ class PeakMemory:
         self._steps = 0
         self._covered: list[tuple[int, int]] = []  # (rows, width) of the steps watched with optimizer state
         self._skipping = False
+        self._plan: set[int] | None = None  # indexes (0 = the first step run) of the steps to watch
         self.steps_watched = 0
 
     def start(self) -> None:
@@ -265,22 +288,40 @@ class PeakMemory:
         self._tracker = _WATCHING.tracker = LiveTensorBytes()
         self._tracker.enter()
 
+    @property
+    def watches_steps(self) -> bool:
+        """True while begin_step decides which steps to watch (CPU tracking started, not stopped)."""
+        return self._tracker is not None and not self._stopped
+
+    def plan(self, shapes: list[tuple[int, int] | None]) -> None:
+        """Every step's shape (as begin_step gets it) in the order the loop will run them, known
+        before it starts (the data order is a function of the seed): begin_step then watches only
+        the steps in `steps_to_watch(shapes)`, the fewest that still contain the peak."""
+        self._plan = steps_to_watch(shapes)
+
     def begin_step(self, shape: tuple[int, int] | None) -> None:
         """The training loop's call before each optimizer step, with the (rows, padded width) of its
         largest micro-batch (None: not a batch of token rows). On CPU a step is watched only if it
-        can set a new peak: the first one, and a later one unless an earlier step after the first
-        (so with optimizer state) was watched with at least as many rows and at least that width,
-        since a step's memory grows with both. A 24-step run of padded short rows watches 3-6
-        steps, a long run a handful more; each watched step costs a few us per aten op."""
+        can set a new peak, since a step's memory grows with both rows and width: with a plan(),
+        the steps it names (a run of one batch size watches 2); without one, the first step and a
+        later one unless an earlier step after the first (so with optimizer state) was watched
+        with at least as many rows and at least that width (3-6 steps of 24 on padded short rows).
+        Each watched step costs ~5-40 us per aten op (a third of a step on a 135M model)."""
         if self._tracker is None or self._stopped:
             return
         self._steps += 1
-        if self._steps > 1 and shape is not None:
-            if any(rows >= shape[0] and width >= shape[1] for rows, width in self._covered):
-                self._tracker.exit()
-                self._skipping = True
-                return
-            self._covered.append(shape)
+        if self._plan is not None:
+            skip = self._steps - 1 not in self._plan
+        elif self._steps > 1 and shape is not None:
+            skip = any(rows >= shape[0] and width >= shape[1] for rows, width in self._covered)
+            if not skip:
+                self._covered.append(shape)
+        else:
+            skip = False
+        if skip:
+            self._tracker.exit()
+            self._skipping = True
+            return
         self.steps_watched += 1
 
     def end_step(self) -> None:

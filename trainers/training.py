@@ -148,6 +148,15 @@ def batch_shape(batches: list[list]) -> tuple[int, int] | None:
             max(len(item.input_ids) for batch in batches for item in batch))
 
 
+def step_shapes(examples, train: TrainConfig, dist: DistInfo, group_by_length: bool, start: int) -> list:
+    """batch_shape of each step train_loop will run after `start`, in order (the data stream is a
+    function of the seed and position, so a second copy of it yields the same batches)."""
+    stream = micro_batches(examples, train.batch_size, train.seed, dist, group_by_length)
+    for _ in range(start * train.grad_accum):
+        next(stream)
+    return [batch_shape([next(stream) for _ in range(train.grad_accum)]) for _ in range(start, train.max_steps)]
+
+
 @dataclass
 class LoopStats:
     steps: int = 0
@@ -243,6 +252,8 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
     forward_model = torch.compile(model) if train.compile else model
     trainable = [p for p in model.parameters() if p.requires_grad]
     memory = memory or PeakMemory(device)  # one never started does nothing
+    if memory.watches_steps:  # the shapes of the steps to come, from a second copy of the seeded stream
+        memory.plan(step_shapes(examples, train, dist, group_by_length, start))
     window = _LogWindow()
     started, tracking_s = time.perf_counter(), 0.0
     model.train()
