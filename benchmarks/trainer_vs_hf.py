@@ -345,6 +345,7 @@ def orch_run(setup: Setup, steps: int, seed: int) -> dict:
         proc = subprocess.run(command, cwd=out, capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
         wall = time.perf_counter() - started
+        wait_for_ray_to_exit()  # its processes wind down after the command returns: not in the next run
         found = sorted(Path(out, "storage").glob("*/*/metrics.json"))
         if proc.returncode != 0 or not found:
             raise RuntimeError(f"orchestrator exited {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}")
@@ -451,6 +452,19 @@ def model_params(path: str) -> int:
     with __import__("torch").device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(path)))
     return sum(p.numel() for p in model.parameters())
+
+
+def wait_for_ray_to_exit(limit_s: float = 60.0) -> None:
+    """Until no Ray process of this user is left (raylet, gcs_server, workers), at most limit_s: a
+    local Ray started by `python -m orchestrator` spends CPU on its way down after the command has
+    returned, which the next variant in this process would pay for."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        found = subprocess.run(["pgrep", "-u", str(os.getuid()), "-f", "raylet|gcs_server|ray::"],
+                               capture_output=True, text=True).stdout.split()
+        if not found:
+            return
+        time.sleep(0.5)
 
 
 def trim_heap() -> None:
