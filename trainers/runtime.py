@@ -306,7 +306,7 @@ class PeakMemory:
         the steps it names (a run of one batch size watches 2); without one, the first step and a
         later one unless an earlier step after the first (so with optimizer state) was watched
         with at least as many rows and at least that width (3-6 steps of 24 on padded short rows).
-        Each watched step costs ~5-40 us per aten op (a third of a step on a 135M model)."""
+        Each watched step costs ~5-40 us per aten op (a fifth of a step on a 135M model, 2 threads)."""
         if self._tracker is None or self._stopped:
             return
         self._steps += 1
