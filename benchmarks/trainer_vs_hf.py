@@ -460,8 +460,12 @@ def wait_for_ray_to_exit(limit_s: float = 60.0) -> None:
     returned, which the next variant in this process would pay for."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        found = subprocess.run(["pgrep", "-u", str(os.getuid()), "-f", "raylet|gcs_server|ray::"],
-                               capture_output=True, text=True).stdout.split()
+        try:
+            found = subprocess.run(["pgrep", "-u", str(os.getuid()), "-f", "raylet|gcs_server|ray::"],
+                                   capture_output=True, text=True).stdout.split()
+        except FileNotFoundError:  # no pgrep here: a fixed pause instead
+            time.sleep(10)
+            return
         if not found:
             return
         time.sleep(0.5)
