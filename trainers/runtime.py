@@ -260,7 +260,7 @@ class PeakMemory:
 
     CUDA: torch.cuda.max_memory_allocated (allocator statistics, free).
     CPU: LiveTensorBytes, a dispatch mode that watches the aten ops of the calling thread until
-    peak_bytes() or stop(), except in the training steps that cannot set a new peak (begin_step):
+    peak_bytes() or stop(), except in the training steps that cannot set a new peak (plan()):
     about 5 us per op watched, which would be +35-40% CPU time on the ~1M-parameter default model
     if every step were watched (benchmarks/README.md).
     """
@@ -270,7 +270,6 @@ class PeakMemory:
         self._tracker: LiveTensorBytes | None = None
         self._stopped = False
         self._steps = 0
-        self._covered: list[tuple[int, int]] = []  # (rows, width) of the steps watched with optimizer state
         self._skipping = False
         self._plan: set[int] | None = None  # indexes (0 = the first step run) of the steps to watch
         self.steps_watched = 0
@@ -294,31 +293,20 @@ class PeakMemory:
         return self._tracker is not None and not self._stopped
 
     def plan(self, shapes: list[tuple[int, int] | None]) -> None:
-        """Every step's shape (as begin_step gets it) in the order the loop will run them, known
-        before it starts (the data order is a function of the seed): begin_step then watches only
-        the steps in `steps_to_watch(shapes)`, the fewest that still contain the peak."""
+        """Every step's (rows, padded width) of its largest micro-batch (None: not token rows), in the
+        order the loop will run them, known before it starts (the data order is a function of the
+        seed): begin_step then watches only the steps in `steps_to_watch(shapes)`, the fewest that
+        still contain the peak."""
         self._plan = steps_to_watch(shapes)
 
-    def begin_step(self, shape: tuple[int, int] | None) -> None:
-        """The training loop's call before each optimizer step, with the (rows, padded width) of its
-        largest micro-batch (None: not a batch of token rows). On CPU a step is watched only if it
-        can set a new peak, since a step's memory grows with both rows and width: with a plan(),
-        the steps it names (a run of one batch size watches 2); without one, the first step and a
-        later one unless an earlier step after the first (so with optimizer state) was watched
-        with at least as many rows and at least that width (3-6 steps of 24 on padded short rows).
-        Each watched step costs ~5-40 us per aten op (a fifth of a step on a 135M model, 2 threads)."""
+    def begin_step(self) -> None:
+        """The training loop's call before each optimizer step. On CPU only the steps plan() named
+        are watched (a run of one batch size watches 2), without a plan every step. Each watched
+        step costs ~5-40 us per aten op (a fifth of a step on a 135M model, 2 threads)."""
         if self._tracker is None or self._stopped:
             return
         self._steps += 1
-        if self._plan is not None:
-            skip = self._steps - 1 not in self._plan
-        elif self._steps > 1 and shape is not None:
-            skip = any(rows >= shape[0] and width >= shape[1] for rows, width in self._covered)
-            if not skip:
-                self._covered.append(shape)
-        else:
-            skip = False
-        if skip:
+        if self._plan is not None and self._steps - 1 not in self._plan:
             self._tracker.exit()
             self._skipping = True
             return

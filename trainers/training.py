@@ -148,12 +148,19 @@ def batch_shape(batches: list[list]) -> tuple[int, int] | None:
             max(len(item.input_ids) for batch in batches for item in batch))
 
 
-def step_shapes(examples, train: TrainConfig, dist: DistInfo, group_by_length: bool, start: int) -> list:
-    """batch_shape of each step train_loop will run after `start`, in order (the data stream is a
-    function of the seed and position, so a second copy of it yields the same batches)."""
+def data_stream(examples, train: TrainConfig, dist: DistInfo, group_by_length: bool, start: int) -> Iterator:
+    """The micro-batches of the steps after `start` (the batches of steps 1..start are skipped:
+    the data position a resumed run picks up from)."""
     stream = micro_batches(examples, train.batch_size, train.seed, dist, group_by_length)
     for _ in range(start * train.grad_accum):
         next(stream)
+    return stream
+
+
+def step_shapes(examples, train: TrainConfig, dist: DistInfo, group_by_length: bool, start: int) -> list:
+    """batch_shape of each step train_loop will run after `start`, in order (the data stream is a
+    function of the seed and position, so a second copy of it yields the same batches)."""
+    stream = data_stream(examples, train, dist, group_by_length, start)
     return [batch_shape([next(stream) for _ in range(train.grad_accum)]) for _ in range(start, train.max_steps)]
 
 
@@ -244,9 +251,7 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
     restored = checkpoints.restore(model, optimizer, scheduler) if checkpoints else None
     start = restored.step if restored else 0
     stats.resumed_from = start
-    stream = micro_batches(examples, train.batch_size, train.seed, dist, group_by_length)
-    for _ in range(start * train.grad_accum):  # the data position: batches already trained on
-        next(stream)
+    stream = data_stream(examples, train, dist, group_by_length, start)
     loss_fn = loss_fn or causal_lm_loss(pad_id, device)
     # Compiled forward and backward; checkpoints, no_sync and the caller keep the plain module.
     forward_model = torch.compile(model) if train.compile else model
@@ -262,7 +267,7 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
             faults.before_step(step)
         step_loss = 0.0
         batches = [next(stream) for _ in range(train.grad_accum)]
-        memory.begin_step(batch_shape(batches))
+        memory.begin_step()
         for micro, batch in enumerate(batches):
             loss, n_tokens, extras = loss_fn(forward_model, batch)
             loss = loss / train.grad_accum
