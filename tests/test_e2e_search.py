@@ -110,3 +110,27 @@ def test_a_fast_branch_does_not_wait_for_a_slow_one(tmp_path):
     # Child runs are created when Tune takes the trial: fast_next started before slow ended.
     assert runs["fast_next"].info.start_time < runs["slow"].info.end_time
     assert runs["slow_next"].info.start_time >= runs["slow"].info.end_time
+
+
+def test_a_stopped_trials_placement_group_is_released(tmp_path):
+    """A trial ASHA stops keeps its worker placement group unless the driver removes it (Ray Train
+    V2's cleaner needs the State API, which this project's local Ray runs without): the CPUs it
+    reserved must come back, or the next trials wait forever."""
+    code = """
+import ray
+from ray.util.placement_group import placement_group, placement_group_table
+from orchestrator.runner import _release_placement_group
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+group = placement_group([{"CPU": 2}])
+ray.get(group.ready(), timeout=60)
+assert ray.available_resources().get("CPU", 0) == 0
+_release_placement_group(group.id.hex())
+assert placement_group_table(group)["state"] == "REMOVED"
+_release_placement_group(group.id.hex())  # already gone: nothing to do, no error
+_release_placement_group(None)
+print("released")
+"""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0 and "released" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
