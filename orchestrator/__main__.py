@@ -27,6 +27,9 @@ USAGE = """usage: python -m orchestrator [+sweep=NAME] [KEY=VALUE ...]
   data.template=...      auto | model (the tokenizer's chat template) | plain
   storage.path=...       checkpoints and adapters: a directory every node sees, or s3://bucket/prefix
                          (default ./runs)
+  sweep.seeds=[0,1,2]    one trial per seed for every grid point (default: [train.seed])
+  sweep.on_inapplicable= skip (default: a comparison leaves out, with its reason, a method the
+                         model cannot take) | error (refuse the sweep)
   promote=true           at the end, register the best trial in the MLflow Model Registry
                          (python -m orchestrator.promote SWEEP_NAME for other metrics and options)
   GROUP=OPTION           config groups: {groups}
