@@ -212,6 +212,7 @@ def make_plan(overrides: list[str]) -> Plan:
 
 
 def check_sweep_block(sweep) -> list[tuple[str, str]]:
+    """Problems with the sweep's seeds and its sweep.on_inapplicable policy."""
     problems = []
     if not sweep.seeds:
         problems.append(("sweep.seeds", "must list at least one seed (default: [train.seed])"))

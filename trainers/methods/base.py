@@ -53,9 +53,10 @@ class MethodSpec:
     saves: Literal["adapter", "model"] = "adapter"
     # Which precisions/stages it can sit on; returns (key, reason) for impossible combinations.
     check_combination: Callable[["ExperimentConfig"], list[tuple[str, str]]] = no_combination_limits
-    # What the base model's architecture (its config.json) gives it nothing to work on: no biases,
-    # no layer of a named target. Kept apart from check_combination because a comparison sweep
-    # skips such a trial (trainers.config.InapplicableError) where it refuses a wrong setting.
+    # Where the base model's architecture (read from its config.json) leaves the method nothing to
+    # work on: no biases, no layer of a named target. Kept apart from check_combination because a
+    # comparison sweep skips such a trial (trainers.config.InapplicableError), where it refuses a
+    # wrong setting.
     check_architecture: Callable[["ExperimentConfig"], list[tuple[str, str]]] = no_combination_limits
     summary: str = ""
     # The trained model is one plain model: the artifact folds into the base's weights (PEFT's
