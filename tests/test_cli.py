@@ -89,7 +89,7 @@ def test_a_model_directory_without_weights_is_refused_before_ray(in_tmp, capsys,
     shutil.copytree(nobias_model, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
     if pickled:
         (weightless / "pytorch_model.bin").write_bytes(b"not loaded")
-    assert main(["+sweep=lora_rank", f"model.name_or_path={weightless}", "dry_run=true", *extra]) == 2
+    assert main([f"model.name_or_path={weightless}", "dry_run=true", *extra]) == 2
     err = capsys.readouterr().err
     assert f"error: model.name_or_path: {message.format(dir=weightless)}" in err
     assert not (in_tmp / "mlflow.db").exists()
