@@ -34,7 +34,7 @@ def trainable_sizes(shape, method) -> list[int]:
 
 
 def memory_terms(shape, method):
-    from trainers.memory.activations import MethodTerms
+    from trainers.memory.terms import MethodTerms
 
     return MethodTerms(weights_train=True, norms_train=(True, True, True), input_grad=True, storage="base")
 
