@@ -69,6 +69,8 @@ class MethodSpec:
     # on a targeted layer, after a block, in an eval forward). None: nothing beyond its trainable
     # tensors.
     memory_terms: Optional[Callable[[Any, Any], Any]] = None
+    # train.fsdp can shard it (FSDP2 over the workers): it trains every weight of the base.
+    shards: bool = False
 
     def combination_problems(self, cfg: "ExperimentConfig") -> list[tuple[str, str]]:
         """check_combination plus what no base of this architecture and precision can do."""

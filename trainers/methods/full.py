@@ -40,4 +40,5 @@ def memory_terms(shape, method):
 
 
 register(MethodSpec(name="full", config_cls=FullConfig, apply=apply, saves="model", check_combination=check_combination,
-                    trainable_sizes=trainable_sizes, memory_terms=memory_terms, summary="all weights trainable"))
+                    trainable_sizes=trainable_sizes, memory_terms=memory_terms, shards=True,
+                    summary="all weights trainable"))
