@@ -9,7 +9,9 @@ in the widest moment of an evaluation forward (`eval_mlp_bytes`). A stage's regi
 training row becomes, the models held beside the policy, the output head.
 
 This module imports no registry (the method and recipe files import it), so the estimator never
-asks for a method or a stage by name.
+asks for a method or a stage by name. The terms describe the step itself (targeted layers, rank,
+sequences per row, generated tokens, models held), so other costs of a step (its FLOPs) can be
+further hooks on the same objects.
 """
 
 from __future__ import annotations
