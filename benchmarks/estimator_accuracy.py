@@ -46,13 +46,13 @@ def default_paths() -> tuple[str, str, str]:
 def trial_config(paths, method: str, precision: str, steps: int):
     """The default trial (conf/ defaults) with this method, precision and step count; None if the
     combination is refused by validation."""
-    from trainers.config import ConfigError
+    from trainers.config import ConfigError, default_choice
     from trainers.validate import from_container
 
     model, train_file, eval_file = paths
     compute = "bf16" if precision == "bf16" else "fp32"
     raw = {"model": {"name_or_path": model}, "data": {"train_file": train_file, "eval_file": eval_file},
-           "method": {"name": method}, "stage": {"name": "sft"},
+           "method": {"name": method}, "stage": {"name": default_choice("stage")},
            "precision": {"name": precision, "compute_dtype": compute},
            "train": {"max_steps": steps, "log_every": steps, "checkpoint_every": 0}}
     try:

@@ -11,10 +11,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.config import OrchestratorConfig
-from trainers.config import ConfigError
+from trainers.config import CONF_DIR, ConfigError
 from trainers.validate import from_container
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
 
 _registered = False

@@ -299,7 +299,7 @@ def search_group(default: Trial, overrides: list[str], space: dict, sweep) -> Se
     search.check_keys(space, to_container(default.cfg), "sweep.search")
     raw = OmegaConf.to_container(compose_raw(overrides), resolve=False)
     search.check_bounds(space, raw, "sweep.search")
-    problems = search.check_scheduler(sweep, default.cfg, default.label)
+    problems = search.check_search(sweep, default.cfg, default.label)
     if problems:
         raise ConfigError(problems)
     num_samples = sweep.num_samples

@@ -3,6 +3,9 @@
     python -m orchestrator.promote SWEEP_NAME [metric=eval/accuracy] [mode=max] [tracking.uri=...]
                                               [name=SWEEP_NAME-best] [merge=true]
 
+metric and mode default to the headline metric of the candidates' stage (RecipeSpec.headline:
+eval/accuracy, max, for every stage that produces a text-generation model today).
+
 Reads the newest parent run of the sweep (tag `sweep`) and its trials the way the report does
 (orchestrator/cells.py: trials differing only by seed are one cell, scored by their mean over the
 finished seeds; trials ASHA stopped early are not candidates). The best cell by `metric` wins,
@@ -27,8 +30,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-DEFAULTS = {"metric": "eval/accuracy", "mode": "max", "tracking.uri": "sqlite:///mlflow.db", "name": "",
-            "merge": "true"}
+# metric and mode "": the candidates' stage's headline (RecipeSpec.headline); mode alone defaults to max.
+DEFAULTS = {"metric": "", "mode": "", "tracking.uri": "sqlite:///mlflow.db", "name": "", "merge": "true"}
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 MODEL_ARTIFACT = "registered_models"  # where in the trial's run each promotion logs its served model
 SERVING_PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "tokenizers")
@@ -47,6 +50,7 @@ class Winner:
     trial_value: float  # the registered trial's own value
     seeds: int
     trainable: float | None
+    metric: str = ""  # what it won by
 
 
 @dataclass
@@ -75,7 +79,7 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
             if key not in DEFAULTS:
                 raise PromoteError(f"{key}: unknown option; known: {', '.join(DEFAULTS)}")
             options[key] = value
-    if options["mode"] not in ("max", "min"):
+    if options["mode"] not in ("", "max", "min"):
         raise PromoteError(f"mode: must be max or min, got {options['mode']!r}")
     if options["merge"].lower() not in TRUE + FALSE:
         raise PromoteError(f"merge: must be true or false, got {options['merge']!r}")
@@ -99,10 +103,11 @@ def pick_winner(rows, metric: str, mode: str) -> Winner:
 
     # A trial ASHA stopped early never ran its budget: not a candidate (as in the report's tuning).
     candidates = [r for r in rows if r.status == "FINISHED" and r.tags.get("early_stopped") != "true"
-                  and RECIPES.get(r.stage) is not None and RECIPES[r.stage].produces == "policy"]
+                  and RECIPES.get(r.stage) is not None and RECIPES[r.stage].promotable]
     if not candidates:
         raise PromoteError("no FINISHED trial (that ran its whole budget) of a stage that produces a "
                            "text-generation model")
+    metric, mode = ranking(candidates, metric, mode)
     cells = [c for c in group_cells(candidates) if c.metric(metric) is not None]
     if not cells:
         logged = sorted({name for r in candidates for name in r.metrics if not name.startswith("train/")})
@@ -119,7 +124,20 @@ def pick_winner(rows, metric: str, mode: str) -> Winner:
     stat = best.metric(metric)
     return Winner(run_id=trial.run_id, label=trial.label, trial_key=trial.tags.get("trial_key", ""),
                   value=stat.mean, trial_value=trial.metric(metric), seeds=stat.n,
-                  trainable=trial.metric("model/trainable_params"))
+                  trainable=trial.metric("model/trainable_params"), metric=metric)
+
+
+def ranking(candidates, metric: str, mode: str) -> tuple[str, str]:
+    """(metric, mode) as given, or the headline of the candidates' stage (RecipeSpec.headline)."""
+    from trainers.recipes import RECIPES
+
+    if metric:
+        return metric, mode or "max"
+    headlines = sorted({RECIPES[r.stage].headline for r in candidates})
+    if len(headlines) > 1:
+        raise PromoteError("the finished trials' stages rank by different metrics "
+                           f"({', '.join(f'{m} {d}' for m, d in headlines)}): choose one with metric=...")
+    return headlines[0][0], mode or headlines[0][1]
 
 
 def pip_requirements(with_peft: bool) -> list[str]:
@@ -179,7 +197,7 @@ def save_served(served, cfg, out_dir: Path) -> None:
         save_base(cfg, served.tokenizer, out_dir / "model")
 
 
-def register(client, sweep: str, winner: Winner, metric: str, name: str, merge: bool) -> Promotion:
+def register(client, sweep: str, winner: Winner, name: str, merge: bool) -> Promotion:
     """Build the served model of the winning trial, log it into the trial's run and register it."""
     from mlflow.exceptions import MlflowException
 
@@ -195,6 +213,7 @@ def register(client, sweep: str, winner: Winner, metric: str, name: str, merge: 
             raise PromoteError(f"{winner.label} (run {winner.run_id}): {err}") from None
         save_served(served, cfg, Path(where) / "served")
         client.log_artifacts(winner.run_id, str(Path(where) / "served"), artifact_path)
+    metric = winner.metric
     tags = {"sweep": sweep, "trial_key": winner.trial_key, "trial": winner.label, "metric": metric,
             "metric_value": repr(winner.value), "trial_metric_value": repr(winner.trial_value),
             "seeds": str(winner.seeds), "base_model": cfg.model.name_or_path, "method": cfg.method.name,
@@ -226,7 +245,7 @@ def promote(uri: str, sweep: str, metric: str = DEFAULTS["metric"], mode: str = 
     parent = client.get_run(parent_id) if parent_id else latest_parent(client, sweep)
     winner = pick_winner(collect(client, parent), metric, mode)
     name = name or f"{sweep}-best"
-    promotion = register(client, sweep, winner, metric, name, merge)
+    promotion = register(client, sweep, winner, name, merge)
     client.set_tag(parent.info.run_id, "promoted_model", f"{promotion.name} version {promotion.version}")
     return promotion
 

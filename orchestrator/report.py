@@ -37,9 +37,20 @@ from orchestrator.cells import Cell, Stat, TrialRow, group_cells
 
 log = logging.getLogger("orchestrator")
 
-# Final metrics of a stage beyond the SFT contract (reward model, DPO, RL) become columns of their
-# own, when some trial has them.
-STAGE_METRIC_PREFIXES = ("eval/", "reward/", "dpo/", "rl/", "ppo/", "grpo/")
+
+def stage_metric_prefixes() -> tuple[str, ...]:
+    """Final metrics beyond the base columns become columns of their own, when some trial has them:
+    eval/* and every stage recipe's own namespaces (RecipeSpec.metric_prefixes)."""
+    from trainers.recipes import RECIPES
+
+    return ("eval/",) + tuple(prefix for recipe in RECIPES.values() for prefix in recipe.metric_prefixes)
+
+
+def default_stage() -> str:
+    """The stage conf/config.yaml picks: a table of its trials alone needs no stage column."""
+    from trainers.config import default_choice
+
+    return default_choice("stage")
 
 
 # --------------------------------------------------------------------------- formatting
@@ -135,15 +146,16 @@ def columns_for(cells: list[Cell]) -> list[Column]:
     """The base columns some cell has a value for, the stage metrics present, and the state."""
     # A starting value (`eval/reward_mean_init`) sits just before its final one; the console keeps
     # the final eval/* values, the stage's last per-step values (rl/kl, ...) go to the files.
+    prefixes = stage_metric_prefixes()
     extras = sorted({name for c in cells for r in c.finished for name in r.metrics
-                     if name.startswith(STAGE_METRIC_PREFIXES) and name not in KNOWN_METRICS},
+                     if name.startswith(prefixes) and name not in KNOWN_METRICS},
                     key=lambda name: (name.removesuffix("_init"), not name.endswith("_init")))
     columns = [_metric(name.split("/", 1)[1] if name.startswith("eval/") else name, name, "{:.4g}",
                        console=name.startswith("eval/")) for name in extras]
     columns = BASE_COLUMNS + columns + [Column("state", per_cell=lambda c: c.state, always=True)]
-    shown = []
+    shown, default = [], default_stage()
     for column in columns:
-        if column.header == "stage" and all(c.stage == "sft" for c in cells):
+        if column.header == "stage" and all(c.stage == default for c in cells):
             continue
         if column.header == "n" and all(len(c.runs) == 1 for c in cells):
             continue

@@ -131,16 +131,23 @@ def check_sweep(sweep) -> list[tuple[str, str]]:
     return problems
 
 
-def check_scheduler(sweep, cfg, label: str) -> list[tuple[str, str]]:
-    """ASHA decides on eval/loss measured during training: it needs an eval set and train.eval_every."""
+def check_search(sweep, cfg, label: str) -> list[tuple[str, str]]:
+    """The searchers rank trials, and ASHA stops them, on eval/loss: the stage must log it on the
+    eval split during training (RecipeSpec.periodic_metrics); ASHA needs an eval set and
+    train.eval_every too."""
+    from trainers.recipes import RECIPES
+
+    where = f" (trial {label})"
+    measuring = " or ".join(name for name, recipe in sorted(RECIPES.items()) if METRIC in recipe.periodic_metrics)
+    if METRIC not in RECIPES[cfg.stage.name].periodic_metrics:
+        asha = sweep.scheduler == "asha"
+        key, what = ("sweep.scheduler", "asha decides") if asha else ("sweep.search", "the searchers rank trials")
+        return [(key, f"{what} on {METRIC}, which stage {measuring} measures during training; "
+                      f"stage {cfg.stage.name} does not" + where)]
     if sweep.scheduler != "asha":
         return []
-    where = f" (trial {label})"
     if not cfg.data.eval_file:
         return [("data.eval_file", "sweep.scheduler=asha stops trials on eval/loss: set an eval file" + where)]
-    if cfg.stage.name != "sft":
-        return [("sweep.scheduler", f"asha decides on eval/loss, which stage sft measures during training; "
-                                    f"stage {cfg.stage.name} does not" + where)]
     if cfg.train.eval_every < 1:
         return [("train.eval_every", "sweep.scheduler=asha needs eval/loss during training: set "
                                      "train.eval_every > 0" + where)]

@@ -311,6 +311,44 @@ def test_cli_config_json_with_breakdown(tmp_path, capsys):
     assert "lora" in out and "optimizer states" in out and "activations" in out
 
 
+def test_cli_stage_defaults_to_the_configured_one(capsys):
+    """--stage estimates another stage with its recipe's terms; without it, conf/config.yaml's
+    stage (sft: one sequence per row, no stage note)."""
+    args = ["llama-3-8b", "--precisions", "bf16", "--methods", "lora", "--breakdown"]
+    assert memory.main(args) == 0
+    default = capsys.readouterr().out
+    assert memory.main(args + ["--stage", "dpo"]) == 0
+    dpo = capsys.readouterr().out
+    assert "chosen + rejected" in dpo and "chosen + rejected" not in default
+    assert memory.main(args + ["--stage", "sft"]) == 0
+    assert capsys.readouterr().out == default
+
+
+def test_a_stage_adds_to_memory_what_its_recipe_entry_says(monkeypatch):
+    """A new stage's memory is its RecipeSpec.memory_terms: no name is known to the estimator."""
+    from dataclasses import dataclass
+
+    from trainers.memory.terms import StageTerms
+    from trainers.recipes import RECIPES, RecipeSpec, StageConfig
+
+    @dataclass
+    class ProbeConfig(StageConfig):
+        name: str = "probe"
+
+    def terms(cfg, method_terms):
+        return StageTerms(sequences_per_row=2, model_copies=2, scalar_head=True, note="probe: two of everything")
+
+    monkeypatch.setitem(RECIPES, "probe", RecipeSpec(name="probe", config_cls=ProbeConfig, run=lambda ctx: {},
+                                                      memory_terms=terms))
+    plain, probe = experiment("lora", model="llama-3-8b"), experiment("lora", model="llama-3-8b")
+    plain.stage, probe.stage = RECIPES["sft"].config_cls(), ProbeConfig()
+    before, after = memory.estimate(plain, seq_len=128), memory.estimate(probe, seq_len=128)
+    assert after.weights.bytes == 2 * before.weights.bytes
+    assert "128,256 vocab" in before.logits.note and " 1 vocab" in after.logits.note
+    assert after.activations.bytes > 1.9 * before.activations.bytes
+    assert after.notes == ["probe: two of everything"] and before.notes == []
+
+
 def test_cli_unknown_model_exits_nonzero_with_message():
     result = subprocess.run([sys.executable, "-m", "trainers.memory", "no-such-model-7b"],
                             capture_output=True, text=True, timeout=60)

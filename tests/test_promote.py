@@ -188,6 +188,36 @@ def test_a_trial_stopped_early_is_not_a_candidate(fake_store):
     assert run.data.params["method.r"] == "2"
 
 
+def test_the_default_metric_is_the_stages_headline(fake_store, monkeypatch):
+    """Without metric=, trials are ranked by their stage's RecipeSpec.headline."""
+    from trainers.recipes import RECIPES
+
+    uri, log_sweep = fake_store
+    parent = log_sweep("headline", ["+sweep=lora_rank", "sweep.axes={method.r:[1,2]}"],
+                       lambda t: {"eval/accuracy": 0.9 if t.cfg.method.r == 1 else 0.4,
+                                  "eval/loss": 2.0 if t.cfg.method.r == 1 else 1.0,
+                                  "model/trainable_params": 1000.0 * t.cfg.method.r})
+    run, winner = winner_of(uri, parent, metric="", mode="")
+    assert run.data.params["method.r"] == "1" and winner.metric == "eval/accuracy"
+    monkeypatch.setattr(RECIPES["sft"], "headline", ("eval/loss", "min"))
+    run, winner = winner_of(uri, parent, metric="", mode="")
+    assert run.data.params["method.r"] == "2" and winner.metric == "eval/loss"
+
+
+def test_stages_ranked_differently_need_a_metric(monkeypatch):
+    from types import SimpleNamespace
+
+    from orchestrator.promote import PromoteError, ranking
+    from trainers.recipes import RECIPES
+
+    rows = [SimpleNamespace(stage="sft"), SimpleNamespace(stage="dpo")]
+    assert ranking(rows, "", "") == ("eval/accuracy", "max")
+    assert ranking(rows, "eval/loss", "") == ("eval/loss", "max")
+    monkeypatch.setattr(RECIPES["dpo"], "headline", ("eval/pairwise_accuracy", "max"))
+    with pytest.raises(PromoteError, match="metric="):
+        ranking(rows, "", "")
+
+
 def registered_names(uri: str) -> list[str]:
     from mlflow.tracking import MlflowClient
 

@@ -33,6 +33,10 @@ def plan_of(tmp_path, *extra):
     ([LR, "sweep.scheduler=asha", "train.eval_every=5", "data.eval_file=null"], "data.eval_file", "eval"),
     ([LR, "sweep.scheduler=asha"], "train.eval_every", "> 0"),
     (["sweep.scheduler=asha", "train.eval_every=5"], "sweep.scheduler", "sweep.search"),
+    # the searchers rank on eval/loss, which only a stage logging it during training has
+    ([LR, "stage=dpo", "data=embedded_pref"], "sweep.search", "stage dpo does not"),
+    ([LR, "stage=dpo", "data=embedded_pref", "sweep.scheduler=asha", "train.eval_every=5"], "sweep.scheduler",
+     "stage dpo does not"),
     ([LR, "sweep.budget=10"], "sweep.budget", "train.max_steps=30"),
 ])
 def test_bad_search_input_is_refused_naming_the_key(tmp_path, extra, key, fragment):

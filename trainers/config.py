@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 try:
     from omegaconf import MISSING
 except ImportError:  # a bare GPU box (benchmarks/gpu_throughput.py) builds these dataclasses directly
     MISSING = "???"
+
+# The Hydra config tree of a checkout (the driver's; Ray workers get resolved configs).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4")
 QUANTIZED_PRECISIONS = ("int8", "nf4", "fp4")
@@ -275,3 +279,15 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[dotted] = value
     return flat
+
+
+def default_choice(group: str) -> str:
+    """The option of config `group` that conf/config.yaml's defaults list picks (e.g. the default
+    stage), for tools that build a config without composing one."""
+    from omegaconf import OmegaConf
+
+    for entry in OmegaConf.load(CONF_DIR / "config.yaml").defaults:
+        if isinstance(entry, dict) or OmegaConf.is_dict(entry):
+            if group in entry:
+                return str(entry[group])
+    raise ConfigError([(group, f"{CONF_DIR / 'config.yaml'}: its defaults list picks no {group}")])

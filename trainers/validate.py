@@ -55,16 +55,19 @@ def check(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     return problems
 
 
-PACKING_STAGES = ("sft",)  # stages whose loss reads data.packing / data.group_by_length
+def stages_that(wanted) -> str:
+    """The names of the stages whose RecipeSpec has `wanted`, for a message: 'a or b'."""
+    return " or ".join(name for name, recipe in sorted(RECIPES.items()) if wanted(recipe))
 
 
 def check_batching(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     """data.packing / data.group_by_length against the stage and method that would use them."""
     problems = []
     stage = getattr(cfg.stage, "name", None)
+    recipe = RECIPES.get(stage)
     for key in ("packing", "group_by_length"):
-        if getattr(cfg.data, key) and stage not in PACKING_STAGES:
-            problems.append((f"data.{key}", f"only stage {' or '.join(PACKING_STAGES)} batches this way; "
+        if getattr(cfg.data, key) and recipe is not None and not recipe.packs_batches:
+            problems.append((f"data.{key}", f"only stage {stages_that(lambda r: r.packs_batches)} batches this way; "
                                             f"stage {stage} would ignore it"))
     method = getattr(cfg.method, "name", None)
     if cfg.data.packing and method in METHODS and any(METHODS[method].virtual_tokens(cfg.method)):
@@ -78,11 +81,15 @@ def check_fsdp(cfg: ExperimentConfig) -> list[tuple[str, str]]:
         return []
     if cfg.train.num_workers < 2:
         return [("train.fsdp", f"shards the model over train.num_workers > 1 workers, got {cfg.train.num_workers}")]
-    if getattr(cfg.method, "name", None) != "full":
-        return [("train.fsdp", "is for full fine-tuning (method=full); adapter methods train few parameters: "
+    spec = METHODS.get(getattr(cfg.method, "name", None))
+    if spec is not None and not spec.shards:
+        shardable = " or ".join(name for name, other in sorted(METHODS.items()) if other.shards)
+        return [("train.fsdp", f"is for full fine-tuning (method={shardable}); adapter methods train few parameters: "
                                "leave train.fsdp=false and their workers use DDP")]
-    if getattr(cfg.stage, "name", None) != "sft":
-        return [("train.fsdp", f"is supported by stage sft only, got stage {cfg.stage.name}")]
+    recipe = RECIPES.get(getattr(cfg.stage, "name", None))
+    if recipe is not None and not recipe.shards:
+        return [("train.fsdp", f"is supported by stage {stages_that(lambda r: r.shards)} only, "
+                               f"got stage {cfg.stage.name}")]
     if cfg.precision.quantized:
         return [("train.fsdp", f"cannot shard a quantized base (precision.name={cfg.precision.name})")]
     return []

@@ -16,20 +16,22 @@ precisions train the weights in their own dtype (bf16 full fine-tuning keeps bf1
 and AdamW states: 8 B/param, no fp32 master copy); on an int8/nf4/fp4 base every unquantized
 tensor (embeddings, norms, biases) is upcast to fp32 and so are the hidden states; PEFT adapters
 are fp32. What a method adds comes from its registry entry (MethodSpec.trainable_sizes,
-memory_terms), so adding a method touches its own file only.
+memory_terms), and what a stage adds from its recipe's (RecipeSpec.memory_terms: sequences per
+row, models held, output head), so adding a method or a stage touches its own file only.
 
     shapes.py       the model from config.json: ModelShape, Layout per family, known names
-    counts.py       trainable counts, weight bytes (bitsandbytes formats), optimizer states
-    activations.py  bytes saved for backward, eval pass; MethodTerms
-    estimate.py     estimate(cfg) -> MemoryEstimate, by component
+    terms.py        MethodTerms and StageTerms: what methods and stages contribute
+    counts.py       tensor sizes a target list selects, weight bytes (bitsandbytes formats), optimizer states
+    activations.py  bytes saved for backward, eval pass
+    estimate.py     estimate(cfg) -> MemoryEstimate, by component (reads the registries)
     cli.py          python -m trainers.memory
 
 Accuracy against measurements: tests/test_architectures.py (each family), tests/test_memory.py
 (sft, dpo, rl), benchmarks/estimator_accuracy.py (every method x precision).
 """
-from trainers.memory.counts import (FLOAT_BYTES, GIB, optimizer_state_bytes, quantized_linear_bytes,
-                                    trainable_params, trainable_tensor_sizes, weight_bytes)
-from trainers.memory.estimate import RUNTIME_OVERHEAD, Component, MemoryEstimate, estimate
+from trainers.memory.counts import FLOAT_BYTES, GIB, optimizer_state_bytes, quantized_linear_bytes, weight_bytes
+from trainers.memory.estimate import (RUNTIME_OVERHEAD, Component, MemoryEstimate, estimate, trainable_params,
+                                      trainable_tensor_sizes)
 from trainers.memory.shapes import HUB_IDS, KNOWN_MODELS, ModelShape, UnknownModelError, load_shape
 from trainers.memory.cli import main
 

@@ -26,7 +26,7 @@ def _experiment(model: str, method: str, precision: str, args) -> "ExperimentCon
         model=ModelConfig(name_or_path=model),
         data=DataConfig(train_file="-", eval_file="-" if args.eval_batch_size else None, max_seq_len=args.seq_len),
         method=method_cfg,
-        stage=RECIPES["sft"].config_cls(name="sft"),
+        stage=RECIPES[args.stage].config_cls(),
         precision=PrecisionConfig(name=precision, compute_dtype=compute,
                                   double_quant=args.double_quant and precision in ("nf4", "fp4")),
         train=TrainConfig(batch_size=args.batch_size, optimizer=args.optimizer,
@@ -37,8 +37,9 @@ def _experiment(model: str, method: str, precision: str, args) -> "ExperimentCon
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
-    from trainers.config import OPTIMIZERS, PRECISIONS
+    from trainers.config import OPTIMIZERS, PRECISIONS, default_choice
     from trainers.methods import METHODS
+    from trainers.recipes import RECIPES
 
     parser = argparse.ArgumentParser(
         prog="python -m trainers.memory",
@@ -50,6 +51,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--methods", default="full,lora,qlora", help="comma-separated (default full,lora,qlora)")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated (default all)")
     parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    parser.add_argument("--stage", default=default_choice("stage"), choices=sorted(RECIPES),
+                        help="the training stage, with its config's defaults (default: conf/config.yaml's)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     parser.add_argument("--double-quant", action="store_true", help="4-bit bases quantize their scales too")
     parser.add_argument("--eval-batch-size", type=int, default=0,

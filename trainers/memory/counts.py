@@ -1,15 +1,13 @@
-"""Parameter and byte counts in closed form: trainable parameters per method, base weights at
-their storage width (bitsandbytes formats included), optimizer states."""
+"""Parameter and byte counts in closed form: the tensors methods train (which layers a target
+list selects, the norms, every tensor), base weights at their storage width (bitsandbytes formats
+included), optimizer states."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from trainers.memory.shapes import ALL_LINEAR, ATTENTION, IA3_DEFAULTS, LN_TUNING_DEFAULTS, ModelShape
-
-if TYPE_CHECKING:
-    from trainers.config import ExperimentConfig
+from trainers.memory.shapes import ALL_LINEAR, ATTENTION, ModelShape
 
 GIB = 1024 ** 3
 FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -23,12 +21,6 @@ NESTED_CODE_BYTES = 256 * 4 + 4  # the 8-bit code book of the nested absmax + it
 # bitsandbytes 8-bit optimizers keep 32-bit state for tensors smaller than this.
 BNB_MIN_8BIT_SIZE = 4096
 BNB_STATE_BLOCK = 256
-
-
-
-def _method_field(method: Any, key: str, default: Any) -> Any:
-    value = getattr(method, key, default)
-    return default if value is None else value
 
 
 def _matches(name: str, target: str) -> bool:
@@ -45,54 +37,6 @@ def linear_targets(shape: ModelShape, targets: Any) -> list[str]:
         return list(shape.linears())
     names = shape.attention_linears() if ATTENTION in targets else []
     return [n for n in shape.linears() if n in names or any(_matches(n, t) for t in targets)]
-
-
-def lora_targets(shape: ModelShape, method: Any) -> list[str]:
-    return linear_targets(shape, _method_field(method, "target_modules", [ALL_LINEAR]))
-
-
-def ia3_targets(shape: ModelShape, method: Any) -> tuple[list[str], list[str]]:
-    """(targets, feedforward targets) of an (IA)3 config: PEFT's defaults when unset, or on other
-    architectures the structural choice of trainers/methods/structure.py (key/value-bearing
-    projections, i.e. out_features != hidden, and the MLP's output projection)."""
-    targets = getattr(method, "target_modules", None)
-    if targets is not None:
-        return linear_targets(shape, targets), linear_targets(shape, getattr(method, "feedforward_modules", None) or [])
-    if shape.model_type in IA3_DEFAULTS:
-        default_targets, default_ff = IA3_DEFAULTS[shape.model_type]
-        return list(default_targets), list(default_ff)
-    linears = shape.linears()
-    kv = [n for n in shape.attention_linears() if linears[n][1] != shape.hidden] or \
-        [n for n in shape.attention_linears() if linears[n][0] == shape.hidden]
-    return kv + [shape.layout.mlp_out], [shape.layout.mlp_out]
-
-
-def ln_tuning_norms(shape: ModelShape, method: Any) -> tuple[int, bool]:
-    """(norms per decoder layer, final norm included) that LN tuning trains."""
-    targets = getattr(method, "target_modules", None)
-    if targets is None:  # PEFT's default, or every hidden-size norm (structure.norm_names)
-        return LN_TUNING_DEFAULTS.get(shape.model_type, (shape.layout.norms_per_layer, True))
-    per_layer = sum(name in targets for name in ("input_layernorm", "post_attention_layernorm"))
-    return per_layer, "norm" in targets
-
-
-def trainable_tensor_sizes(model_config: Any, cfg: "ExperimentConfig") -> list[int]:
-    """Element counts of the tensors `cfg.method` trains on this model (closed form, no model
-    built; its registry entry's `trainable_sizes`). 8-bit optimizers treat small tensors differently.
-
-    model_config: ModelShape, config.json mapping or transformers PretrainedConfig.
-    """
-    from trainers.methods import METHODS
-
-    spec = METHODS.get(cfg.method.name)
-    if spec is None or spec.trainable_sizes is None:
-        raise ValueError(f"method.name={cfg.method.name!r}: no memory model for this method")
-    return spec.trainable_sizes(ModelShape.of(model_config), cfg.method)
-
-
-def trainable_params(model_config: Any, cfg: "ExperimentConfig") -> int:
-    """Number of parameters `cfg.method` trains on this model."""
-    return sum(trainable_tensor_sizes(model_config, cfg))
 
 
 def full_sizes(shape: ModelShape) -> list[int]:

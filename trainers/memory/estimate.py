@@ -1,4 +1,6 @@
-"""The estimate of one trial: components and peaks."""
+"""The estimate of one trial: components and peaks. The one module of the estimator that reads
+the method and stage registries: what a method or a stage adds comes from its registry entry
+(`MethodSpec.trainable_sizes`, `.memory_terms`, `.virtual_tokens`; `RecipeSpec.memory_terms`)."""
 
 from __future__ import annotations
 
@@ -6,13 +8,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
-from trainers.memory.activations import (MethodTerms, eval_bytes, extra_tokens, method_terms, prefix_cache_bytes,
-                                         train_activation_bytes)
-from trainers.memory.counts import FLOAT_BYTES, GIB, optimizer_state_bytes, trainable_tensor_sizes, weight_bytes
+from trainers.memory.activations import eval_bytes, prefix_cache_bytes, train_activation_bytes
+from trainers.memory.counts import FLOAT_BYTES, GIB, optimizer_state_bytes, weight_bytes
 from trainers.memory.shapes import ModelShape, load_shape
+from trainers.memory.terms import MethodTerms, StageTerms
 
 if TYPE_CHECKING:
     from trainers.config import ExperimentConfig
+    from trainers.methods.base import MethodSpec
 
 
 # Bytes a trial needs beyond its tensors: a CUDA context with cuBLAS workspaces, or on CPU the
@@ -27,6 +30,54 @@ OPTIMIZER_NOTES = {"adamw": "AdamW: 2 states per trainable param, in its dtype",
                    "adamw_8bit": "8-bit AdamW: 2 x 1 B + block absmax",
                    "paged_adamw_8bit": "paged 8-bit AdamW: 2 x 1 B + block absmax (pageable)",
                    "paged_adamw_32bit": "paged AdamW: 2 x fp32 (pageable)"}
+
+
+def _method(cfg: "ExperimentConfig") -> "MethodSpec":
+    from trainers.methods import METHODS
+
+    spec = METHODS.get(cfg.method.name)
+    if spec is None or spec.trainable_sizes is None:
+        raise ValueError(f"method.name={cfg.method.name!r}: no memory model for this method")
+    return spec
+
+
+def trainable_tensor_sizes(model_config: Any, cfg: "ExperimentConfig") -> list[int]:
+    """Element counts of the tensors `cfg.method` trains on this model (closed form, no model
+    built; its registry entry's `trainable_sizes`). 8-bit optimizers treat small tensors differently.
+
+    model_config: ModelShape, config.json mapping or transformers PretrainedConfig.
+    """
+    return _method(cfg).trainable_sizes(ModelShape.of(model_config), cfg.method)
+
+
+def trainable_params(model_config: Any, cfg: "ExperimentConfig") -> int:
+    """Number of parameters `cfg.method` trains on this model."""
+    return sum(trainable_tensor_sizes(model_config, cfg))
+
+
+def method_terms(shape: ModelShape, cfg: "ExperimentConfig") -> MethodTerms:
+    spec = _method(cfg)
+    return spec.memory_terms(shape, cfg.method) if spec.memory_terms is not None else MethodTerms()
+
+
+def extra_tokens(cfg: "ExperimentConfig") -> tuple[int, int]:
+    """(virtual tokens added to every sequence, prefix length added to every key/value)."""
+    return _method(cfg).virtual_tokens(cfg.method)
+
+
+def stage_terms(cfg: "ExperimentConfig", terms: MethodTerms) -> StageTerms:
+    """The stage recipe's terms; none without a stage. The recipe is registered: cfg.stage is an
+    instance of its config class, which lives in the recipe's module (importing the recipes
+    package here would make a cycle: recipes use the estimator)."""
+    from trainers.recipes.base import RECIPES
+
+    stage = getattr(cfg, "stage", None)
+    if stage is None:
+        return StageTerms()
+    recipe = RECIPES.get(stage.name)
+    if recipe is None:
+        raise ValueError(f"stage.name={stage.name!r}: no recipe registered, no memory model for this stage")
+    return recipe.memory_terms(cfg, terms)
 
 
 @dataclass
@@ -126,7 +177,7 @@ class Training:
 
     @classmethod
     def of(cls, shape: ModelShape, cfg: "ExperimentConfig", terms: MethodTerms, base_bytes: int) -> "Training":
-        sizes = trainable_tensor_sizes(shape, cfg)
+        sizes = _method(cfg).trainable_sizes(shape, cfg.method)
         n = sum(sizes)
         # the base's own tensors (full, BitFit) or a copy of them (LN tuning) train in the base
         # dtype; everything a method adds is fp32
@@ -150,29 +201,19 @@ class Batch:
     eval_rows: int
 
 
-def _stage_batch(shape: ModelShape, cfg: "ExperimentConfig", seq: int, weights: float, own_tensors_train: bool,
+def _stage_batch(shape: ModelShape, cfg: "ExperimentConfig", seq: int, weights: float, terms: MethodTerms,
                  notes: list[str]) -> Batch:
-    """The preference stages score chosen and rejected together (and a reward model has a scalar
-    head); RL trains on num_generations sampled answers per prompt and holds a reward model, and,
-    when the method trains the base's own tensors (no adapter to switch off), a frozen copy of the
-    starting policy as its KL reference."""
+    """The batch after the stage's terms: e.g. the preference stages score chosen and rejected
+    together (and a reward model has a scalar head); RL trains on sampled answers and holds a
+    reward model (and a reference copy)."""
     train = cfg.train
-    stage = getattr(getattr(cfg, "stage", None), "name", None) or "sft"
+    stage = stage_terms(cfg, terms)
     eval_rows = min(train.eval_batch_size, cfg.data.max_eval_rows or train.eval_batch_size)
-    batch = Batch(train.batch_size, seq, shape, weights, eval_rows)
-    if stage in ("reward", "dpo"):
-        batch.rows, batch.eval_rows = 2 * batch.rows, 2 * batch.eval_rows
-        notes.append(f"stage {stage}: chosen + rejected = {batch.rows} sequences per micro-batch")
-    if stage == "reward":
-        batch.head = dataclasses.replace(shape, vocab=1)
-    if stage == "rl":
-        batch.rows *= cfg.stage.num_generations
-        batch.seq += cfg.data.max_new_tokens
-        batch.weights *= 3 if own_tensors_train else 2
-        notes.append(f"stage rl: {batch.rows} rollouts of prompt + {cfg.data.max_new_tokens} new tokens per "
-                     "micro-batch, and a reward model as large as the policy"
-                     + (" and a frozen reference copy" if own_tensors_train else ""))
-    return batch
+    head = dataclasses.replace(shape, vocab=1) if stage.scalar_head else shape
+    if stage.note:
+        notes.append(stage.note)
+    return Batch(train.batch_size * stage.sequences_per_row, seq + stage.generated_tokens, head,
+                 weights * stage.model_copies, eval_rows * stage.eval_sequences_per_row)
 
 
 def _shard(shape: ModelShape, cfg: "ExperimentConfig", batch: Batch, training: Training, base_bytes: int,
@@ -188,18 +229,18 @@ def _shard(shape: ModelShape, cfg: "ExperimentConfig", batch: Batch, training: T
     notes.append(f"FSDP over {n} workers: weights, gradients and optimizer states sharded (not measured)")
 
 
-def _logits(shape: ModelShape, cfg: "ExperimentConfig", batch: Batch, act: int, int8_contexts: float) -> Component:
+def _logits(shape: ModelShape, extra: tuple[int, int], batch: Batch, act: int, int8_contexts: float) -> Component:
     """The training step keeps only the loss of the model's output. Backward starts with three
     fp32 tensors of tokens x vocab: log-softmax, its gradient and the gradient it passes on. The
     forward's end holds the logits, their fp32 copy and log-softmax, the output's key/value cache
     (prefix tuning), and the previous step's loss, whose finished graph still holds what
     bitsandbytes' int8 matmul stored on its autograd context: every int8 layer's input."""
-    virtual, _ = extra_tokens(cfg)
+    virtual, prefix = extra
     tokens, vocab = batch.rows * (batch.seq + virtual), batch.head.vocab
     softcap = tokens * vocab * act if batch.head.logit_softcap else 0  # its tanh, kept for backward
     backward_start = tokens * vocab * 12 + softcap
     forward_end = tokens * vocab * (act + 4 + (4 if act != 4 else 0)) + softcap
-    forward_end += prefix_cache_bytes(shape, cfg, act, batch.rows, batch.seq) + int8_contexts
+    forward_end += prefix_cache_bytes(shape, prefix, act, batch.rows, batch.seq) + int8_contexts
     note = (f"{tokens:,} tokens x {vocab:,} vocab: " + ("3 fp32 loss tensors at backward start"
                                                         if backward_start >= forward_end
                                                         else "logits + loss (+ caches) at forward end"))
@@ -224,20 +265,22 @@ def estimate(cfg: "ExperimentConfig", model_config: Any = None, *, seq_len: Opti
     notes: list[str] = []
     # Unquantized tensors on a quantized base are upcast to fp32 (and with them the hidden states).
     act = 4 if precision.quantized else FLOAT_BYTES[precision.name]
-    terms = method_terms(shape, cfg)
+    terms, extra = method_terms(shape, cfg), extra_tokens(cfg)
     training = Training.of(shape, cfg, terms, act)
     batch = _stage_batch(shape, cfg, seq_len or cfg.data.max_seq_len,
-                         weight_bytes(shape, precision.name, precision.double_quant), terms.storage == "base", notes)
+                         weight_bytes(shape, precision.name, precision.double_quant), terms, notes)
     _shard(shape, cfg, batch, training, act, notes)
-    acts, per_layer, int8_contexts = train_activation_bytes(shape, cfg, act, batch.rows, batch.seq)
+    acts, per_layer, int8_contexts = train_activation_bytes(shape, terms, extra, precision.name == "int8", act,
+                                                            batch.rows, batch.seq)
     if train.grad_accum > 1:  # earlier micro-batches' gradients stay through the next backward
         acts += training.grads
     if train.num_workers > 1 and not train.fsdp:  # DDP's gradient buckets
         acts += training.grads
     eval_seq = eval_seq_len or seq_len or cfg.data.max_seq_len
-    evaluation = eval_bytes(batch.head, cfg, act, batch.eval_rows, eval_seq) if cfg.data.eval_file else 0.0
+    evaluation = (eval_bytes(batch.head, terms, extra, cfg.data.max_new_tokens, act, batch.eval_rows, eval_seq)
+                  if cfg.data.eval_file else 0.0)
     n_trainable, dtype_name = sum(training.sizes), {4: "fp32", 2: "bf16/fp16"}[training.param_bytes]
-    tokens = batch.rows * (batch.seq + extra_tokens(cfg)[0])
+    tokens = batch.rows * (batch.seq + extra[0])
     return MemoryEstimate(
         model=shape.name, method=cfg.method.name,
         precision=precision.name + (" +dq" if precision.double_quant else ""),
@@ -251,7 +294,7 @@ def estimate(cfg: "ExperimentConfig", model_config: Any = None, *, seq_len: Opti
         optimizer_states=Component("optimizer states", training.opt, OPTIMIZER_NOTES[train.optimizer]),
         activations=Component("activations", acts, f"saved for backward; {_human(per_layer)} per layer x "
                                                    f"{shape.layers}, {tokens:,} tokens"),
-        logits=_logits(shape, cfg, batch, act, int8_contexts),
+        logits=_logits(shape, extra, batch, act, int8_contexts),
         optimizer_step=Component("optimizer step", training.step, "temporaries of the update (peak alternative)"),
         eval_pass=Component("eval pass", evaluation, f"batch {batch.eval_rows} x seq {eval_seq}, no grad"
                             if evaluation else "no eval file"),

@@ -9,22 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# PEFT's per-architecture defaults (peft.utils.constants) for the methods that have them; the
-# others get what trainers/methods/structure.py finds, the same shape (see ModelShape.roles).
-IA3_DEFAULTS = {"llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
-                "mistral": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
-                "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
-                "qwen3": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
-                "gemma2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
-                "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
-                "gpt_neox": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
-                "opt": (("q_proj", "k_proj", "fc2"), ("fc2",))}
-# LN tuning's defaults as (norms per decoder layer, final norm too): Llama/Mistral both per-layer
-# norms, Qwen2/3 post_attention_layernorm only, Gemma 2 its four, GPT-2 ln_1, ln_2, ln_f.
-LN_TUNING_DEFAULTS = {"llama": (2, True), "mistral": (2, True), "qwen2": (1, False), "qwen3": (1, False),
-                      "gemma2": (4, True), "gpt2": (2, True)}
 # Portable target names (trainers/methods/structure.py).
 ALL_LINEAR, ATTENTION = "all-linear", "attention"
+
 
 def _arch(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, vocab: int,
           tied: bool, **extra: Any) -> dict[str, Any]:
@@ -84,6 +71,7 @@ class Layout:
     norms_per_layer: int = 2  # Gemma 2 also normalises each sublayer's output
     head_norms: bool = False  # Qwen3: RMSNorm over each head's q and k
     tied_default: bool = False  # tie_word_embeddings when config.json leaves it out
+    final_norm: str = "norm"  # the norm after the last layer (every other norm is one per layer)
 
 
 LLAMA = Layout(("q_proj", "k_proj", "v_proj"), "o_proj", ("gate_proj", "up_proj"), "down_proj")
@@ -93,11 +81,11 @@ LAYOUTS = {
     "gemma2": dataclasses.replace(LLAMA, norms_per_layer=4, tied_default=True, eager_score_tensors=2),
     "phi3": Layout(("qkv_proj",), "o_proj", ("gate_up_proj",), "down_proj", rotary_on_fused_qkv=True),
     "gpt2": Layout(("c_attn",), "attn.c_proj", ("c_fc",), "mlp.c_proj", gated=False, activation_saves=3,
-                   layer_norm=True, tied_default=True),
+                   layer_norm=True, tied_default=True, final_norm="ln_f"),
     "gpt_neox": Layout(("query_key_value",), "dense", ("dense_h_to_4h",), "dense_4h_to_h", gated=False,
-                       layer_norm=True, rotary_on_fused_qkv=True),
+                       layer_norm=True, rotary_on_fused_qkv=True, final_norm="final_layer_norm"),
     "opt": Layout(("q_proj", "k_proj", "v_proj"), "out_proj", ("fc1",), "fc2", gated=False, layer_norm=True,
-                  activation_keeps_output=True, tied_default=True),
+                  activation_keeps_output=True, tied_default=True, final_norm="final_layer_norm"),
 }
 # config.json keys of the architectures that do not use Llama's names.
 RENAMED_KEYS = {"gpt2": {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from trainers.memory.terms import MethodTerms
 from trainers.methods.base import register
 from trainers.methods.base import MethodConfig, TensorsMethodSpec, positive, prepare_quantized_base
 
@@ -106,10 +107,16 @@ def trainable_sizes(shape, method) -> list[int]:
     return [h * b, b, b * h, h] * 2 * shape.layers  # down, up (with biases) after both blocks
 
 
-def memory_terms(shape, method):
-    from trainers.memory.activations import MethodTerms
+@dataclass(frozen=True)
+class BottleneckTerms(MethodTerms):
+    size: int = 0  # adapter width after each attention and MLP block
 
-    return MethodTerms(bottleneck=method.bottleneck_size)
+    def block_bytes(self, step) -> float:
+        return step.T * step.shape.hidden * 4 + step.T * self.size * 4  # its fp32 input and activation
+
+
+def memory_terms(shape, method) -> BottleneckTerms:
+    return BottleneckTerms(size=method.bottleneck_size)
 
 
 SPEC = register(TensorsMethodSpec(

@@ -69,9 +69,13 @@ class MethodSpec:
     # Element counts of the tensors it trains, in closed form from the model's shape
     # (trainers.memory.shapes.ModelShape) and the method config: the memory estimator's input.
     trainable_sizes: Optional[Callable[[Any, Any], list[int]]] = None
-    # What it changes in a training step's memory (trainers.memory.activations.MethodTerms) for
-    # that shape and method config; None: nothing beyond its trainable tensors.
+    # What it changes in a training step's memory, for that shape and method config: a
+    # trainers.memory.terms.MethodTerms, or the method's own subclass of it (what its modules keep
+    # on a targeted layer, after a block, in an eval forward). None: nothing beyond its trainable
+    # tensors.
     memory_terms: Optional[Callable[[Any, Any], Any]] = None
+    # train.fsdp can shard it (FSDP2 over the workers): it trains every weight of the base.
+    shards: bool = False
 
     def combination_problems(self, cfg: "ExperimentConfig") -> list[tuple[str, str]]:
         """check_combination plus what no base of this architecture and precision can do."""

@@ -57,7 +57,7 @@ def trainable_sizes(shape, method) -> list[int]:
 
 
 def memory_terms(shape, method):
-    from trainers.memory.activations import MethodTerms
+    from trainers.memory.terms import MethodTerms
 
     return MethodTerms(biases_train=True, storage="base")
 

@@ -34,10 +34,11 @@ def trainable_sizes(shape, method) -> list[int]:
 
 
 def memory_terms(shape, method):
-    from trainers.memory.activations import MethodTerms
+    from trainers.memory.terms import MethodTerms
 
     return MethodTerms(weights_train=True, norms_train=(True, True, True), input_grad=True, storage="base")
 
 
 register(MethodSpec(name="full", config_cls=FullConfig, apply=apply, saves="model", check_combination=check_combination,
-                    trainable_sizes=trainable_sizes, memory_terms=memory_terms, summary="all weights trainable"))
+                    trainable_sizes=trainable_sizes, memory_terms=memory_terms, shards=True,
+                    summary="all weights trainable"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
+from trainers.memory.terms import MethodTerms
 from trainers.methods.base import register
 from trainers.methods.base import MethodConfig, MethodSpec, fp16_weights_problem, peft_task_type, prepare_quantized_base
 
@@ -49,17 +50,32 @@ def check_combination(cfg) -> list[tuple[str, str]]:
     return fp16_weights_problem(cfg, "ln_tuning")
 
 
+def ln_tuning_norms(shape, method) -> tuple[int, bool]:
+    """(norms per decoder layer, final norm included) that the config trains on a ModelShape: its
+    own names; when unset, PEFT's per-architecture defaults (peft.utils.constants, as apply() gets
+    them: the layout's final norm by name, every other name one norm per layer); where PEFT has
+    none, every hidden-size norm (structure.norm_names)."""
+    targets = method.target_modules
+    if targets is not None:
+        per_layer = sum(name in targets for name in ("input_layernorm", "post_attention_layernorm"))
+        return per_layer, "norm" in targets
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    names = PEFT_DEFAULTS.get(shape.model_type)
+    if names is None:
+        return shape.layout.norms_per_layer, True
+    final = shape.layout.final_norm in names
+    return len(names) - final, final
+
+
 def trainable_sizes(shape, method) -> list[int]:
-    from trainers.memory.counts import ln_tuning_norms, norm_sizes
+    from trainers.memory.counts import norm_sizes
 
     return norm_sizes(shape, *ln_tuning_norms(shape, method))
 
 
-def memory_terms(shape, method):
+def memory_terms(shape, method) -> MethodTerms:
     """Which norms train: named targets, or (norms per layer, final) of the default."""
-    from trainers.memory.activations import MethodTerms
-    from trainers.memory.counts import ln_tuning_norms
-
     targets = method.target_modules
     if targets is not None:
         trains = ("input_layernorm" in targets, "post_attention_layernorm" in targets, "norm" in targets)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
+from trainers.memory.terms import MethodTerms
+
 from trainers.methods.base import register
 from trainers.methods.base import MethodConfig, MethodSpec, architecture, model_shape, peft_task_type, prepare_quantized_base
 from trainers.methods.structure import ALL_LINEAR, ATTENTION
@@ -89,10 +91,15 @@ def dora_int8_problems(cfg) -> list[tuple[str, str]]:
     return []
 
 
+def lora_targets(shape, method) -> list[str]:
+    """The per-layer linear names the config targets, on a ModelShape."""
+    from trainers.memory.counts import linear_targets
+
+    return linear_targets(shape, [ALL_LINEAR] if method.target_modules is None else method.target_modules)
+
+
 def trainable_sizes(shape, method) -> list[int]:
     """A (r x in) and B (out x r) per targeted layer; DoRA adds a magnitude per output feature."""
-    from trainers.memory.counts import lora_targets
-
     sizes = []
     for target in lora_targets(shape, method):
         fan_in, fan_out, _ = shape.linears()[target]
@@ -100,12 +107,44 @@ def trainable_sizes(shape, method) -> list[int]:
     return sizes * shape.layers
 
 
-def memory_terms(shape, method):
-    from trainers.memory.activations import MethodTerms
-    from trainers.memory.counts import lora_targets
+@dataclass(frozen=True)
+class LoraTerms(MethodTerms):
+    """A trained low-rank branch x -> B(A(dropout(x))) beside each targeted linear layer."""
 
-    return MethodTerms(lora=tuple(lora_targets(shape, method)), rank=method.r, dropout=method.dropout,
-                       dora=method.use_dora)
+    targets: tuple[str, ...] = ()
+    rank: int = 0
+    dropout: float = 0.0
+    dora: bool = False
+
+    def adapts(self, target: str) -> bool:
+        return target in self.targets
+
+    def keeps_input(self, step, target: str) -> bool:
+        # a same-dtype branch without dropout reads the very tensor the base layer got
+        return target in self.targets and step.act == 4 and self.dropout == 0
+
+    def branch_bytes(self, step, target: str) -> float:
+        """An fp32 copy of a 2-byte input (or the dropout output and its fp32 mask), the rank-r
+        intermediate; DoRA also the base output and the fp32 LoRA output."""
+        if target not in self.targets:
+            return 0.0
+        T = step.T
+        fan_in, fan_out, _ = step.shape.linears()[target]
+        copy = T * fan_in * 8 if self.dropout > 0 else (T * fan_in * 4 if step.act != 4 else 0.0)
+        return copy + T * self.rank * 4 + (T * fan_out * (step.act + 4) if self.dora else 0.0)
+
+    def eval_mlp_bytes(self, shape, tokens: int, act: int, plain: float) -> float:
+        """A branch on the MLP's up projection adds its fp32 output and scaled output (DoRA: the
+        base output, its rescaling, the branch's), and an fp32 copy of a 2-byte input."""
+        if shape.layout.mlp_in[-1] not in self.targets:
+            return plain
+        widest = tokens * shape.intermediate * (3 * act + 16 if self.dora else 2 * act + 8)
+        return widest + (tokens * shape.hidden * 4 if act != 4 else 0)
+
+
+def memory_terms(shape, method) -> LoraTerms:
+    return LoraTerms(targets=tuple(lora_targets(shape, method)), rank=method.r, dropout=method.dropout,
+                     dora=method.use_dora)
 
 
 register(MethodSpec(name="lora", config_cls=LoraConfig, apply=apply, saves="adapter", check_combination=check_combination,

@@ -54,7 +54,7 @@ def trainable_sizes(shape, method) -> list[int]:
 
 
 def memory_terms(shape, method):
-    from trainers.memory.activations import MethodTerms
+    from trainers.memory.terms import MethodTerms
 
     return MethodTerms(input_grad=True)
 

@@ -57,7 +57,7 @@ def trainable_sizes(shape, method) -> list[int]:
 
 def memory_terms(shape, method):
     """The prompt encoder runs once per step, for batch 1."""
-    from trainers.memory.activations import MethodTerms
+    from trainers.memory.terms import MethodTerms
 
     encoder = method.num_virtual_tokens * (shape.hidden + 2 * method.encoder_hidden_size) * 4
     return MethodTerms(input_grad=True, per_step_bytes=encoder)

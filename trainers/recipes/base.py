@@ -1,5 +1,12 @@
 """Shared shapes of a stage recipe (its config base class and registry record) and the data
-setup the preference stages share."""
+setup the preference stages share.
+
+A recipe's RecipeSpec is all the rest of the code knows of its stage: what data it trains on, what
+it needs and produces (pipelines wire stages by these), what it adds to a step's memory (the
+estimator, and so Ray's reservations), which metrics it logs (the report's columns), how its
+trials are ranked and whether they can be searched, early-stopped, packed, sharded or promoted.
+Nothing outside trainers/recipes/ asks for a stage by name.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ if TYPE_CHECKING:
     from trainers.config import ExperimentConfig
     from trainers.context import TrialContext
     from trainers.data import DatasetStats, EvalPrompt, PairExample
+    from trainers.memory.terms import MethodTerms, StageTerms
 
 # Data formats each `RecipeSpec.data_kind` trains on (trainers/data.py formats).
 DATA_FORMATS_OF_KIND = {
@@ -37,6 +45,22 @@ def no_combination_limits(cfg: "ExperimentConfig") -> list[tuple[str, str]]:
     return []
 
 
+def no_stage_terms(cfg: "ExperimentConfig", method_terms: "MethodTerms") -> "StageTerms":
+    from trainers.memory.terms import StageTerms
+
+    return StageTerms()
+
+
+def scores_pairs(cfg: "ExperimentConfig", method_terms: "MethodTerms") -> "StageTerms":
+    """memory_terms of a stage that scores each preference pair's chosen and rejected answers in
+    one forward, in training and in evaluation."""
+    from trainers.memory.terms import StageTerms
+
+    return StageTerms(sequences_per_row=2, eval_sequences_per_row=2,
+                      note=f"stage {cfg.stage.name}: chosen + rejected = {2 * cfg.train.batch_size} sequences "
+                           "per micro-batch")
+
+
 @dataclass
 class RecipeSpec:
     name: str
@@ -53,10 +77,31 @@ class RecipeSpec:
     # Impossible stage x method/data/precision combinations, as (key, reason).
     check_combination: Callable[["ExperimentConfig"], list[tuple[str, str]]] = no_combination_limits
     summary: str = ""
+    # What it changes in a training step's memory (trainers.memory.terms.StageTerms), for a config
+    # and its method's terms (MethodTerms): sequences per row, models held beside the trained one,
+    # the output head, generated tokens. The estimator's input, and so Ray's reservations.
+    memory_terms: Callable[["ExperimentConfig", "MethodTerms"], "StageTerms"] = no_stage_terms
+    # Its own metric namespaces beyond the contract's eval/ (e.g. ("dpo/",)): the report gives their
+    # final values columns.
+    metric_prefixes: tuple[str, ...] = ()
+    # (metric, "max" | "min"): the final metric that ranks its finished trials (promote's default).
+    headline: tuple[str, str] = ("eval/accuracy", "max")
+    # Metrics it logs on the eval split every train.eval_every steps and at its end: what sweep
+    # searchers and ASHA can decide on.
+    periodic_metrics: tuple[str, ...] = ()
+    # Its training batches follow data.packing / data.group_by_length.
+    packs_batches: bool = False
+    # It can run sharded with train.fsdp (FSDP2 over train.num_workers).
+    shards: bool = False
 
     @property
     def data_formats(self) -> tuple[str, ...]:
         return DATA_FORMATS_OF_KIND[self.data_kind]
+
+    @property
+    def promotable(self) -> bool:
+        """Its output is a text-generation model that can be registered and served."""
+        return self.produces == "policy"
 
 
 def needs_mergeable_method(stage: str) -> Callable[["ExperimentConfig"], list[tuple[str, str]]]:

@@ -31,7 +31,8 @@ from trainers.methods import METHODS
 from trainers.model import count_parameters
 from trainers.policy import policy_evaluation, sequence_logprobs
 from trainers.recipes.base import register
-from trainers.recipes.base import RecipeSpec, StageConfig, load_preference_splits, needs_mergeable_method
+from trainers.recipes.base import (RecipeSpec, StageConfig, load_preference_splits, needs_mergeable_method,
+                                   scores_pairs)
 from trainers.recipes.inputs import load_reward_model, load_start
 from trainers.templates import load_chat_tokenizer
 from trainers.training import train_loop
@@ -156,5 +157,6 @@ def run(ctx: TrialContext) -> dict[str, float]:
 
 register(RecipeSpec(name="dpo", config_cls=DpoConfig, run=run, data_kind="preference",
                     inputs={"init_from": "policy", "reward_from": "reward_model"},
-                    check_combination=needs_mergeable_method("dpo"),
+                    check_combination=needs_mergeable_method("dpo"), memory_terms=scores_pairs,
+                    metric_prefixes=("dpo/",),
                     summary="direct preference optimisation against the frozen starting policy"))

@@ -11,6 +11,7 @@ share of held-out pairs ranked right) and `eval/reward_margin` (mean r_chosen - 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from trainers.context import TrialContext
@@ -20,7 +21,8 @@ from trainers.methods import METHODS
 from trainers.model import count_parameters
 from trainers.policy import reward_scores, reward_sequence
 from trainers.recipes.base import register
-from trainers.recipes.base import RecipeSpec, StageConfig, load_preference_splits, needs_mergeable_method
+from trainers.recipes.base import (RecipeSpec, StageConfig, load_preference_splits, needs_mergeable_method,
+                                   scores_pairs)
 from trainers.recipes.inputs import load_start
 from trainers.templates import load_chat_tokenizer
 from trainers.training import train_loop
@@ -105,7 +107,13 @@ def run(ctx: TrialContext) -> dict[str, float]:
     return ctx.finish(spec, model, tokenizer, metrics, evaluate)
 
 
+def memory_terms(cfg, method_terms):
+    """Both answers of a pair in one forward, through a scalar head instead of the vocabulary."""
+    return dataclasses.replace(scores_pairs(cfg, method_terms), scalar_head=True)
+
+
 register(RecipeSpec(name="reward", config_cls=RewardConfig, run=run, data_kind="preference",
                     produces="reward_model", inputs={"init_from": "policy"},
-                    check_combination=needs_mergeable_method("reward"),
+                    check_combination=needs_mergeable_method("reward"), memory_terms=memory_terms,
+                    metric_prefixes=("reward/",), headline=("eval/pairwise_accuracy", "max"),
                     summary="reward model: scalar head on the policy, pairwise (Bradley-Terry) loss"))

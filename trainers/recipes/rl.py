@@ -173,7 +173,22 @@ def run(ctx: TrialContext) -> dict[str, float]:
     return ctx.finish(spec, model, tokenizer, metrics, answers)
 
 
+def memory_terms(cfg, method_terms):
+    """Each prompt becomes stage.num_generations answers of up to data.max_new_tokens; a reward
+    model as large as the policy scores them, and when the method trains the base's own tensors
+    (no adapter to switch off for the reference) a frozen copy of the start is the KL reference."""
+    from trainers.memory.terms import StageTerms
+
+    own_tensors = method_terms.storage == "base"
+    n, new = cfg.stage.num_generations, cfg.data.max_new_tokens
+    return StageTerms(sequences_per_row=n, generated_tokens=new, model_copies=3 if own_tensors else 2,
+                      note=f"stage {cfg.stage.name}: {cfg.train.batch_size * n} rollouts of prompt + {new} new "
+                           "tokens per micro-batch, and a reward model as large as the policy"
+                           + (" and a frozen reference copy" if own_tensors else ""))
+
+
 register(RecipeSpec(name="rl", config_cls=RlConfig, run=run, data_kind="prompts",
                     inputs={"init_from": "policy", "reward_from": "reward_model"},
-                    check_combination=needs_mergeable_method("rl"),
+                    check_combination=needs_mergeable_method("rl"), memory_terms=memory_terms,
+                    metric_prefixes=("rl/",),
                     summary="on-policy RL (GRPO) against a trained reward model, KL to the starting policy"))

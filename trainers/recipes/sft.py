@@ -80,4 +80,5 @@ def run(ctx: TrialContext) -> dict[str, float]:
 
 
 register(RecipeSpec(name="sft", config_cls=SftConfig, run=run, data_kind="instruction",
+                    periodic_metrics=("eval/loss",), packs_batches=True, shards=True,
                     summary="supervised fine-tuning on instruction or chat data"))
