@@ -34,9 +34,9 @@ from orchestrator.cells import Cell, Stat, TrialRow, group_cells
 
 log = logging.getLogger("orchestrator")
 
-# Final metrics of a stage beyond the SFT contract (reward model, DPO, RL) become columns of their
-# own, when some trial has them.
-STAGE_METRIC_PREFIXES = ("eval/", "reward/", "dpo/", "rl/", "ppo/", "grpo/")
+# Final metrics of a stage beyond the SFT contract (reward model, DPO, ORPO, RL) become columns of
+# their own, when some trial has them.
+STAGE_METRIC_PREFIXES = ("eval/", "reward/", "dpo/", "orpo/", "rl/", "ppo/", "grpo/")
 
 
 # --------------------------------------------------------------------------- formatting

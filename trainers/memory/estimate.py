@@ -160,7 +160,7 @@ def _stage_batch(shape: ModelShape, cfg: "ExperimentConfig", seq: int, weights: 
     stage = getattr(getattr(cfg, "stage", None), "name", None) or "sft"
     eval_rows = min(train.eval_batch_size, cfg.data.max_eval_rows or train.eval_batch_size)
     batch = Batch(train.batch_size, seq, shape, weights, eval_rows)
-    if stage in ("reward", "dpo"):
+    if stage in ("reward", "dpo", "orpo"):
         batch.rows, batch.eval_rows = 2 * batch.rows, 2 * batch.eval_rows
         notes.append(f"stage {stage}: chosen + rejected = {batch.rows} sequences per micro-batch")
     if stage == "reward":
