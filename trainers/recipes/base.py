@@ -1,5 +1,6 @@
-"""Shared shapes of a stage recipe (its config base class and registry record) and the data
-setup the preference stages share."""
+"""Shared shapes of a stage recipe (its config base class and registry record), and what the
+preference stages share: their data setup, the starting policy of dpo and orpo, and both sides of
+a pair scored in one pass."""
 
 from __future__ import annotations
 
@@ -107,6 +108,8 @@ def load_preference_splits(cfg: "ExperimentConfig", tokenizer, with_prompts: boo
 
 @dataclass
 class PolicyStart:
+    """What start_preference_policy set up."""
+
     tokenizer: object
     data: PreferenceSplits
     method: object  # the MethodSpec that wrapped the model
@@ -161,7 +164,7 @@ def pair_logprobs(model, pairs: list["PairExample"], pad_id: int, device) -> Pai
 
     examples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     logps = sequence_logprobs(model, examples, pad_id, device)
-    # the first token is never predicted: it has no label in the shifted sum either
+    # labels[0] is never predicted (log-probs are read shifted by one): count what the sum covers
     lengths = torch.tensor([sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples],
                            device=logps.device)
     n = len(pairs)
