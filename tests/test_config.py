@@ -29,7 +29,7 @@ def _valid_companions(group: str, option: str) -> list[str]:
         extra.append("precision=nf4")
     if group == "data" and option == "embedded_pref":
         extra.append("stage=dpo")  # preference data is for the preference stages
-    if group == "stage" and option in ("reward", "rl", "dpo"):
+    if group == "stage" and option in ("reward", "rl", "dpo", "orpo"):
         extra.append("data=embedded_pref")  # the preference stages train on preference data
     if group == "stage" and option == "rl":
         extra.append("stage.reward_from=runs/reward")  # a pipeline fills it in

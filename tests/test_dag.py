@@ -121,7 +121,8 @@ def rlhf_plan(tmp_path):
 def test_rlhf_plan_wires_each_stage_to_its_upstream_outputs(rlhf_plan, tmp_path):
     plan = rlhf_plan()
     trials = {t.label: t for t in plan.trials}
-    assert list(trials)[:2] == ["sft", "reward"] and set(trials) == {"sft", "reward", "rl r=4", "rl r=16", "dpo"}
+    assert list(trials)[:2] == ["sft", "reward"]
+    assert set(trials) == {"sft", "reward", "rl r=4", "rl r=16", "dpo", "orpo"}
     sft, reward = trials["sft"], trials["reward"]
     out = tmp_path / "rlhf"
     for label in ("rl r=4", "rl r=16"):
@@ -130,6 +131,8 @@ def test_rlhf_plan_wires_each_stage_to_its_upstream_outputs(rlhf_plan, tmp_path)
         assert rl.cfg.stage.init_from == str(out / sft.key) and rl.cfg.stage.reward_from == str(out / reward.key)
     assert reward.cfg.stage.name == "reward" and reward.cfg.stage.init_from == str(out / sft.key)
     assert reward.cfg.data.format == "preference" and sft.cfg.data.format == "instruction"
+    orpo = trials["orpo"]  # its own branch: from the base model, after nothing
+    assert orpo.after == [] and orpo.cfg.stage.name == "orpo" and orpo.cfg.stage.init_from is None
     assert {trials["rl r=4"].cfg.method.r, trials["rl r=16"].cfg.method.r} == {4, 16}
 
 
@@ -138,7 +141,8 @@ def test_keys_follow_upstream_keys_not_storage(rlhf_plan, tmp_path):
     moved = {t.label: t.key for t in make_plan(["+sweep=rlhf", f"storage.path={tmp_path / 'elsewhere'}"]).trials}
     assert moved == base  # output paths differ, keys do not
     sft_changed = {t.label: t.key for t in rlhf_plan("++sweep.stages.sft.overrides.train.max_steps=7").trials}
-    assert all(sft_changed[label] != base[label] for label in base)  # everything downstream of sft moves
+    # everything downstream of sft moves; orpo, on its own branch from the base, does not
+    assert [label for label in base if sft_changed[label] == base[label]] == ["orpo"]
     dpo_changed = {t.label: t.key for t in rlhf_plan("++sweep.stages.dpo.overrides.stage.beta=0.3").trials}
     assert [label for label in base if dpo_changed[label] != base[label]] == ["dpo"]
 
@@ -197,17 +201,18 @@ def test_stages_start_as_their_inputs_finish_and_a_failure_skips_downstream(rlhf
     plan = rlhf_plan("++sweep.stages.dpo.after=[sft]")
     labels = {t.key: t.label for t in plan.trials}
     searcher, events = searcher_of(plan, tmp_path)
-    assert handed(searcher, "t1") == "sft"
-    assert handed(searcher, "t2") is None  # nothing else is ready while sft runs
+    assert [handed(searcher, "t1"), handed(searcher, "t2")] == ["sft", "orpo"]  # orpo needs no sft
+    assert handed(searcher, "t3") is None  # nothing else is ready while sft runs
     searcher.on_trial_complete("t1")
-    assert [handed(searcher, "t3"), handed(searcher, "t4")] == ["reward", "dpo"]
-    searcher.on_trial_complete("t3", error=True)
-    assert handed(searcher, "t5") is None  # rl needs reward; dpo still runs
-    searcher.on_trial_complete("t4")
-    assert handed(searcher, "t6") == "FINISHED"
+    assert [handed(searcher, "t4"), handed(searcher, "t5")] == ["reward", "dpo"]
+    searcher.on_trial_complete("t4", error=True)
+    assert handed(searcher, "t6") is None  # rl needs reward; dpo and orpo still run
+    searcher.on_trial_complete("t5")
+    searcher.on_trial_complete("t2")
+    assert handed(searcher, "t7") == "FINISHED"
     states = {labels[k]: s for k, s in searcher.state.states.items()}
     assert states == {"sft": "FINISHED", "reward": "FAILED", "dpo": "FINISHED", "rl r=4": "SKIPPED",
-                      "rl r=16": "SKIPPED"}
+                      "rl r=16": "SKIPPED", "orpo": "FINISHED"}
     tracker = searcher.runs
     assert tracker.skipped == {"run-rl r=4": "upstream reward failed", "run-rl r=16": "upstream reward failed"}
     assert sorted(labels[k] for e, k, _ in events if e == "skipped") == ["rl r=16", "rl r=4"]

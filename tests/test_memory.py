@@ -356,13 +356,13 @@ def test_cli_unknown_model_exits_nonzero_with_message():
     assert "unknown model 'no-such-model-7b'" in result.stderr and "llama-2-7b" in result.stderr
 
 
-# --- the preference stages: dpo and rl, estimate vs measured
+# --- the preference stages: dpo, orpo and rl, estimate vs measured
 
 
-def test_estimate_matches_measured_peak_of_dpo_and_rl(make_cfg, tmp_path):
-    """Real dpo and rl trials (embedded model and pairs, 2 steps, with evaluation): the estimate at
-    the trial's sequence lengths lands within 10% of mem/peak_bytes. DPO scores chosen and
-    rejected together; RL trains on prompt + max_new_tokens rollouts and holds a reward model, and
+def test_estimate_matches_measured_peak_of_dpo_orpo_and_rl(make_cfg, tmp_path):
+    """Real dpo, orpo and rl trials (embedded model and pairs, 2 steps, with evaluation): the
+    estimate at the trial's sequence lengths lands within 10% of mem/peak_bytes. DPO and ORPO score
+    chosen and rejected together; RL trains on prompt + max_new_tokens rollouts and holds a reward model, and
     with full fine-tuning a frozen reference copy too."""
     from trainers.data import load_rows, prompts_with_answers
     from trainers.model import load_tokenizer
@@ -379,9 +379,9 @@ def test_estimate_matches_measured_peak_of_dpo_and_rl(make_cfg, tmp_path):
     prompts, _ = prompts_with_answers(tokenizer, rows, sources, fmt, reward.data.max_seq_len, "error")
     longest_pair = max(max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in splits.train)
     eval_pair = max(max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in splits.eval_pairs)
-    lengths = {"dpo": (longest_pair, eval_pair),
+    lengths = {"dpo": (longest_pair, eval_pair), "orpo": (longest_pair, eval_pair),
                "rl": (max(len(p.prompt_ids) for p in prompts), max(len(p.prompt_ids) for p in splits.eval_prompts))}
-    for stage, method in (("dpo", "lora"), ("rl", "lora"), ("rl", "full")):
+    for stage, method in (("dpo", "lora"), ("orpo", "lora"), ("rl", "lora"), ("rl", "full")):
         extra = ["stage.num_generations=4", f"stage.reward_from={tmp_path / 'reward'}"] if stage == "rl" else []
         cfg = make_cfg(*common, f"stage={stage}", f"method={method}", *extra)
         measured = run_trial(cfg, tmp_path / f"{stage}_{method}")["mem/peak_bytes"]

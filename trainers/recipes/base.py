@@ -1,5 +1,6 @@
 """Shared shapes of a stage recipe (its config base class and registry record) and the data
-setup the preference stages share.
+setup the preference stages share: their data, the starting policy of dpo and orpo, and both
+sides of a pair scored in one pass.
 
 A recipe's RecipeSpec is all the rest of the code knows of its stage: what data it trains on, what
 it needs and produces (pipelines wire stages by these), what it adds to a step's memory (the
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
+    import torch
+
     from trainers.config import ExperimentConfig
     from trainers.context import TrialContext
     from trainers.data import DatasetStats, EvalPrompt, PairExample
@@ -146,6 +149,71 @@ def load_preference_splits(cfg: "ExperimentConfig", tokenizer, with_prompts: boo
             splits.eval_prompts, _ = prompts_with_answers(tokenizer, rows, sources, "preference", data.max_seq_len,
                                                           data.overlength, template=data.template)
     return splits
+
+
+@dataclass
+class PolicyStart:
+    """What start_preference_policy set up."""
+
+    tokenizer: object
+    data: PreferenceSplits
+    method: object  # the MethodSpec that wrapped the model
+    model: object
+    trainable: int
+    total: int
+
+
+def start_preference_policy(ctx: "TrialContext") -> PolicyStart:
+    """The policy-training preference stages' setup: the data first (a bad row fails before the
+    model costs anything), then the starting model (the base or stage.init_from merged) with the
+    method on top; logs the parameter counts and the data stats."""
+    from trainers.methods import METHODS
+    from trainers.model import count_parameters
+    from trainers.recipes.inputs import load_start
+    from trainers.templates import load_chat_tokenizer
+
+    cfg = ctx.cfg
+    tokenizer = load_chat_tokenizer(cfg)
+    data = load_preference_splits(cfg, tokenizer, with_prompts=True)
+    ctx.memory.start()
+    method = METHODS[cfg.method.name]
+    model = method.apply(load_start(cfg, ctx.device), cfg)
+    trainable, total = count_parameters(model)
+    ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total,
+                             **data.train_stats.as_metrics("train")})
+    return PolicyStart(tokenizer, data, method, model, trainable, total)
+
+
+@dataclass
+class PairLogprobs:
+    """Summed response log-probs of each pair's chosen and rejected side under a model ([n] each,
+    gradients flow), the number of response tokens each sums over, and the tokens read."""
+
+    chosen: "torch.Tensor"
+    rejected: "torch.Tensor"
+    chosen_tokens: "torch.Tensor"
+    rejected_tokens: "torch.Tensor"
+    tokens_read: int
+
+    def chosen_nll(self) -> "torch.Tensor":
+        """Mean negative log-likelihood per chosen response token (the SFT loss on the chosen side)."""
+        return -self.chosen.sum() / self.chosen_tokens.sum().clamp(min=1)
+
+
+def pair_logprobs(model, pairs: list["PairExample"], pad_id: int, device) -> PairLogprobs:
+    """Both sides of every pair scored in one forward pass."""
+    import torch
+
+    from trainers.data import IGNORE_INDEX
+    from trainers.policy import sequence_logprobs
+
+    examples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    logps = sequence_logprobs(model, examples, pad_id, device)
+    # labels[0] is never predicted (log-probs are read shifted by one): count what the sum covers
+    lengths = torch.tensor([sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples],
+                           device=logps.device)
+    n = len(pairs)
+    return PairLogprobs(logps[:n], logps[n:], lengths[:n], lengths[n:], sum(len(e.input_ids) for e in examples))
 
 
 # Every recipe module registers itself here when trainers.recipes imports it.

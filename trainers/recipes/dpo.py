@@ -25,16 +25,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from trainers.context import TrialContext
-from trainers.data import IGNORE_INDEX, PairExample
+from trainers.data import PairExample
 from trainers.evaluate import margin_metrics, score_in_batches
-from trainers.methods import METHODS
-from trainers.model import count_parameters
 from trainers.policy import policy_evaluation, sequence_logprobs
 from trainers.recipes.base import register
-from trainers.recipes.base import (RecipeSpec, StageConfig, load_preference_splits, needs_mergeable_method,
-                                   scores_pairs)
-from trainers.recipes.inputs import load_reward_model, load_start
-from trainers.templates import load_chat_tokenizer
+from trainers.recipes.base import (RecipeSpec, StageConfig, needs_mergeable_method, pair_logprobs, scores_pairs,
+                                   start_preference_policy)
+from trainers.recipes.inputs import load_reward_model
 from trainers.training import train_loop
 
 
@@ -80,14 +77,11 @@ def implicit_rewards(model, items: list[ScoredPair], beta: float, pad_id: int, d
     token NLL, and the tokens read."""
     import torch
 
-    examples = [s.pair.chosen for s in items] + [s.pair.rejected for s in items]
-    logps = sequence_logprobs(model, examples, pad_id, device)
-    ref = torch.tensor([s.ref_chosen for s in items] + [s.ref_rejected for s in items], device=logps.device)
-    rewards = beta * (logps - ref)
-    chosen_tokens = sum(sum(label != IGNORE_INDEX for label in s.pair.chosen.labels) for s in items)
-    nll = -logps[:len(items)].sum() / max(chosen_tokens, 1)
-    tokens = sum(len(e.input_ids) for e in examples)
-    return rewards[:len(items)], rewards[len(items):], nll, tokens
+    logps = pair_logprobs(model, [s.pair for s in items], pad_id, device)
+    ref_chosen = torch.tensor([s.ref_chosen for s in items], device=logps.chosen.device)
+    ref_rejected = torch.tensor([s.ref_rejected for s in items], device=logps.chosen.device)
+    return (beta * (logps.chosen - ref_chosen), beta * (logps.rejected - ref_rejected), logps.chosen_nll(),
+            logps.tokens_read)
 
 
 def dpo_loss(beta: float, nll_weight: float, pad_id: int, device):
@@ -120,17 +114,10 @@ def evaluate_margins(model, items: list[ScoredPair], beta: float, pad_id: int, b
 def run(ctx: TrialContext) -> dict[str, float]:
     cfg, stage, device = ctx.cfg, ctx.cfg.stage, ctx.device
 
-    # --- setup: data first, so a bad row fails before the model costs anything
-    tokenizer = load_chat_tokenizer(cfg)
+    # --- setup: data, then the starting policy with the method on top
+    start = start_preference_policy(ctx)
+    tokenizer, data, model = start.tokenizer, start.data, start.model
     pad_id, batch = tokenizer.pad_token_id, cfg.train.eval_batch_size
-    data = load_preference_splits(cfg, tokenizer, with_prompts=True)
-
-    ctx.memory.start()
-    spec = METHODS[cfg.method.name]
-    model = spec.apply(load_start(cfg, device), cfg)
-    trainable, total = count_parameters(model)
-    ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total,
-                             **data.train_stats.as_metrics("train")})
     reward_model = load_reward_model(cfg, stage.reward_from, device, pad_id) if stage.reward_from else None
 
     # --- the reference log-probs, and the starting policy's answers (rank 0)
@@ -145,14 +132,14 @@ def run(ctx: TrialContext) -> dict[str, float]:
     loss_fn = dpo_loss(stage.beta, stage.nll_weight, pad_id, device)
     stats = train_loop(ctx.wrap_parallel(model), scored, cfg.train, pad_id, device, ctx.dist, ctx.tracker,
                        checkpoints=ctx.checkpoints, faults=ctx.faults, loss_fn=loss_fn)
-    metrics.update(stats.as_metrics(trainable, total))
+    metrics.update(stats.as_metrics(start.trainable, start.total))
 
     # --- evaluate and save (rank 0; the others wait at the barrier)
     def evaluate(model) -> dict[str, float]:
         margins = evaluate_margins(model, scored_eval, stage.beta, pad_id, batch, device) if scored_eval else {}
         return {**margins, **answers(model)}
 
-    return ctx.finish(spec, model, tokenizer, metrics, evaluate)
+    return ctx.finish(start.method, model, tokenizer, metrics, evaluate)
 
 
 register(RecipeSpec(name="dpo", config_cls=DpoConfig, run=run, data_kind="preference",
