@@ -345,6 +345,7 @@ def test_orpo_log_odds_are_exact_and_stay_finite_when_a_side_is_certain():
     assert torch.isfinite(odds).all() and torch.isfinite(certain.grad).all()
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_orpo_trains_lora_on_the_embedded_model_from_the_base(make_cfg, tmp_path):
     """ORPO from the base (no upstream stage, no reference): the loss falls, the held-out pairs rank
     right, only the adapter trains, and the saved adapter reloads to the logged eval margin."""
