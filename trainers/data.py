@@ -305,6 +305,13 @@ def examples_of(template, rows: list[dict], sources: list[str], fmt: str, max_se
     return kept
 
 
+def example_lengths(examples) -> list[int]:
+    """Token count of each example: a prepared dataset's index (trainers.prepared.ExampleRows
+    .lengths, no row is read), or counted from a list."""
+    lengths = getattr(examples, "lengths", None)
+    return lengths if lengths is not None else [len(e.input_ids) for e in examples]
+
+
 def pad_batch(examples: list[Example], pad_id: int) -> dict[str, "torch.Tensor"]:
     """Right-padded input_ids / attention_mask / labels tensors for a list of examples.
 
@@ -359,9 +366,10 @@ def pack_examples(examples: list[Example], max_seq_len: int, seed: int) -> list[
     """
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
+    sizes = example_lengths(examples)
     by_length: dict[int, list[int]] = {}  # length -> examples left (popped from the end)
     for i in order:
-        n = len(examples[i].input_ids)
+        n = int(sizes[i])
         if n > max_seq_len:
             raise ValueError(f"{examples[i].source}: {n} tokens do not fit data.max_seq_len={max_seq_len}")
         by_length.setdefault(n, []).append(i)
