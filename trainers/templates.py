@@ -226,24 +226,64 @@ class ModelTemplate:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _assistant_spans(self, messages: list[dict], full: str, renders: dict | None = None) -> list[tuple[int, int]]:
+    def render_many(self, conversations: list[list[dict]], generation: bool = False) -> list:
+        """render() of each conversation, in one template call (its per-call costs paid once); a
+        batch the template refuses is rendered one by one, so each gets its own text or error."""
+        if conversations:
+            try:
+                return list(self.tokenizer.apply_chat_template(conversations, tokenize=False,
+                                                               add_generation_prompt=generation))
+            except Exception:  # some conversation of the batch: found below, one by one
+                pass
+        return [_attempt(self.render, messages, generation) for messages in conversations]
+
+    def _assistant_spans(self, messages: list[dict], full: str, render=None) -> list[tuple[int, int]]:
         """Character spans of the assistant turns' text in `full` (the whole conversation).
-        `renders` (if given) keeps the generation prompt rendered before each turn, by turn."""
+        `render(i, generation)` renders messages[:i] (default: self.render)."""
+        render = render or (lambda i, generation: self.render(messages[:i], generation=generation))
         spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = self.render(messages[:i], generation=True)
-            through = full if i == len(messages) - 1 else self.render(messages[:i + 1])
+            before = render(i, True)
+            through = full if i == len(messages) - 1 else render(i + 1, False)
             if not (through.startswith(before) and full.startswith(through)):
                 raise TemplateError(
                     f"the model's chat template renders the conversation before turn {i} differently once later "
                     "turns follow (it rewrites earlier turns), so the assistant's tokens cannot be told apart; "
                     "use data.template=plain or one-turn rows")
-            if renders is not None:
-                renders[i] = before
             spans.append((len(before), len(through)))
         return spans
+
+    def _rendered_many(self, conversations: list[list[dict]]) -> list:
+        """Per conversation: (full text, assistant spans, generation prompt before its last turn)
+        or its TemplateError; every render of the batch in two template calls."""
+        fulls = self.render_many(conversations)
+        prefixes = {True: [], False: []}  # generation -> [(row, length)]
+        for r, messages in enumerate(conversations):
+            for i, message in enumerate(messages):
+                if message["role"] == "assistant":
+                    prefixes[True].append((r, i))
+                    if i < len(messages) - 1:
+                        prefixes[False].append((r, i + 1))
+        texts = {}
+        for generation, wanted in prefixes.items():
+            rendered = self.render_many([conversations[r][:i] for r, i in wanted], generation)
+            texts.update(((r, i, generation), text) for (r, i), text in zip(wanted, rendered))
+
+        def lookup(r: int):
+            def render(i: int, generation: bool) -> str:
+                return _unwrap(texts[r, i, generation])
+            return render
+
+        results = []
+        for r, (messages, full) in enumerate(zip(conversations, fulls)):
+            try:
+                spans = self._assistant_spans(messages, _unwrap(full), lookup(r))
+                results.append((full, spans, _unwrap(texts[r, len(messages) - 1, True])))
+            except TemplateError as err:
+                results.append(err)
+        return results
 
     def _labels(self, ids: list[int], offsets: list, spans: list[tuple[int, int]]) -> list[int]:
         labels = [IGNORE_INDEX] * len(ids)
@@ -278,15 +318,9 @@ class ModelTemplate:
         """Per row: (ids, labels, (prompt ids, answer) or None), or its TemplateError. A row's
         prompt is the generation prompt rendered before its last (assistant) turn: the same text
         `prompt` renders, rendered once."""
-        rendered = []  # per row: (full, spans, prompt text, answer) or the error
-        for row in rows:
-            try:
-                messages, renders = conversation(row, fmt), {}
-                full = self.render(messages)
-                spans = self._assistant_spans(messages, full, renders)
-                rendered.append((full, spans, renders[len(messages) - 1], messages[-1]["content"]))
-            except TemplateError as err:
-                rendered.append(err)
+        conversations = [conversation(row, fmt) for row in rows]
+        rendered = [r if isinstance(r, TemplateError) else (*r, messages[-1]["content"])
+                    for r, messages in zip(self._rendered_many(conversations), conversations)]
         ok = [r for r in rendered if not isinstance(r, TemplateError)]
         ids, offsets = self._tokenized([r[0] for r in ok])
         prompts = self._tokenized([r[2] for r in ok])[0] if with_prompts else [None] * len(ok)
@@ -375,6 +409,12 @@ class ModelTemplate:
             prompt, pair_sides = next(prompts), [next(sides), next(sides)]
             results.append(_attempt(self._pair_from, prompt, pair_sides))
         return results
+
+
+def _unwrap(result):
+    if isinstance(result, TemplateError):
+        raise result
+    return result
 
 
 def _attempt(fn, *args):
