@@ -202,3 +202,35 @@ def test_a_trial_reuses_what_validation_prepared_and_says_so(make_cfg, tmp_path)
     run_trial(cfg, tmp_path / "out", tracker=tracker)
     assert tracker.tags == {"data/prepared": "reused"} and 0 < tracker.metrics["time/data_s"] < 60
     assert json.loads(next((tmp_path / "prepared").glob("*/prepared.json")).read_text())["stats"]["rows"] in (8, 64)
+
+
+def test_a_pass_on_worker_processes_writes_the_same_and_reports_the_first_bad_row(make_cfg, tokenizer, tmp_path,
+                                                                                   write_jsonl, monkeypatch):
+    from trainers import prepared
+
+    monkeypatch.setattr(prepared, "TOKENIZE_BATCH", 50)
+    monkeypatch.setattr(prepared, "POOL_AFTER_BATCHES", 1)
+    rows = [{"instruction": f"What is {n} plus 1?", "output": str(n + 1)} for n in range(600)]
+    rows[99]["output"] = "one two three " * 30  # over max_seq_len: dropped, counted
+    cfg = make_cfg(f"data.train_file={write_jsonl('d.jsonl', rows)}", "data.overlength=drop")
+    template = chat_template(tokenizer, "auto")
+    built = []
+    for workers in (1, 2):
+        directory = tmp_path / f"w{workers}"
+        directory.mkdir()
+        prepared.build(directory, tokenizer, template, cfg.data, cfg.data.train_file, None, "auto", "examples",
+                       workers=workers)
+        built.append((prepared._open(directory, "built").examples(), (directory / "prepared.json").read_text()))
+    assert list(built[0][0]) == list(built[1][0]) and len(built[0][0]) == 599 and built[0][1] == built[1][1]
+
+    # Now row 100 (a worker's batch) is an error, and row 180 breaks a row rule: read while row
+    # 100's batch is still on a worker, it must not be the one reported.
+    cfg.data.overlength = "error"
+    rows[179] = {"instruction": "q"}
+    path = write_jsonl("bad.jsonl", rows)
+    for workers in (1, 2):
+        directory = tmp_path / f"bad{workers}"
+        directory.mkdir()
+        with pytest.raises(DataError, match=r"bad.jsonl:100: \d+ tokens exceeds data.max_seq_len"):
+            prepared.build(directory, tokenizer, template, cfg.data, str(path), None, "auto", "examples",
+                           workers=workers)

@@ -242,23 +242,109 @@ def _columns(product: str, template, rows: list[dict], sources: list[str], fmt: 
 NO_ROWS_WHAT = {"examples": "rows", "examples+prompts": "rows", "pairs": "preference pairs", "prompts": "prompts"}
 
 
-def build(directory: Path, tokenizer, template, data, uri: str, limit: int | None, fmt: str, product: str,
-          check_format: Callable[[str], None] | None = None, progress: Callable[[int], None] | None = None) -> str:
-    """Tokenize the source into `directory` (data.arrow, then prepared.json); returns the format.
-    Reads, validates, renders and writes batch by batch: memory holds one batch, not the source."""
+# A source of more batches than this is encoded on worker processes after its first ones: a
+# smaller one is done before a pool would have started.
+POOL_AFTER_BATCHES = 4
+_job_context: tuple = ()  # (template, data) of the pass under way; forked workers inherit it
+
+
+def _encode_job(job: tuple) -> tuple:
+    """One batch of rows -> ("ok", record batch, stats, rows) or ("error", message, None, rows):
+    the same on a worker as here."""
     import pyarrow as pa
 
-    schema, stats, done = _schema(product), DatasetStats(), 0
-    with pa.OSFile(str(directory / DATA_FILE), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+    product, fmt, rows, sources = job
+    template, data = _job_context
+    stats, schema = DatasetStats(), _schema(product)
+    try:
+        columns = _columns(product, template, rows, sources, fmt, data, stats)
+    except DataError as err:
+        return "error", str(err), None, len(rows)
+    batch = pa.record_batch([pa.array(columns[f.name], f.type) for f in schema], schema=schema)
+    return "ok", batch, stats, len(rows)
+
+
+def pass_workers() -> int:
+    """Processes a long pass encodes on: the CPUs this process may use, at most 8."""
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+
+
+def _encoded(jobs: Iterator[tuple], workers: int) -> Iterator[tuple]:
+    """_encode_job of each job, in order: the first POOL_AFTER_BATCHES here, the rest on `workers`
+    forked processes (rendering is Python, one core a process), a few batches ahead of the writer."""
+    import itertools
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    yield from map(_encode_job, itertools.islice(jobs, POOL_AFTER_BATCHES))
+    if workers < 2:
+        yield from map(_encode_job, jobs)
+        return
+    # Set, the variable keeps the tokenizers library from printing a warning in every forked
+    # worker (each then encodes on one thread, as it would anyway after a fork).
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    pending: deque = deque()
+    try:
+        with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+            try:
+                for job in jobs:
+                    pending.append(pool.submit(_encode_job, job))
+                    if len(pending) >= 2 * workers:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            except DataError:  # a row read after batches still encoding: theirs come first
+                while pending:
+                    yield pending.popleft().result()
+                raise
+            except BaseException:  # the writer stopped (a bad row, a signal): what is queued is not wanted
+                for future in pending:
+                    future.cancel()
+                raise
+    finally:
+        if parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
+
+
+def build(directory: Path, tokenizer, template, data, uri: str, limit: int | None, fmt: str, product: str,
+          check_format: Callable[[str], None] | None = None, progress: Callable[[int], None] | None = None,
+          workers: int | None = None) -> str:
+    """Tokenize the source into `directory` (data.arrow, then prepared.json); returns the format.
+    Reads and validates rows here, renders and tokenizes them in batches (on `workers` processes,
+    default pass_workers(), for a long source) and writes them in order: memory holds a few
+    batches, not the source. The first bad row in source order raises."""
+    import pyarrow as pa
+
+    global _job_context
+    formats = [fmt]
+
+    def jobs() -> Iterator[tuple]:
         for batch_fmt, rows, sources in row_batches(uri, fmt, limit, data.columns.mapping(), TOKENIZE_BATCH):
-            if fmt == "auto" and check_format is not None:
+            if formats[-1] == "auto" and check_format is not None:
                 check_format(batch_fmt)
-            fmt = batch_fmt
-            columns = _columns(product, template, rows, sources, fmt, data, stats)
-            writer.write_batch(pa.record_batch([pa.array(columns[f.name], f.type) for f in schema], schema=schema))
-            done += len(rows)
-            if progress is not None:
-                progress(done)
+            formats.append(batch_fmt)
+            yield product, batch_fmt, rows, sources
+
+    schema, stats, done = _schema(product), DatasetStats(), 0
+    _job_context = (template, data)
+    try:
+        with pa.OSFile(str(directory / DATA_FILE), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for status, batch, batch_stats, rows in _encoded(jobs(), pass_workers() if workers is None else workers):
+                if status == "error":
+                    raise DataError(batch)
+                writer.write_batch(batch)
+                stats.truncated += batch_stats.truncated
+                stats.dropped += batch_stats.dropped
+                done += rows
+                if progress is not None:
+                    progress(done)
+    finally:
+        _job_context = ()
+    fmt = formats[-1]
     stats.rows = done - stats.dropped
     if not stats.rows:
         raise DataError(no_rows_left(NO_ROWS_WHAT[product], data.overlength, data.max_seq_len))
