@@ -234,3 +234,17 @@ def test_a_pass_on_worker_processes_writes_the_same_and_reports_the_first_bad_ro
         with pytest.raises(DataError, match=r"bad.jsonl:100: \d+ tokens exceeds data.max_seq_len"):
             prepared.build(directory, tokenizer, template, cfg.data, str(path), None, "auto", "examples",
                            workers=workers)
+
+
+def test_the_drivers_pass_returns_what_stops_a_sweep_as_data(make_cfg, write_jsonl, tmp_path):
+    """What a cluster's Ray task hands back to the driver (orchestrator/prepare.py): plain data."""
+    from orchestrator.prepare import prepare_here
+    from trainers.config import to_container
+
+    bad = write_jsonl("bad.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
+    result = prepare_here(to_container(make_cfg(f"data.train_file={bad}", "data.eval_file=null")), str(tmp_path))
+    assert result == {"error": f"{bad}:2: missing field 'output'"}
+    missing = to_container(make_cfg(f"model.name_or_path={tmp_path / 'nope'}"))
+    assert prepare_here(missing, str(tmp_path))["problems"][0][0] == "model.name_or_path"
+    good = prepare_here(to_container(make_cfg("data.max_train_rows=20")), str(tmp_path))
+    assert good["template"] == "plain" and good["status"] == "built" and "train 20 rows" in good["line"]

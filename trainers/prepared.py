@@ -456,7 +456,7 @@ def stage_data(cfg, tokenizer, root: str | None = None, progress: Callable[[str]
     """The prepared data of the trial's stage (its RecipeSpec.data_kind says which products), under
     `root` (default `<storage.path>/prepared`). A format the stage does not train on is a
     DataError naming the source; `progress(label)` gives a rows-done callback per pass."""
-    from trainers.recipes import RECIPES
+    from trainers.recipes.base import RECIPES  # filled as trainers.recipes (imported first) registers
 
     started = time.perf_counter() if started is None else started
     recipe = RECIPES[cfg.stage.name]
