@@ -248,3 +248,15 @@ def test_the_drivers_pass_returns_what_stops_a_sweep_as_data(make_cfg, write_jso
     assert prepare_here(missing, str(tmp_path))["problems"][0][0] == "model.name_or_path"
     good = prepare_here(to_container(make_cfg("data.max_train_rows=20")), str(tmp_path))
     assert good["template"] == "plain" and good["status"] == "built" and "train 20 rows" in good["line"]
+
+
+def test_a_cached_copy_missing_from_the_remote_root_is_uploaded(make_cfg, tokenizer, tmp_path, monkeypatch):
+    from trainers import storage
+
+    monkeypatch.setenv("FTLAB_PREPARED_CACHE", str(tmp_path / "node"))
+    cfg = make_cfg("data.max_train_rows=50", "data.eval_file=null")
+    first = prepare_embedded(cfg, tokenizer, f"memory://prepared-a-{os.getpid()}/prepared")
+    other = f"memory://prepared-b-{os.getpid()}/prepared"  # another sweep's storage, same machine
+    again = prepare_embedded(cfg, tokenizer, other)
+    assert first.status == "built" and again.status == "reused"
+    assert storage.exists(storage.join(other, again.train.path.name, "prepared.json"))

@@ -388,16 +388,20 @@ def prepare(tokenizer, template, data, uri: str, limit: int | None, fmt: str, pr
             check_format: Callable[[str], None] | None = None,
             progress: Callable[[int], None] | None = None) -> Prepared:
     """The prepared dataset of (source, product) under `root`: opened when it exists, else built
-    (written aside, renamed into place; on a remote root also uploaded, prepared.json last)."""
+    (written aside, renamed into place; on a remote root also uploaded, prepared.json last: a
+    copy this machine's cache holds is uploaded too, so other nodes find it)."""
     key = prepare_key(key_inputs(tokenizer, template, data, uri, limit, fmt, product))
     remote = storage.is_remote(root)
     final = (local_cache() if remote else Path(storage.normalize(root))) / key
+    uploaded = remote and storage.exists(storage.join(root, key, META_FILE))
     if _complete(final):
+        if remote and not uploaded:
+            _upload(final, storage.join(root, key))
         return _open(final, "reused")
-    if remote and storage.exists(storage.join(root, key, META_FILE)):
+    if uploaded:
         partial = _aside(final)
-        storage.download(storage.join(root, key, DATA_FILE), partial / DATA_FILE)
-        storage.download(storage.join(root, key, META_FILE), partial / META_FILE)
+        for name in (DATA_FILE, META_FILE):
+            storage.download(storage.join(root, key, name), partial / name)
         _into_place(partial, final)
         return _open(final, "reused")
     partial = _aside(final)
@@ -407,10 +411,14 @@ def prepare(tokenizer, template, data, uri: str, limit: int | None, fmt: str, pr
         shutil.rmtree(partial, ignore_errors=True)
         raise
     if remote:
-        storage.upload(partial / DATA_FILE, storage.join(root, key, DATA_FILE))
-        storage.upload(partial / META_FILE, storage.join(root, key, META_FILE))
+        _upload(partial, storage.join(root, key))
     _into_place(partial, final)
     return _open(final, "built")
+
+
+def _upload(directory: Path, location: str) -> None:
+    for name in (DATA_FILE, META_FILE):  # the marker last: a reader never sees data without it whole
+        storage.upload(directory / name, storage.join(location, name))
 
 
 # --------------------------------------------------------------------------- a stage's data
