@@ -16,6 +16,11 @@ a small instruct model ships), data.max_seq_len=512. Each measurement is its own
   trial       a later trial's data loading (tokenizer, the prepared data reused, the first batch
               built): `time/data_s` and the process's RSS then, beside its RSS before loading
 
+  index      a worker's RSS for the lazy rows at --index-rows (default 1M): the largest size's
+              prepared record batches repeated to that many rows, opened as a trial opens them
+              (memory-mapped, the lengths index built, one example read); the rows' tokens were
+              measured above, this is what holding N of them costs a worker
+
 The two first passes alternate (ours first, then datasets) per size, on the same machine in the
 same run; ratios are datasets' seconds / ours (> 1: ours is faster) and ours / datasets for RSS.
 """
@@ -50,6 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--sizes", default="10000,100000", help="comma-separated row counts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="working directory (default: a temp dir, removed)")
+    parser.add_argument("--index-rows", type=int, default=1_000_000, help="rows of the worker-RSS index check")
     parser.add_argument("--json", default=None, help="write the results here too")
     return parser.parse_args(argv)
 
@@ -143,6 +149,43 @@ print(json.dumps({"data_s": metrics["time/data_s"], "status": prepared.status, "
 """
 
 
+INDEX = """
+import json, sys
+def rss():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
+import torch, transformers, pyarrow
+from pathlib import Path
+from trainers.data import DatasetStats
+from trainers.prepared import Prepared
+before = rss()
+examples = Prepared(Path(sys.argv[1]), "instruction", DatasetStats(), "reused").examples()
+first = examples[0]
+print(json.dumps({"rows": len(examples), "rss_before": before, "rss_ready": rss()}))
+"""
+
+
+def repeated(source: Path, target: Path, rows: int) -> None:
+    """A prepared dataset of `rows` rows: the record batches of `source` over and over."""
+    import shutil
+
+    import pyarrow as pa
+
+    target.mkdir(parents=True, exist_ok=True)
+    with pa.memory_map(str(source / "data.arrow")) as handle:
+        table = pa.ipc.open_stream(handle).read_all()
+    batches, written = table.to_batches(), 0
+    with pa.OSFile(str(target / "data.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        while written < rows:
+            for batch in batches:
+                batch = batch.slice(0, min(batch.num_rows, rows - written))
+                writer.write_batch(batch)
+                written += batch.num_rows
+                if written >= rows:
+                    break
+    shutil.copy(source / "prepared.json", target / "prepared.json")
+
+
 def measure(script: str, *args: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="true")
     proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, cwd=REPO)
@@ -178,6 +221,18 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def index_table(index: dict) -> str:
+    mb = 1 / 2**20
+    lines = ["| rows held (lazy) | worker RSS before MB | after opening + first example MB (anon / file) | growth MB |",
+             "| ---: | ---: | ---: | ---: |"]
+    for rows, r in sorted(index.items()):
+        ready, before = r["rss_ready"], r["rss_before"]
+        lines.append(f"| {rows:,} | {before['VmRSS'] * mb:.0f} | {ready['VmRSS'] * mb:.0f} "
+                     f"({ready['RssAnon'] * mb:.0f} / {ready['RssFile'] * mb:.0f}) | "
+                     f"{(ready['VmRSS'] - before['VmRSS']) * mb:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -192,8 +247,14 @@ def main(argv=None) -> int:
             results.append(run_size(n, args.seed, work, model))
             print(f"{n:,} rows measured in {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
         print(table(results))
+        (largest,) = (work / f"prepared-{sizes[-1]}").iterdir()
+        index = {}
+        for rows in sorted({sizes[0], args.index_rows}):
+            repeated(largest, work / f"index-{rows}", rows)
+            index[rows] = measure(INDEX, str(work / f"index-{rows}"))
+        print(index_table(index))
         if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
+            Path(args.json).write_text(json.dumps({"sizes": results, "index": index}, indent=2))
     return 0
 
 
