@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_templates import CHAT, CHATML, LLAMA3, NO_SYSTEM, SPECIALS, make_tokenizer
+from test_templates import CHAT, CHATML, LLAMA3, NO_SYSTEM, SPECIALS, make_tokenizer
 from trainers.data import DataError, load_rows, prompts_with_answers, tokenize_pairs, tokenize_split
 from trainers.templates import TemplateError, chat_template
 
