@@ -257,7 +257,8 @@ class ModelTemplate:
 
     def _rendered_many(self, conversations: list[list[dict]]) -> list:
         """Per conversation: (full text, assistant spans, generation prompt before its last turn)
-        or its TemplateError; every render of the batch in two template calls."""
+        or its TemplateError; every render of the batch in three template calls (whole
+        conversations, generation prompts, earlier turns)."""
         fulls = self.render_many(conversations)
         prefixes = {True: [], False: []}  # generation -> [(row, length)]
         for r, messages in enumerate(conversations):
