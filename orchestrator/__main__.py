@@ -87,18 +87,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_plan_inputs(plan) -> None:
-    """Every trial's data against its tokenizer (once per distinct model + data config). Each
-    trial's `data.template` becomes the template it resolved to: runs log and replay the template
-    used, not `auto`, while the trial key (computed before) keeps the setting."""
-    from trainers.trial import check_inputs
+    """Every trial's data prepared before anything runs (orchestrator/prepare.py)."""
+    from orchestrator.prepare import check_plan_inputs as prepare_plan
+    from orchestrator.runner import attach
 
-    templates: dict[tuple, str] = {}
-    for trial in plan.trials:
-        data_key = (trial.cfg.model.name_or_path, repr(trial.cfg.data))
-        if data_key not in templates:
-            check_inputs(trial.cfg)
-            templates[data_key] = trial.cfg.data.template
-        trial.cfg.data.template = templates[data_key]
+    prepare_plan(plan, lambda: attach(plan))
 
 
 def open_runs(plan, tracker, argv: list[str], storage: str) -> tuple[str, dict[str, str], set[str]]:

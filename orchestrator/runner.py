@@ -66,7 +66,8 @@ def train_worker(config: dict) -> None:
             tags["worker_nodes"] = " ".join(f"rank{r}={n['node/ip']}/{n['node/id'][:8]}" for r, n in enumerate(nodes))
         tracker.set_tags(tags)
     report({"progress/step": 0, "progress/total": cfg.train.max_steps})  # the board shows the node at once
-    metrics = run_trial(cfg, config["output_dir"], tracker=tracker, device=device)
+    metrics = run_trial(cfg, config["output_dir"], tracker=tracker, device=device,
+                        prepared_dir=config.get("prepared_dir"))
     # Not "done": Tune reads that key as "stop this trial" and would kill the trial mid-shutdown.
     ray.train.report({**metrics, "progress/step": cfg.train.max_steps, "progress/total": cfg.train.max_steps})
 
@@ -324,22 +325,37 @@ def check_address(address: str | None) -> None:
         raise ConfigError([("cluster.address", f"{address}: Ray Client needs grpcio: pip install 'ray[client]'")])
 
 
+def attach(plan: Plan) -> None:
+    """Connect to `cluster.address` (the driver's data pass runs there before the sweep); connect
+    then finds Ray initialized."""
+    import ray
+
+    if not ray.is_initialized():
+        _driver_env()
+        ray.init(address=plan.base.cluster.address, runtime_env=cluster_runtime_env(), **_init_kwargs())
+
+
+def _driver_env() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ctrl-C must reach the orchestrator (which marks runs KILLED), not Tune's graceful stop.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def _init_kwargs() -> dict:
+    return dict(log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False, configure_logging=True)
+
+
 def connect(plan: Plan, log_dir: Path) -> str:
     """Start a local Ray or attach to `cluster.address`; returns where Ray's own logs are."""
     import ray
 
     cluster = plan.base.cluster
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ctrl-C must reach the orchestrator (which marks runs KILLED), not Tune's graceful stop.
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    kwargs = dict(log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False,
-                  configure_logging=True)
+    _driver_env()
     if cluster.address:
-        kwargs["runtime_env"] = cluster_runtime_env()
-        ray.init(address=cluster.address, **kwargs)
+        attach(plan)
     else:
-        ray.init(num_cpus=cluster.num_cpus, **kwargs)
+        ray.init(num_cpus=cluster.num_cpus, **_init_kwargs())
     session = ray.get_runtime_context().gcs_address
     try:
         from ray._private.worker import _global_node

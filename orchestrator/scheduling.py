@@ -190,6 +190,7 @@ class SweepSearcher(Searcher):
             "tracking_uri": self.runs.uri,
             "output_dir": join(self.storage, self.plan.experiment, trial.key),
             "ray_storage": join(self.storage, "ray"),
+            "prepared_dir": join(self.storage, "prepared"),  # the driver's data pass wrote it (orchestrator/prepare.py)
             "resources": trial.resources,
             "max_failures": self.plan.base.cluster.max_failures,
             "git": self.runs.git,  # a resumed trial may run newer code than its run was created with

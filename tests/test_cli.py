@@ -21,7 +21,10 @@ def test_dry_run_prints_plan_and_starts_nothing(in_tmp, capsys):
     assert "sweep lora_rank: 6 trial(s)" in out
     for r in (1, 2, 4, 8, 16, 32):
         assert f"lora r={r} " in out
-    assert not (in_tmp / "mlflow.db").exists() and not (in_tmp / "runs").exists()
+    # Its validation is the data's preparation pass: the tokenized data is all it leaves, for the
+    # real run to reuse (issue #20); no MLflow store, no trial output.
+    assert "data (sft): built" in out
+    assert not (in_tmp / "mlflow.db").exists() and [p.name for p in (in_tmp / "runs").iterdir()] == ["prepared"]
 
 
 def test_help_lists_sweeps(capsys):

@@ -65,6 +65,7 @@ def _children(uri: str):
 def test_sweep_on_two_nodes_finishes_and_shows_where_each_trial_ran(cluster_sweep):
     proc = cluster_sweep["proc"]
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "data (sft): " in proc.stdout  # the driver's pass, run as a task on the cluster
     _, parent, children = _children(cluster_sweep["uri"])
     assert parent.info.status == "FINISHED"
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
@@ -113,6 +114,8 @@ def test_checkpoints_and_adapters_are_in_s3(cluster_sweep):
                 f"{trial}/metrics.json", f"{trial}/checkpoints/step-000010/manifest.json",
                 f"{trial}/checkpoints/step-000010/trainable.safetensors"} <= files, sorted(files)[:40]
     assert any(path.startswith(f"{BUCKET}/sweeps/ray/") for path in files)  # Ray Tune's experiment state
+    # The data, prepared once by the driver's pass (a Ray task on the cluster), for every node to read.
+    assert any(path.startswith(f"{BUCKET}/sweeps/prepared/") and path.endswith("/data.arrow") for path in files)
     # Nothing of the trials on the driver's disk: only its log.
     local = [p for p in (cluster_sweep["driver_dir"] / "runs").rglob("*") if p.is_file()]
     assert local and all(p.suffix == ".log" for p in local)

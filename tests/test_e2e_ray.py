@@ -19,7 +19,7 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent
 STEP_METRICS = ("train/loss", "train/lr", "train/tokens_per_s")
 FINAL_METRICS = ("eval/loss", "eval/perplexity", "eval/accuracy", "model/trainable_params", "model/total_params",
-                 "model/adapter_bytes", "mem/peak_bytes", "perf/tokens_per_s", "time/train_s")
+                 "model/adapter_bytes", "mem/peak_bytes", "perf/tokens_per_s", "time/train_s", "time/data_s")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,7 @@ def test_sweep_exits_zero_with_progress_and_table(sweep_run):
     table = out[out.index("eval loss"):]
     assert "lora r=2" in table and "lora r=8" in table
     assert "Configuration for experiment" not in out, "Ray's own console output must go to the log file"
+    assert "data (sft): built" in out  # the driver's validation is the one tokenization pass
 
 
 def test_a_variant_the_model_cannot_take_is_skipped_with_its_reason(sweep_run):
@@ -84,6 +85,7 @@ def test_mlflow_contract(sweep_run):
         # The embedded tokenizer has no chat template: auto resolved to plain, logged so, with its hash.
         assert child.data.params["data.template"] == "plain"
         assert len(child.data.tags["env.data.template_sha256"]) == 64
+        assert child.data.tags["data/prepared"] == "reused"  # what the driver's pass prepared
         for name in STEP_METRICS:
             history = client.get_metric_history(child.info.run_id, name)
             assert [m.step for m in history] == [10, 20, 30], name

@@ -366,6 +366,7 @@ def test_estimate_matches_measured_peak_of_dpo_orpo_and_rl(make_cfg, tmp_path):
     with full fine-tuning a frozen reference copy too."""
     from trainers.data import load_rows, prompts_with_answers
     from trainers.model import load_tokenizer
+    from trainers.context import TrialContext
     from trainers.recipes.base import load_preference_splits
     from trainers.trial import run_trial
 
@@ -374,7 +375,7 @@ def test_estimate_matches_measured_peak_of_dpo_orpo_and_rl(make_cfg, tmp_path):
     reward = make_cfg(*common, "stage=reward", "method=lora")
     run_trial(reward, tmp_path / "reward")
     tokenizer = load_tokenizer(reward.model)
-    splits = load_preference_splits(reward, tokenizer, with_prompts=True)
+    splits = load_preference_splits(TrialContext(reward, tmp_path / "splits", CPU), tokenizer, with_prompts=True)
     fmt, rows, sources = load_rows(reward.data.train_file, "preference", reward.data.max_train_rows)
     prompts, _ = prompts_with_answers(tokenizer, rows, sources, fmt, reward.data.max_seq_len, "error")
     longest_pair = max(max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in splits.train)

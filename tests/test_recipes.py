@@ -353,6 +353,7 @@ def test_orpo_trains_lora_on_the_embedded_model_from_the_base(make_cfg, tmp_path
     from safetensors.torch import load_file
 
     from trainers.model import load_base_model, load_tokenizer
+    from trainers.context import TrialContext
     from trainers.recipes.base import load_preference_splits
     from trainers.recipes.orpo import evaluate_margins
     from trainers.trial import run_trial
@@ -371,7 +372,7 @@ def test_orpo_trains_lora_on_the_embedded_model_from_the_base(make_cfg, tmp_path
     assert all(t.abs().max() > 0 for name, t in adapter.items() if "lora_B" in name)  # B starts at 0: it moved
     tokenizer = load_tokenizer(cfg.model)
     model = PeftModel.from_pretrained(load_base_model(cfg, CPU), tmp_path / "orpo" / "adapter")
-    pairs = load_preference_splits(cfg, tokenizer).eval_pairs
+    pairs = load_preference_splits(TrialContext(cfg, tmp_path / "splits", CPU), tokenizer).eval_pairs
     again = evaluate_margins(model, pairs, cfg.stage.beta, tokenizer.pad_token_id, 16, CPU)
     assert again["eval/reward_margin"] == pytest.approx(metrics["eval/reward_margin"], rel=1e-4, abs=1e-5)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,11 @@ class TrialContext:
     tracker: Tracker = field(default_factory=Tracker)
     # Where the outputs persist; output_dir is its local side (a staging dir when it is remote).
     storage: TrialStorage | None = None
+    # Where prepared (tokenized) data lives; None: <storage.path>/prepared (trainers.prepared).
+    prepared_dir: str | None = None
 
     def __post_init__(self):
+        self.started = time.perf_counter()  # the worker's start of data loading (time/data_s)
         if self.storage is None:
             self.storage = TrialStorage(self.output_dir, self.dist.rank)
         self.memory = PeakMemory(self.device)
@@ -34,6 +38,15 @@ class TrialContext:
                                              remote=self.storage.remote_join("checkpoints"),
                                              fingerprint=trial_fingerprint(self.cfg))
         self.faults = FaultPlan.from_env(self.output_dir, self.dist.rank)
+
+    def stage_data(self, tokenizer):
+        """The stage's prepared data (trainers.prepared.StageData): opened where the driver's
+        validation built it, else built here; tagged `data/prepared` (built | reused)."""
+        from trainers.prepared import stage_data
+
+        data = stage_data(self.cfg, tokenizer, self.prepared_dir, started=self.started)
+        self.tracker.set_tags({"data/prepared": data.status})
+        return data
 
     def wrap_parallel(self, model):
         """The model as the training loop drives it: DDP over the ranks, or FSDP with train.fsdp."""

@@ -8,7 +8,8 @@ Formats (one object per row; sources and `data.columns` in trainers.sources):
 
 A bad row is an error naming its `source:row` and the rule it breaks; nothing is dropped silently.
 Rows become tokens through the template `data.template` chooses (trainers.templates), the same
-for training and evaluation. Rows longer than `data.max_seq_len` tokens follow `data.overlength`
+for training and evaluation, TOKENIZE_BATCH rows per tokenizer call (`examples_of`, `pairs_of`,
+`prompts_of`: the per-batch steps trainers/prepared.py streams a source through). Rows longer than `data.max_seq_len` tokens follow `data.overlength`
 (error | truncate | drop, one rule: `fit_length`), and truncated/dropped rows are counted in
 `DatasetStats`.
 """
@@ -19,7 +20,7 @@ import bisect
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from trainers.sources import DataError, Row, local_path, read_rows
 from trainers.sources import resolve_path  # noqa: F401  (callers import it from here)
@@ -47,22 +48,22 @@ def data_fingerprint(data) -> dict[str, str]:
     (validation reports it). A file hashes its bytes; a directory its files' names and bytes; a
     hub dataset (hf:NAME) is named, not hashed: its sha256 is of the name. Cached per
     (path, size, mtime) in this process: a sweep's trials share their files."""
+    return {split: source_fingerprint(uri) for split, uri in (("train", data.train_file), ("eval", data.eval_file))
+            if uri}
+
+
+def source_fingerprint(uri: str) -> str:
+    """sha256 of one data source (see data_fingerprint); "" when it is missing."""
     import hashlib
 
-    digests = {}
-    for split, uri in (("train", data.train_file), ("eval", data.eval_file)):
-        if not uri:
-            continue
-        path = local_path(uri)
-        if path is None:
-            digests[split] = hashlib.sha256(uri.encode()).hexdigest() if uri.startswith("hf:") else ""
-        elif path.is_file():
-            digests[split] = _file_digest(path)
-        else:
-            files = sorted(p for p in path.rglob("*") if p.is_file())
-            listing = "".join(f"{f.relative_to(path)}:{_file_digest(f)}\n" for f in files)
-            digests[split] = hashlib.sha256(listing.encode()).hexdigest()
-    return digests
+    path = local_path(uri)
+    if path is None:
+        return hashlib.sha256(uri.encode()).hexdigest() if uri.startswith("hf:") else ""
+    if path.is_file():
+        return _file_digest(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = "".join(f"{f.relative_to(path)}:{_file_digest(f)}\n" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _file_digest(path) -> str:
@@ -165,14 +166,31 @@ def load_rows(uri: str, fmt: str = "auto", limit: int | None = None,
     """(format, normalised rows, their `source:row`s) of a data source (trainers.sources), columns
     renamed per `data.columns`; validates every row."""
     rows, sources = [], []
+    for batch_fmt, batch, names in row_batches(uri, fmt, limit, columns, batch_size=10**9):
+        fmt = batch_fmt
+        rows += batch
+        sources += names
+    return fmt, rows, sources
+
+
+def row_batches(uri: str, fmt: str = "auto", limit: int | None = None, columns: dict[str, str] | None = None,
+                batch_size: int = 1000) -> Iterator[tuple[str, list[dict[str, Any]], list[str]]]:
+    """load_rows in batches of validated rows, as the source is read: (format, rows, sources).
+    The format is the first row's when `fmt` is auto; a source without rows is an error."""
+    rows, sources, seen = [], [], 0
     for row in read_rows(uri, columns, limit):
         if fmt == "auto":
             fmt = detect_format(row)
         rows.append(validate_row(row, fmt))
         sources.append(row.source)
-    if not rows:
+        seen += 1
+        if len(rows) >= batch_size:
+            yield fmt, rows, sources
+            rows, sources = [], []
+    if not seen:
         raise DataError(f"{uri}: no rows")
-    return fmt, rows, sources
+    if rows:
+        yield fmt, rows, sources
 
 
 @contextmanager
@@ -231,33 +249,68 @@ def eval_prompt(tokenizer, row: dict, fmt: str, template="auto") -> tuple[list[i
     return chat_template(tokenizer, template).prompt(row, fmt)
 
 
+# Rows per batched template call: large enough that a tokenizer call's own cost vanishes, small
+# enough that a batch's Python lists stay a few MB.
+TOKENIZE_BATCH = 1000
+
+
+def _unwrap(result):
+    """A batched template method's result for one row, or its TemplateError raised."""
+    if isinstance(result, TemplateError):
+        raise result
+    return result
+
+
 def tokenize_split(tokenizer, rows: list[dict], sources: list[str], fmt: str, max_seq_len: int,
                    overlength: str, with_prompts: bool = False, template="auto") -> TokenizedSplit:
     """Instruction/chat rows as Examples (and their eval prompts when `with_prompts`), rendered by
     `template` (a data.template setting or a template); long rows follow `overlength`."""
     template = chat_template(tokenizer, template)
     split = TokenizedSplit()
-    for row, source in zip(rows, sources):
+    for start in range(0, len(rows), TOKENIZE_BATCH):
+        end = start + TOKENIZE_BATCH
+        for example, prompt in examples_of(template, rows[start:end], sources[start:end], fmt, max_seq_len,
+                                           overlength, with_prompts, split.stats):
+            split.examples.append(example)
+            if prompt is not None:
+                split.prompts.append(prompt)
+    split.stats.rows = len(split.examples)
+    if not split.examples:
+        raise DataError(no_rows_left("rows", overlength, max_seq_len))
+    return split
+
+
+def no_rows_left(what: str, overlength: str, max_seq_len: int) -> str:
+    return f"no usable {what} left after data.overlength={overlength} (max_seq_len={max_seq_len})"
+
+
+def examples_of(template, rows: list[dict], sources: list[str], fmt: str, max_seq_len: int, overlength: str,
+                with_prompts: bool, stats: DatasetStats) -> list[tuple[Example, EvalPrompt | None]]:
+    """One batch of instruction/chat rows as (Example, its eval prompt or None), tokenized in one
+    call; the first bad row (in order) raises; truncated/dropped rows are counted in `stats`."""
+    kept = []
+    for source, result in zip(sources, template.encode_many(rows, fmt, with_prompts)):
         with rendering(source):
-            ids, labels = template.encode(row, fmt)
-            prompt = template.prompt(row, fmt) if with_prompts else None
+            ids, labels, prompt = _unwrap(result)
         action = fit_length(source, len(ids), max_seq_len, overlength)
         if action == "drop":
-            split.stats.dropped += 1
+            stats.dropped += 1
             continue
         if action == "truncate":
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
             if all(label == IGNORE_INDEX for label in labels):
-                split.stats.dropped += 1  # nothing left to learn from
+                stats.dropped += 1  # nothing left to learn from
                 continue
-            split.stats.truncated += 1
-        split.examples.append(Example(ids, labels, source))
-        if prompt is not None:
-            split.prompts.append(EvalPrompt(prompt[0], prompt[1], source))
-    split.stats.rows = len(split.examples)
-    if not split.examples:
-        raise DataError(f"no usable rows left after data.overlength={overlength} (max_seq_len={max_seq_len})")
-    return split
+            stats.truncated += 1
+        kept.append((Example(ids, labels, source), EvalPrompt(prompt[0], prompt[1], source) if prompt else None))
+    return kept
+
+
+def example_lengths(examples) -> list[int]:
+    """Token count of each example: a prepared dataset's index (trainers.prepared.ExampleRows
+    .lengths, no row is read), or counted from a list."""
+    lengths = getattr(examples, "lengths", None)
+    return lengths if lengths is not None else [len(e.input_ids) for e in examples]
 
 
 def pad_batch(examples: list[Example], pad_id: int) -> dict[str, "torch.Tensor"]:
@@ -314,9 +367,10 @@ def pack_examples(examples: list[Example], max_seq_len: int, seed: int) -> list[
     """
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
+    sizes = example_lengths(examples)
     by_length: dict[int, list[int]] = {}  # length -> examples left (popped from the end)
     for i in order:
-        n = len(examples[i].input_ids)
+        n = int(sizes[i])
         if n > max_seq_len:
             raise ValueError(f"{examples[i].source}: {n} tokens do not fit data.max_seq_len={max_seq_len}")
         by_length.setdefault(n, []).append(i)
@@ -413,9 +467,22 @@ def tokenize_pairs(tokenizer, rows: list[dict], sources: list[str], max_seq_len:
     `overlength` (truncate cuts both sides; a side left without response tokens drops the pair)."""
     template = chat_template(tokenizer, template)
     pairs, stats = [], DatasetStats()
-    for row, source in zip(rows, sources):
+    for start in range(0, len(rows), TOKENIZE_BATCH):
+        end = start + TOKENIZE_BATCH
+        pairs += pairs_of(template, rows[start:end], sources[start:end], max_seq_len, overlength, stats)
+    stats.rows = len(pairs)
+    if not pairs:
+        raise DataError(no_rows_left("preference pairs", overlength, max_seq_len))
+    return pairs, stats
+
+
+def pairs_of(template, rows: list[dict], sources: list[str], max_seq_len: int, overlength: str,
+             stats: DatasetStats) -> list[PairExample]:
+    """One batch of preference rows as PairExamples (see tokenize_pairs), tokenized in one call."""
+    pairs = []
+    for source, result in zip(sources, template.pair_many(rows)):
         with rendering(source):
-            prompt, chosen, rejected = template.pair(row)
+            prompt, chosen, rejected = _unwrap(result)
         room = max_seq_len - len(prompt)
         action = fit_length(source, len(prompt) + max(len(chosen[0]), len(rejected[0])), max_seq_len, overlength)
         if action == "truncate":
@@ -428,10 +495,7 @@ def tokenize_pairs(tokenizer, rows: list[dict], sources: list[str], max_seq_len:
         stats.truncated += action == "truncate"
         sides = [Example(prompt + ids, [IGNORE_INDEX] * len(prompt) + labels, source) for ids, labels in (chosen, rejected)]
         pairs.append(PairExample(sides[0], sides[1], source))
-    stats.rows = len(pairs)
-    if not pairs:
-        raise DataError(f"no usable preference pairs left after data.overlength={overlength} (max_seq_len={max_seq_len})")
-    return pairs, stats
+    return pairs
 
 
 def prompts_with_answers(tokenizer, rows: list[dict], sources: list[str], fmt: str, max_seq_len: int,
@@ -441,9 +505,22 @@ def prompts_with_answers(tokenizer, rows: list[dict], sources: list[str], fmt: s
     `overlength` (truncate keeps its end, where the response header is)."""
     template = chat_template(tokenizer, template)
     prompts, stats = [], DatasetStats()
-    for row, source in zip(rows, sources):
+    for start in range(0, len(rows), TOKENIZE_BATCH):
+        end = start + TOKENIZE_BATCH
+        prompts += prompts_of(template, rows[start:end], sources[start:end], fmt, max_seq_len, overlength, stats)
+    stats.rows = len(prompts)
+    if not prompts:
+        raise DataError(no_rows_left("prompts", overlength, max_seq_len))
+    return prompts, stats
+
+
+def prompts_of(template, rows: list[dict], sources: list[str], fmt: str, max_seq_len: int, overlength: str,
+               stats: DatasetStats) -> list[EvalPrompt]:
+    """One batch of rows as EvalPrompts (see prompts_with_answers), tokenized in one call."""
+    prompts = []
+    for source, result in zip(sources, template.prompt_many(rows, fmt)):
         with rendering(source):
-            prompt_ids, answer = template.prompt(row, fmt)
+            prompt_ids, answer = _unwrap(result)
         action = fit_length(source, len(prompt_ids), max_seq_len, overlength, what="prompt of ")
         if action == "drop":
             stats.dropped += 1
@@ -452,7 +529,4 @@ def prompts_with_answers(tokenizer, rows: list[dict], sources: list[str], fmt: s
             prompt_ids = prompt_ids[-max_seq_len:]
             stats.truncated += 1
         prompts.append(EvalPrompt(prompt_ids, answer, source))
-    stats.rows = len(prompts)
-    if not prompts:
-        raise DataError(f"no usable prompts left after data.overlength={overlength} (max_seq_len={max_seq_len})")
-    return prompts, stats
+    return prompts

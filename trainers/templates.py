@@ -21,6 +21,12 @@ newline) is not trained: generation has stopped by then.
 
 plain: the project's "### Instruction:/### Response:" prompt for instruction rows and
 "### User:/### Assistant:" headers for chat; eos closes each assistant turn.
+
+Both templates also work on batches of rows (`encode_many`, `prompt_many`, `pair_many`): the
+same texts rendered row by row, then one tokenizer call for the batch (a fast tokenizer encodes a
+list in parallel, and a call's own overhead is paid once). The result of each row is exactly the
+one-row method's, or the TemplateError that method would raise (tests/test_prepared.py compares
+them token for token); the caller raises the first in row order.
 """
 
 from __future__ import annotations
@@ -108,9 +114,45 @@ class PlainTemplate:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self._recording: list[str] | None = None  # texts asked for while a batch is being surveyed
+        self._known: dict[str, list[int]] = {}  # their ids, from one batched tokenizer call
 
     def _ids(self, text: str) -> list[int]:
+        if self._recording is not None:
+            self._recording.append(text)
+            return []
+        known = self._known.get(text)
+        if known is not None:
+            return list(known)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _many(self, render, rows: list) -> list:
+        """`render(row)` for each row with its texts tokenized in one call: a first run over the
+        rows records the texts they ask for (the plain template's pieces are fixed by the row,
+        not by token ids), the second runs on their ids."""
+        self._recording = []
+        try:
+            for row in rows:
+                render(row)
+            texts = list(dict.fromkeys(self._recording))
+        finally:
+            self._recording = None
+        if texts:
+            self._known = dict(zip(texts, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
+        try:
+            return [_attempt(render, row) for row in rows]
+        finally:
+            self._known = {}
+
+    def encode_many(self, rows: list[dict], fmt: str, with_prompts: bool = False) -> list:
+        """Per row: (ids, labels, (prompt ids, answer) or None), or its TemplateError."""
+        return self._many(lambda row: (*self.encode(row, fmt), self.prompt(row, fmt) if with_prompts else None), rows)
+
+    def prompt_many(self, rows: list[dict], fmt: str) -> list:
+        return self._many(lambda row: self.prompt(row, fmt), rows)
+
+    def pair_many(self, rows: list[dict]) -> list:
+        return self._many(self.pair, rows)
 
     def _bos(self) -> list[int]:
         tokenizer = self.tokenizer
@@ -184,13 +226,27 @@ class ModelTemplate:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _assistant_spans(self, messages: list[dict], full: str) -> list[tuple[int, int]]:
-        """Character spans of the assistant turns' text in `full` (the whole conversation)."""
+    def render_many(self, conversations: list[list[dict]], generation: bool = False) -> list:
+        """render() of each conversation, in one template call (its per-call costs paid once); a
+        batch the template refuses is rendered one by one, so each gets its own text or error."""
+        if conversations:
+            try:
+                return list(self.tokenizer.apply_chat_template(conversations, tokenize=False,
+                                                               add_generation_prompt=generation))
+            except Exception:  # some conversation of the batch: found below, one by one
+                pass
+        return [_attempt(self.render, messages, generation) for messages in conversations]
+
+    def _assistant_spans(self, messages: list[dict], full: str, render=None) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns' text in `full` (the whole conversation).
+        `render(i, generation)` renders messages[:i] (default: self.render)."""
+        render = render or (lambda i, generation: self.render(messages[:i], generation=generation))
         spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before, through = self.render(messages[:i], generation=True), self.render(messages[:i + 1])
+            before = render(i, True)
+            through = full if i == len(messages) - 1 else render(i + 1, False)
             if not (through.startswith(before) and full.startswith(through)):
                 raise TemplateError(
                     f"the model's chat template renders the conversation before turn {i} differently once later "
@@ -199,12 +255,40 @@ class ModelTemplate:
             spans.append((len(before), len(through)))
         return spans
 
-    def _encode(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        full = self.render(messages)
-        encoding = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    def _rendered_many(self, conversations: list[list[dict]]) -> list:
+        """Per conversation: (full text, assistant spans, generation prompt before its last turn)
+        or its TemplateError; every render of the batch in three template calls (whole
+        conversations, generation prompts, earlier turns)."""
+        fulls = self.render_many(conversations)
+        prefixes = {True: [], False: []}  # generation -> [(row, length)]
+        for r, messages in enumerate(conversations):
+            for i, message in enumerate(messages):
+                if message["role"] == "assistant":
+                    prefixes[True].append((r, i))
+                    if i < len(messages) - 1:
+                        prefixes[False].append((r, i + 1))
+        texts = {}
+        for generation, wanted in prefixes.items():
+            rendered = self.render_many([conversations[r][:i] for r, i in wanted], generation)
+            texts.update(((r, i, generation), text) for (r, i), text in zip(wanted, rendered))
+
+        def lookup(r: int):
+            def render(i: int, generation: bool) -> str:
+                return _unwrap(texts[r, i, generation])
+            return render
+
+        results = []
+        for r, (messages, full) in enumerate(zip(conversations, fulls)):
+            try:
+                spans = self._assistant_spans(messages, _unwrap(full), lookup(r))
+                results.append((full, spans, _unwrap(texts[r, len(messages) - 1, True])))
+            except TemplateError as err:
+                results.append(err)
+        return results
+
+    def _labels(self, ids: list[int], offsets: list, spans: list[tuple[int, int]]) -> list[int]:
         labels = [IGNORE_INDEX] * len(ids)
-        for start, end in self._assistant_spans(messages, full):
+        for start, end in spans:
             # Overlap, not containment: a normalizer or a merge can join the header's last character
             # to the content's first token, which is still the assistant's to produce.
             inside = [j for j, (first, last) in enumerate(offsets) if first < end and last > start]
@@ -215,7 +299,42 @@ class ModelTemplate:
             for j in inside:
                 if j <= (ends[-1] if ends else inside[-1]):
                     labels[j] = ids[j]
-        return ids, labels
+        return labels
+
+    def _encode(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        full = self.render(messages)
+        spans = self._assistant_spans(messages, full)
+        encoding = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoding["input_ids"]
+        return ids, self._labels(ids, encoding["offset_mapping"], spans)
+
+    def _tokenized(self, texts: list[str]) -> tuple[list[list[int]], list[list]]:
+        """(ids, offsets) of each text, from one tokenizer call."""
+        if not texts:
+            return [], []
+        encoding = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return encoding["input_ids"], encoding["offset_mapping"]
+
+    def encode_many(self, rows: list[dict], fmt: str, with_prompts: bool = False) -> list:
+        """Per row: (ids, labels, (prompt ids, answer) or None), or its TemplateError. A row's
+        prompt is the generation prompt rendered before its last (assistant) turn: the same text
+        `prompt` renders, rendered once."""
+        conversations = [conversation(row, fmt) for row in rows]
+        rendered = [r if isinstance(r, TemplateError) else (*r, messages[-1]["content"])
+                    for r, messages in zip(self._rendered_many(conversations), conversations)]
+        ok = [r for r in rendered if not isinstance(r, TemplateError)]
+        ids, offsets = self._tokenized([r[0] for r in ok])
+        prompts = self._tokenized([r[2] for r in ok])[0] if with_prompts else [None] * len(ok)
+        done = iter(zip(ok, ids, offsets, prompts))
+        results = []
+        for r in rendered:
+            if isinstance(r, TemplateError):
+                results.append(r)
+                continue
+            (_, spans, _, answer), row_ids, row_offsets, prompt = next(done)
+            results.append((row_ids, self._labels(row_ids, row_offsets, spans),
+                            (prompt, answer) if with_prompts else None))
+        return results
 
     def encode(self, row: dict, fmt: str) -> tuple[list[int], list[int]]:
         return self._encode(conversation(row, fmt))
@@ -230,20 +349,78 @@ class ModelTemplate:
         trained = [token for token, label in zip(ids, labels) if label != IGNORE_INDEX]
         return trained[-1] if trained and trained[-1] in self.special_ids else None
 
-    def prompt(self, row: dict, fmt: str) -> tuple[list[int], str]:
+    def _prompt_text(self, row: dict, fmt: str) -> tuple[str, str]:
         if fmt == "preference":
-            return self._ids(self.render(preference_history(row), generation=True)), row["chosen"]
+            return self.render(preference_history(row), generation=True), row["chosen"]
         messages = conversation(row, fmt)
-        return self._ids(self.render(messages[:-1], generation=True)), messages[-1]["content"]
+        return self.render(messages[:-1], generation=True), messages[-1]["content"]
 
-    def pair(self, row: dict) -> tuple[list[int], tuple[list[int], list[int]], tuple[list[int], list[int]]]:
+    def prompt(self, row: dict, fmt: str) -> tuple[list[int], str]:
+        text, answer = self._prompt_text(row, fmt)
+        return self._ids(text), answer
+
+    def prompt_many(self, rows: list[dict], fmt: str) -> list:
+        rendered = [_attempt(self._prompt_text, row, fmt) for row in rows]
+        ok = [r for r in rendered if not isinstance(r, TemplateError)]
+        ids = iter(self._tokenized([text for text, _ in ok])[0])
+        return [r if isinstance(r, TemplateError) else (next(ids), r[1]) for r in rendered]
+
+    def _pair_texts(self, row: dict) -> tuple[str, list]:
+        """The prompt's text, and per side (chosen, rejected) its conversation's text and spans."""
         history = preference_history(row)
-        prompt = self._ids(self.render(history, generation=True))
-        sides = []
+        prompt, sides = self.render(history, generation=True), []
         for key in ("chosen", "rejected"):
-            ids, labels = self._encode(history + [{"role": "assistant", "content": row[key]}])
+            messages = history + [{"role": "assistant", "content": row[key]}]
+            full = self.render(messages)
+            sides.append((full, self._assistant_spans(messages, full)))
+        return prompt, sides
+
+    def _pair_from(self, prompt: list[int], sides: list) -> tuple:
+        """(prompt, chosen, rejected) from the tokenized prompt and sides ((ids, offsets, spans))."""
+        out = []
+        for key, (ids, offsets, spans) in zip(("chosen", "rejected"), sides):
+            labels = self._labels(ids, offsets, spans)
             if ids[:len(prompt)] != prompt:
                 raise TemplateError(f"the {key} conversation does not start with the prompt's tokens under the "
                                     "model's chat template; use data.template=plain")
-            sides.append((ids[len(prompt):], labels[len(prompt):]))
-        return prompt, sides[0], sides[1]
+            out.append((ids[len(prompt):], labels[len(prompt):]))
+        return prompt, out[0], out[1]
+
+    def pair(self, row: dict) -> tuple[list[int], tuple[list[int], list[int]], tuple[list[int], list[int]]]:
+        prompt_text, sides = self._pair_texts(row)
+        prompt = self._ids(prompt_text)
+        tokenized = []
+        for full, spans in sides:
+            encoding = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+            tokenized.append((encoding["input_ids"], encoding["offset_mapping"], spans))
+        return self._pair_from(prompt, tokenized)
+
+    def pair_many(self, rows: list[dict]) -> list:
+        rendered = [_attempt(self._pair_texts, row) for row in rows]
+        ok = [r for r in rendered if not isinstance(r, TemplateError)]
+        prompts = iter(self._tokenized([text for text, _ in ok])[0])
+        ids, offsets = self._tokenized([full for _, sides in ok for full, _ in sides])
+        spans = [row_spans for _, sides in ok for _, row_spans in sides]
+        sides = iter(zip(ids, offsets, spans))
+        results = []
+        for r in rendered:
+            if isinstance(r, TemplateError):
+                results.append(r)
+                continue
+            prompt, pair_sides = next(prompts), [next(sides), next(sides)]
+            results.append(_attempt(self._pair_from, prompt, pair_sides))
+        return results
+
+
+def _unwrap(result):
+    if isinstance(result, TemplateError):
+        raise result
+    return result
+
+
+def _attempt(fn, *args):
+    """fn(*args), or the TemplateError it raised (batched methods report each row's own)."""
+    try:
+        return fn(*args)
+    except TemplateError as err:
+        return err

@@ -19,6 +19,9 @@ class Tracker:
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         pass
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
 
 class ConsoleTracker(Tracker):
     """Prints per-step metrics: the tracker of a plain-process run (`python -m trainers`)."""
@@ -31,3 +34,7 @@ class ConsoleTracker(Tracker):
         shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         prefix = f"step {step:>5}" if step is not None else "final     "
         print(f"[{time.monotonic() - self.started:7.1f}s] {prefix}  {shown}", file=self.stream, flush=True)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        shown = "  ".join(f"{k}={v}" for k, v in tags.items())
+        print(f"[{time.monotonic() - self.started:7.1f}s] tags        {shown}", file=self.stream, flush=True)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 from trainers.checkpoint import CheckpointManager
 from trainers.config import TrainConfig
-from trainers.data import Example, pad_batch
+from trainers.data import Example, example_lengths, pad_batch
 from trainers.faults import FaultPlan
 from trainers.runtime import DistInfo, PeakMemory
 from trainers.tracking import Tracker
@@ -96,6 +96,7 @@ def micro_batches(examples: list[Example], batch_size: int, seed: int, dist: Dis
         raise ValueError(f"{len(examples)} training example(s) cannot be split over {dist.world_size} workers")
     per_rank = len(examples) // dist.world_size
     usable = per_rank - per_rank % batch_size or per_rank  # fewer than a batch each: one smaller batch
+    lengths = example_lengths(examples) if group_by_length else None
     epoch = 0
     while True:
         order = list(range(len(examples)))
@@ -103,7 +104,7 @@ def micro_batches(examples: list[Example], batch_size: int, seed: int, dist: Dis
         rng.shuffle(order)
         shard = order[:per_rank * dist.world_size][dist.rank::dist.world_size]
         if group_by_length:
-            for batch in length_grouped(shard, examples, batch_size, rng):
+            for batch in length_grouped(shard, lengths, batch_size, rng):
                 yield [examples[i] for i in batch]
         else:
             for start in range(0, usable, batch_size):
@@ -111,13 +112,13 @@ def micro_batches(examples: list[Example], batch_size: int, seed: int, dist: Dis
         epoch += 1
 
 
-def length_grouped(indices: list[int], examples: list[Example], batch_size: int,
-                   rng: random.Random) -> list[list[int]]:
-    """`indices` as batches of similar length, in shuffled batch order; each index once."""
+def length_grouped(indices: list[int], lengths, batch_size: int, rng: random.Random) -> list[list[int]]:
+    """`indices` as batches of similar length (`lengths[i]`: example i's), in shuffled batch
+    order; each index once."""
     window = batch_size * LENGTH_GROUP_BATCHES
     batches = []
     for start in range(0, len(indices), window):
-        by_length = sorted(indices[start:start + window], key=lambda i: len(examples[i].input_ids))
+        by_length = sorted(indices[start:start + window], key=lambda i: lengths[i])
         batches += [by_length[b:b + batch_size] for b in range(0, len(by_length), batch_size)]
     rng.shuffle(batches)
     return batches

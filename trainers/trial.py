@@ -19,8 +19,9 @@ from trainers.tracking import Tracker
 
 
 def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | None = None,
-              device=None) -> dict[str, float]:
-    """Train, evaluate and save one configured trial; returns its final metrics (rank 0's)."""
+              device=None, prepared_dir: str | None = None) -> dict[str, float]:
+    """Train, evaluate and save one configured trial; returns its final metrics (rank 0's).
+    `prepared_dir`: where its prepared data is (default `<storage.path>/prepared`)."""
     import torch
 
     from trainers.recipes import RECIPES
@@ -33,7 +34,7 @@ def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | 
     output_dir = storage.local
     device = device if device is not None else pick_device(cfg.train.use_gpu, dist.local_rank)
     ctx = TrialContext(cfg=cfg, output_dir=output_dir, device=device, dist=dist, tracker=tracker or Tracker(),
-                       storage=storage)
+                       storage=storage, prepared_dir=prepared_dir)
     recipe = RECIPES[cfg.stage.name]
     try:
         metrics = recipe.run(ctx)
@@ -133,44 +134,34 @@ def environment(cfg: ExperimentConfig, device=None) -> dict[str, str]:
     return env
 
 
-def check_inputs(cfg: ExperimentConfig) -> dict[str, int]:
+def check_inputs(cfg: ExperimentConfig, root: str | None = None) -> dict[str, int]:
+    """Validate a trial's data against its tokenizer before any compute (prepare_inputs); returns
+    row counts."""
+    return prepare_inputs(cfg, root).counts()
+
+
+def prepare_inputs(cfg: ExperimentConfig, root: str | None = None, progress=None):
     """Validate a trial's model weights and its data against its tokenizer before any compute:
-    weights present, every row's rules, its rendering by the chat template (eval prompts too), and
-    `data.overlength`. Raises DataError (source:row) or ConfigError (model or data key); returns
-    row counts. Sets `data.template` of `cfg` to the template it resolved to (model | plain): the
-    value a run logs and replays."""
+    the weights are there, then the data, by preparing it (trainers.prepared: the one tokenization
+    pass its trials then reuse): every row's rules, its rendering by the chat template (eval
+    prompts too), `data.overlength`, and the stage's data kind. Raises DataError (source:row) or ConfigError (model or data key); returns the
+    StageData (`.counts()`: row counts, `.status`: built | reused). Sets `data.template` of `cfg`
+    to the template it resolved to (model | plain): the value a run logs and replays."""
     from trainers.config import ConfigError
-    from trainers.data import DataError, load_rows, tokenize_pairs, tokenize_split
-    from trainers.model import load_tokenizer, weights_problems
-    from trainers.recipes import RECIPES
-    from trainers.templates import chat_template
+    from trainers.model import weights_problems
+    from trainers.prepared import stage_data
+    from trainers.templates import chat_template, load_chat_tokenizer
 
     problems = weights_problems(cfg.model)
     if problems:
         raise ConfigError(problems)
     try:
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = load_chat_tokenizer(cfg)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as err:
         raise ConfigError([("model.name_or_path", f"cannot load tokenizer of {cfg.model.name_or_path!r}: "
                                                   f"{str(err).splitlines()[0]}")]) from None
-    template = chat_template(tokenizer, cfg.data.template)
-    cfg.data.template = template.name
-    counts = {}
-    files = [("train", cfg.data.train_file, cfg.data.max_train_rows)]
-    if cfg.data.eval_file:
-        files.append(("eval", cfg.data.eval_file, cfg.data.max_eval_rows))
-    fmt = cfg.data.format
-    recipe = RECIPES[cfg.stage.name]
-    for split, uri, limit in files:
-        fmt, rows, sources = load_rows(uri, fmt, limit, cfg.data.columns.mapping())
-        if fmt not in recipe.data_formats:
-            raise DataError(f"{uri}: holds {fmt} rows; stage {recipe.name} trains on "
-                            f"{' or '.join(recipe.data_formats)} data (set data.train_file/data.eval_file, or data=...)")
-        if fmt in ("instruction", "chat"):
-            stats = tokenize_split(tokenizer, rows, sources, fmt, cfg.data.max_seq_len, cfg.data.overlength,
-                                   with_prompts=split == "eval", template=template).stats
-        else:
-            stats = tokenize_pairs(tokenizer, rows, sources, cfg.data.max_seq_len, cfg.data.overlength,
-                                   template=template)[1]
-        counts.update(stats.as_metrics(split))
-    return counts
+    data = stage_data(cfg, tokenizer, root, progress)
+    cfg.data.template = chat_template(tokenizer, cfg.data.template).name
+    return data

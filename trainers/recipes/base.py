@@ -12,7 +12,7 @@ Nothing outside trainers/recipes/ asks for a stage by name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -126,28 +126,23 @@ def needs_mergeable_method(stage: str) -> Callable[["ExperimentConfig"], list[tu
 
 @dataclass
 class PreferenceSplits:
-    train: list["PairExample"]
+    train: Sequence["PairExample"]  # lazy rows of the prepared dataset (trainers/prepared.py)
     train_stats: "DatasetStats"
-    eval_pairs: list["PairExample"] | None = None
-    eval_prompts: list["EvalPrompt"] | None = None  # the eval pairs' prompts, answer = chosen
+    eval_pairs: Sequence["PairExample"] | None = None
+    eval_prompts: Sequence["EvalPrompt"] | None = None  # the eval pairs' prompts, answer = chosen
+    data_metrics: dict[str, float] = field(default_factory=dict)  # time/data_s
 
 
-def load_preference_splits(cfg: "ExperimentConfig", tokenizer, with_prompts: bool = False) -> PreferenceSplits:
-    """data.train_file's preference pairs, tokenized, and data.eval_file's (if set), also as prompts
+def load_preference_splits(ctx: "TrialContext", tokenizer, with_prompts: bool = False) -> PreferenceSplits:
+    """data.train_file's preference pairs, prepared, and data.eval_file's (if set), also as prompts
     with known answers when `with_prompts`. Bad rows raise DataError naming file:line."""
-    from trainers.data import load_rows, prompts_with_answers, tokenize_pairs
-
-    data = cfg.data
-    _, rows, sources = load_rows(data.train_file, "preference", data.max_train_rows, data.columns.mapping())
-    splits = PreferenceSplits(*tokenize_pairs(tokenizer, rows, sources, data.max_seq_len, data.overlength,
-                                              template=data.template))
-    if data.eval_file:
-        _, rows, sources = load_rows(data.eval_file, "preference", data.max_eval_rows, data.columns.mapping())
-        splits.eval_pairs, _ = tokenize_pairs(tokenizer, rows, sources, data.max_seq_len, data.overlength,
-                                              template=data.template)
+    data = ctx.stage_data(tokenizer)
+    splits = PreferenceSplits(data.train.pairs(), data.train.stats)
+    if data.eval:
+        splits.eval_pairs = data.eval["pairs"].pairs()
         if with_prompts:
-            splits.eval_prompts, _ = prompts_with_answers(tokenizer, rows, sources, "preference", data.max_seq_len,
-                                                          data.overlength, template=data.template)
+            splits.eval_prompts = data.eval["prompts"].prompts()
+    splits.data_metrics = data.ready(lambda: splits.train[0])
     return splits
 
 
@@ -174,13 +169,13 @@ def start_preference_policy(ctx: "TrialContext") -> PolicyStart:
 
     cfg = ctx.cfg
     tokenizer = load_chat_tokenizer(cfg)
-    data = load_preference_splits(cfg, tokenizer, with_prompts=True)
+    data = load_preference_splits(ctx, tokenizer, with_prompts=True)
     ctx.memory.start()
     method = METHODS[cfg.method.name]
     model = method.apply(load_start(cfg, ctx.device), cfg)
     trainable, total = count_parameters(model)
     ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total,
-                             **data.train_stats.as_metrics("train")})
+                             **data.train_stats.as_metrics("train"), **data.data_metrics})
     return PolicyStart(tokenizer, data, method, model, trainable, total)
 
 

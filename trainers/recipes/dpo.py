@@ -21,8 +21,9 @@ reward model's mean score of the answers before and after (`eval/reward_mean[_in
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from trainers.context import TrialContext
 from trainers.data import PairExample
@@ -61,15 +62,30 @@ class ScoredPair:
     ref_rejected: float
 
 
-def score_reference(model, pairs: list[PairExample], pad_id: int, batch_size: int, device) -> list[ScoredPair]:
+class ScoredPairs(Sequence):
+    """The pairs (lazy prepared rows) with their reference log-probs: two floats a pair in memory."""
+
+    def __init__(self, pairs: Sequence[PairExample], ref_chosen: list[float], ref_rejected: list[float]):
+        self.pairs, self.ref_chosen, self.ref_rejected = pairs, ref_chosen, ref_rejected
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return ScoredPair(self.pairs[index], self.ref_chosen[index], self.ref_rejected[index])
+
+
+def score_reference(model, pairs: Sequence[PairExample], pad_id: int, batch_size: int, device) -> ScoredPairs:
     """Each pair with its summed response log-probs under the (untrained) policy."""
 
     def score(model, chunk):
         logps = sequence_logprobs(model, [p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id, device)
-        return [ScoredPair(p, float(c), float(r)) for p, c, r in
-                zip(chunk, logps[:len(chunk)].tolist(), logps[len(chunk):].tolist())]
+        return list(zip(logps[:len(chunk)].tolist(), logps[len(chunk):].tolist()))
 
-    return score_in_batches(model, pairs, batch_size, score)
+    scores = score_in_batches(model, pairs, batch_size, score)
+    return ScoredPairs(pairs, array("d", (c for c, _ in scores)), array("d", (r for _, r in scores)))
 
 
 def implicit_rewards(model, items: list[ScoredPair], beta: float, pad_id: int, device):

@@ -78,7 +78,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
 
     # --- setup: data first, so a bad row fails before the model costs anything
     tokenizer = load_chat_tokenizer(cfg)
-    data = load_preference_splits(cfg, tokenizer)
+    data = load_preference_splits(ctx, tokenizer)
     pad_id, eos_id, batch = tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.train.eval_batch_size
 
     ctx.memory.start()
@@ -89,7 +89,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
     train_head(model)
     trainable, total = count_parameters(model)
     ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total,
-                             **data.train_stats.as_metrics("train")})
+                             **data.train_stats.as_metrics("train"), **data.data_metrics})
 
     def evaluate(model) -> dict[str, float]:
         return evaluate_pairs(model, data.eval_pairs, pad_id, eos_id, batch, device) if data.eval_pairs else {}

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from trainers.context import TrialContext
-from trainers.data import EvalPrompt, load_rows, prompts_with_answers
+from trainers.data import EvalPrompt
 from trainers.evaluate import normalise_answer
 from trainers.generation import decode, generate
 from trainers.methods import METHODS
@@ -134,21 +134,15 @@ def grpo_loss(stage: RlConfig, reference: Reference, reward_model, tokenizer, ma
     return loss_fn
 
 
-def load_prompts(uri: str, fmt: str, limit: int | None, tokenizer, cfg):
-    fmt, rows, sources = load_rows(uri, fmt, limit, cfg.data.columns.mapping())
-    return prompts_with_answers(tokenizer, rows, sources, fmt, cfg.data.max_seq_len, cfg.data.overlength,
-                                template=cfg.data.template)
-
-
 def run(ctx: TrialContext) -> dict[str, float]:
     cfg, stage, device = ctx.cfg, ctx.cfg.stage, ctx.device
 
     # --- setup: data first, so a bad row fails before the model costs anything
     tokenizer = load_chat_tokenizer(cfg)
-    prompts, prompt_stats = load_prompts(cfg.data.train_file, cfg.data.format, cfg.data.max_train_rows, tokenizer, cfg)
-    eval_prompts = None
-    if cfg.data.eval_file:
-        eval_prompts, _ = load_prompts(cfg.data.eval_file, cfg.data.format, cfg.data.max_eval_rows, tokenizer, cfg)
+    data = ctx.stage_data(tokenizer)  # prompts tokenized once per distinct input (trainers/prepared.py)
+    prompts, prompt_stats = data.train.prompts(), data.train.stats
+    eval_prompts = data.eval["prompts"].prompts() if data.eval else None
+    data_metrics = data.ready(lambda: prompts[0])
 
     ctx.memory.start()
     spec = METHODS[cfg.method.name]
@@ -157,7 +151,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
     reward_model = load_reward_model(cfg, stage.reward_from, device, tokenizer.pad_token_id)
     trainable, total = count_parameters(model)
     ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total,
-                             **prompt_stats.as_metrics("train")})
+                             **prompt_stats.as_metrics("train"), **data_metrics})
     answers = policy_evaluation(cfg, tokenizer, eval_prompts, device, reward_model)
     metrics: dict[str, float] = {}
     if ctx.dist.is_main:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trainers.context import TrialContext
-from trainers.data import load_rows, non_pad_fraction, pack_examples, tokenize_split
+from trainers.data import example_lengths, non_pad_fraction, pack_examples
 from trainers.evaluate import eval_loss, evaluate
 from trainers.methods import METHODS
 from trainers.model import count_parameters
@@ -32,19 +32,16 @@ def run(ctx: TrialContext) -> dict[str, float]:
 
     # --- setup: data first, so a bad row fails before the model costs anything
     tokenizer = load_chat_tokenizer(cfg)
-    data = cfg.data
-    fmt, rows, sources = load_rows(data.train_file, data.format, data.max_train_rows, data.columns.mapping())
-    train = tokenize_split(tokenizer, rows, sources, fmt, data.max_seq_len, data.overlength, template=data.template)
-    evaluation = None
-    if data.eval_file:
-        eval_fmt, eval_rows, eval_sources = load_rows(data.eval_file, fmt, data.max_eval_rows, data.columns.mapping())
-        evaluation = tokenize_split(tokenizer, eval_rows, eval_sources, eval_fmt, data.max_seq_len,
-                                    data.overlength, with_prompts=True, template=data.template)
-    batches, data_metrics = train.examples, train.stats.as_metrics("train")
+    data = ctx.stage_data(tokenizer)  # tokenized once per distinct input (trainers/prepared.py), memory-mapped
+    train = data.train.examples()
+    evaluation = data.eval.get("examples+prompts")
+    eval_examples, eval_prompts = (evaluation.examples(), evaluation.prompts()) if evaluation else (None, None)
+    batches, data_metrics = train, data.train.stats.as_metrics("train")
     if cfg.data.packing:
-        batches = pack_examples(train.examples, cfg.data.max_seq_len, cfg.train.seed)
+        batches = pack_examples(train, cfg.data.max_seq_len, cfg.train.seed)
         data_metrics.update({"data/packed_rows": len(batches),
                              "data/packed_fill": non_pad_fraction(batches, cfg.train.batch_size, cfg.data.max_seq_len)})
+    data_metrics.update(data.ready(lambda: batches[0]))
 
     ctx.memory.start()
     spec = METHODS[cfg.method.name]
@@ -54,7 +51,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
 
     # --- train (eval/loss every train.eval_every steps, if asked and there is an eval split)
     def periodic_eval(model) -> dict[str, float]:
-        return {"eval/loss": eval_loss(model, evaluation.examples, cfg.train.eval_batch_size, tokenizer.pad_token_id,
+        return {"eval/loss": eval_loss(model, eval_examples, cfg.train.eval_batch_size, tokenizer.pad_token_id,
                                        device)}
 
     stats = train_loop(ctx.wrap_parallel(model), batches, cfg.train, tokenizer.pad_token_id, device, ctx.dist,
@@ -67,11 +64,11 @@ def run(ctx: TrialContext) -> dict[str, float]:
     def evaluate_trained(model) -> dict[str, float]:
         results = {}
         if evaluation is not None:
-            results = evaluate(model, tokenizer, evaluation.examples, evaluation.prompts, cfg.train.eval_batch_size,
+            results = evaluate(model, tokenizer, eval_examples, eval_prompts, cfg.train.eval_batch_size,
                                cfg.data.max_new_tokens, device)
         # Predicted for the batch shapes this trial really had, so it compares with the measurement.
-        longest = max(len(b.input_ids) for b in batches) if not cfg.data.packing else cfg.data.max_seq_len
-        eval_longest = max((len(e.input_ids) for e in evaluation.examples), default=None) if evaluation else None
+        longest = int(max(example_lengths(batches))) if not cfg.data.packing else cfg.data.max_seq_len
+        eval_longest = int(max(example_lengths(eval_examples))) if evaluation else None
         estimate = ctx.estimated_peak_bytes(seq_len=longest, eval_seq_len=eval_longest)
         return results if estimate is None else {**results, "mem/estimated_peak_bytes": estimate}
 
