@@ -52,25 +52,51 @@ def check(cfg: ExperimentConfig) -> list[tuple[str, str]]:
             problems += recipe.check_combination(cfg)
     problems += check_fsdp(cfg)
     problems += check_batching(cfg)
+    problems += check_attention(cfg)
     return problems
 
 
-PACKING_STAGES = ("sft",)  # stages whose loss reads data.packing / data.group_by_length
+def batching_options(cfg: ExperimentConfig) -> dict[str, str]:
+    """{option the config asks for (RecipeSpec.batching's names): the key that asks for it}."""
+    asked = {}
+    if cfg.data.padding_free:
+        asked["padding_free"] = "data.packing"
+    elif cfg.data.packing:
+        asked["packing"] = "data.packing"
+    if cfg.data.group_by_length:
+        asked["group_by_length"] = "data.group_by_length"
+    return asked
 
 
 def check_batching(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     """data.packing / data.group_by_length against the stage and method that would use them."""
     problems = []
-    stage = getattr(cfg.stage, "name", None)
-    for key in ("packing", "group_by_length"):
-        if getattr(cfg.data, key) and stage not in PACKING_STAGES:
-            problems.append((f"data.{key}", f"only stage {' or '.join(PACKING_STAGES)} batches this way; "
-                                            f"stage {stage} would ignore it"))
+    recipe = RECIPES.get(getattr(cfg.stage, "name", None))
+    for option, key in batching_options(cfg).items():
+        if recipe is not None and option not in recipe.batching:
+            able = [name for name, other in RECIPES.items() if option in other.batching]
+            problems.append((key, f"{key}={getattr(cfg.data, key.split('.')[1])}: stage {recipe.name} does not "
+                                  f"batch this way (it would ignore it); only stage {' or '.join(able)} does"))
     method = getattr(cfg.method, "name", None)
     if cfg.data.packing and method in METHODS and any(METHODS[method].virtual_tokens(cfg.method)):
         problems.append(("data.packing", f"method {method} puts virtual tokens before each row, which all "
                                          "examples packed in it would share: use unpacked batches"))
     return problems
+
+
+def check_attention(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """model.attn_implementation against the device and the installed packages."""
+    import importlib.util
+
+    if cfg.model.attn_implementation != "flash_attention_2":
+        return []
+    if not cfg.train.use_gpu:
+        return [("model.attn_implementation", "flash_attention_2 runs CUDA kernels only: needs train.use_gpu=true "
+                                              "(on CPU use sdpa or eager)")]
+    if importlib.util.find_spec("flash_attn") is None:
+        return [("model.attn_implementation", "flash_attention_2 needs the flash-attn package, which is not "
+                                              "installed (pip install flash-attn --no-build-isolation)")]
+    return []
 
 
 def check_fsdp(cfg: ExperimentConfig) -> list[tuple[str, str]]:

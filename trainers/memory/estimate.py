@@ -159,7 +159,10 @@ def _stage_batch(shape: ModelShape, cfg: "ExperimentConfig", seq: int, weights: 
     train = cfg.train
     stage = getattr(getattr(cfg, "stage", None), "name", None) or "sft"
     eval_rows = min(train.eval_batch_size, cfg.data.max_eval_rows or train.eval_batch_size)
-    batch = Batch(train.batch_size, seq, shape, weights, eval_rows)
+    # data.packing=padding_free: one row of up to the token budget, whatever train.batch_size is
+    batch = Batch(1 if cfg.data.padding_free else train.batch_size, seq, shape, weights, eval_rows)
+    if cfg.data.padding_free:
+        notes.append(f"data.packing=padding_free: one row of up to {seq:,} tokens per micro-batch")
     if stage in ("reward", "dpo"):
         batch.rows, batch.eval_rows = 2 * batch.rows, 2 * batch.eval_rows
         notes.append(f"stage {stage}: chosen + rejected = {batch.rows} sequences per micro-batch")
@@ -213,7 +216,8 @@ def estimate(cfg: "ExperimentConfig", model_config: Any = None, *, seq_len: Opti
     model_config: a ModelShape / config mapping / PretrainedConfig; default: read the config of
     cfg.model.name_or_path (known name, config.json, model directory, cached hub id, embedded:base).
     seq_len: tokens per training row (default data.max_seq_len: the worst case; batches are padded
-    to their longest row, so a typical length gives the typical peak). eval_seq_len: the same for
+    to their longest row, so a typical length gives the typical peak; with data.packing=padding_free
+    the one row of a micro-batch, default the token budget). eval_seq_len: the same for
     evaluation batches (default seq_len). device: "cuda" or "cpu" for the runtime overhead
     (default from train.use_gpu).
     """
@@ -226,7 +230,9 @@ def estimate(cfg: "ExperimentConfig", model_config: Any = None, *, seq_len: Opti
     act = 4 if precision.quantized else FLOAT_BYTES[precision.name]
     terms = method_terms(shape, cfg)
     training = Training.of(shape, cfg, terms, act)
-    batch = _stage_batch(shape, cfg, seq_len or cfg.data.max_seq_len,
+    # padding-free: one row of the token budget (the worst case) instead of rows of max_seq_len
+    longest = cfg.data.token_budget(train.batch_size) if cfg.data.padding_free else cfg.data.max_seq_len
+    batch = _stage_batch(shape, cfg, seq_len or longest,
                          weight_bytes(shape, precision.name, precision.double_quant), terms.storage == "base", notes)
     _shard(shape, cfg, batch, training, act, notes)
     acts, per_layer, int8_contexts = train_activation_bytes(shape, cfg, act, batch.rows, batch.seq)
@@ -234,7 +240,8 @@ def estimate(cfg: "ExperimentConfig", model_config: Any = None, *, seq_len: Opti
         acts += training.grads
     if train.num_workers > 1 and not train.fsdp:  # DDP's gradient buckets
         acts += training.grads
-    eval_seq = eval_seq_len or seq_len or cfg.data.max_seq_len
+    # evaluation batches are examples, padded, whatever the training batches are
+    eval_seq = eval_seq_len or (None if cfg.data.padding_free else seq_len) or cfg.data.max_seq_len
     evaluation = eval_bytes(batch.head, cfg, act, batch.eval_rows, eval_seq) if cfg.data.eval_file else 0.0
     n_trainable, dtype_name = sum(training.sizes), {4: "fp32", 2: "bf16/fp16"}[training.param_bytes]
     tokens = batch.rows * (batch.seq + extra_tokens(cfg)[0])

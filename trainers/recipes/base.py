@@ -50,6 +50,10 @@ class RecipeSpec:
     # Stage-config fields that name another stage's output dir -> what that stage must produce.
     # A pipeline (orchestrator/dag.py) fills each from the upstream stage that produces it.
     inputs: dict[str, str] = field(default_factory=lambda: {"init_from": "policy"})
+    # How its loss may batch examples besides padded micro-batches (trainers/validate.py refuses the
+    # others naming their key): "packing" (data.packing=true), "padding_free"
+    # (data.packing=padding_free), "group_by_length" (data.group_by_length=true).
+    batching: tuple[str, ...] = ()
     # Impossible stage x method/data/precision combinations, as (key, reason).
     check_combination: Callable[["ExperimentConfig"], list[tuple[str, str]]] = no_combination_limits
     summary: str = ""
