@@ -322,3 +322,62 @@ def test_padding_free_trial_trains_and_estimates_its_one_row(make_cfg, tmp_path)
 
     one_row = memory.estimate(cfg, seq_len=400, eval_seq_len=1).train_peak_bytes
     assert one_row < memory.estimate(cfg, seq_len=401, eval_seq_len=1).train_peak_bytes
+
+
+def _padding_free_rank(rank: int, out_dir: str, port: int, max_steps: int) -> None:
+    """One of two DDP ranks (gloo) training tiny_llama on padding-free rows; writes what it ran."""
+    import json
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    from trainers import parallel
+    from trainers.data import DatasetStats, padding_free_rows
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        info = DistInfo(rank, 2, rank)
+        rows = padding_free_rows(random_examples(90, low=5, high=40), 128, "error", seed=0, stats=DatasetStats())
+        model = parallel.wrap(tiny_llama().train(), info, CPU)
+        seen: list = []
+        train = TrainConfig(max_steps=max_steps, batch_size=1, lr=1e-2, log_every=max_steps, checkpoint_every=0)
+        stats = train_loop(model, rows, train, 0, CPU, info, Tracker(), loss_fn=recording_loss(0, seen))
+        weights = torch.cat([p.detach().flatten() for p in parallel.unwrap(model).parameters()])
+        result = {"steps": stats.steps, "seen": seen, "rows": len(rows), "weights": weights[:64].tolist(),
+                  "lengths": {r.source: len(r.input_ids) for r in rows}}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+            json.dump(result, handle)
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # no C++ static teardown after gloo (see tests/test_cluster_unit.py)
+
+
+def test_padding_free_under_ddp_ranks_run_the_same_steps_across_an_epoch(tmp_path):
+    """Two DDP ranks on padding-free rows of different lengths: both run every step (past an
+    epoch's end, where the ranks must change epochs together), on different rows each step, and
+    end with the same weights (gradients averaged each step)."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    from trainers.data import DatasetStats, padding_free_rows
+
+    per_rank = len(padding_free_rows(random_examples(90, low=5, high=40), 128, "error", 0, DatasetStats())) // 2
+    max_steps = per_rank + 3
+    mp.spawn(_padding_free_rank, args=(str(tmp_path), port, max_steps), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["steps"] for r in ranks] == [max_steps, max_steps]
+    assert all(len(r["seen"]) == max_steps and all(len(batch) == 1 for batch in r["seen"]) for r in ranks)
+    steps = list(zip(ranks[0]["seen"], ranks[1]["seen"]))
+    assert all(a != b for a, b in steps)
+    lengths = ranks[0]["lengths"]
+    assert any(lengths[a[0]] != lengths[b[0]] for a, b in steps)  # unequal tokens per rank, still in step
+    assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], abs=1e-6)
