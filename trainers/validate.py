@@ -57,14 +57,14 @@ def check(cfg: ExperimentConfig) -> list[tuple[str, str]]:
 
 
 def batching_options(cfg: ExperimentConfig) -> dict[str, str]:
-    """{option the config asks for (RecipeSpec.batching's names): the key that asks for it}."""
+    """{option the config asks for (RecipeSpec.batching's names): the setting that asks for it}."""
     asked = {}
     if cfg.data.padding_free:
-        asked["padding_free"] = "data.packing"
+        asked["padding_free"] = "data.packing=padding_free"
     elif cfg.data.packing:
-        asked["packing"] = "data.packing"
+        asked["packing"] = "data.packing=true"
     if cfg.data.group_by_length:
-        asked["group_by_length"] = "data.group_by_length"
+        asked["group_by_length"] = "data.group_by_length=true"
     return asked
 
 
@@ -72,11 +72,11 @@ def check_batching(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     """data.packing / data.group_by_length against the stage and method that would use them."""
     problems = []
     recipe = RECIPES.get(getattr(cfg.stage, "name", None))
-    for option, key in batching_options(cfg).items():
+    for option, setting in batching_options(cfg).items():
         if recipe is not None and option not in recipe.batching:
             able = [name for name, other in RECIPES.items() if option in other.batching]
-            problems.append((key, f"{key}={getattr(cfg.data, key.split('.')[1])}: stage {recipe.name} does not "
-                                  f"batch this way (it would ignore it); only stage {' or '.join(able)} does"))
+            problems.append((setting.split("=")[0], f"{setting}: stage {recipe.name} does not batch this way (it "
+                                                    f"would ignore it); only stage {' or '.join(able)} does"))
     method = getattr(cfg.method, "name", None)
     if cfg.data.packing and method in METHODS and any(METHODS[method].virtual_tokens(cfg.method)):
         problems.append(("data.packing", f"method {method} puts virtual tokens before each row, which all "
