@@ -216,6 +216,7 @@ FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
     (["data.packing=true", "data.max_tokens_per_batch=512"], "data.max_tokens_per_batch"),
     (["model.attn_implementation=paged"], "model.attn_implementation"),
     (["model.attn_implementation=flash_attention_2"], "model.attn_implementation"),
+    (["model.attn_implementation=flex_attention"], "model.attn_implementation"),
     pytest.param(["model.attn_implementation=flash_attention_2", "train.use_gpu=true"], "model.attn_implementation",
                  marks=pytest.mark.skipif(FLASH_ATTN_INSTALLED, reason="flash-attn is installed")),
 ])

@@ -53,7 +53,7 @@ class ModelConfig:
     # The attention kernels, in training, evaluation and promotion: sdpa (torch's fused attention) |
     # eager (plain matmuls; every architecture has it) | flash_attention_2 (GPU and the flash-attn
     # package; varlen kernels skip the other examples of a packed row instead of masking them) |
-    # flex_attention (torch's compiled block-sparse attention).
+    # flex_attention (torch's compiled block-sparse attention; GPU: it has no backward on CPU).
     attn_implementation: str = "sdpa"
 
     def check(self) -> list[tuple[str, str]]:

@@ -88,7 +88,12 @@ def check_attention(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     """model.attn_implementation against the device and the installed packages."""
     import importlib.util
 
-    if cfg.model.attn_implementation != "flash_attention_2":
+    attention = cfg.model.attn_implementation
+    if attention == "flex_attention" and not cfg.train.use_gpu:
+        return [("model.attn_implementation", "flex_attention has no backward pass on CPU in torch (training "
+                                              "fails at the first step): needs train.use_gpu=true (on CPU use sdpa "
+                                              "or eager)")]
+    if attention != "flash_attention_2":
         return []
     if not cfg.train.use_gpu:
         return [("model.attn_implementation", "flash_attention_2 runs CUDA kernels only: needs train.use_gpu=true "
