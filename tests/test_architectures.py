@@ -316,3 +316,18 @@ def test_packing_is_refused_where_the_architecture_ignores_restarting_positions(
     with pytest.raises(ValueError, match="data.packing") as info:
         check_packed_attention(model)
     assert "OPTForCausalLM" in str(info.value)
+
+
+def test_promotion_and_merging_load_with_the_trials_attention_or_sdpa_for_cuda_only_kernels(model_dirs):
+    """Promotion and stage merging run on the CPU: the trial's eager/sdpa is kept, CUDA-only
+    flash_attention_2 becomes sdpa (the same attention, computed by torch)."""
+    import dataclasses
+
+    from trainers.export import _for_serving
+    from trainers.recipes.inputs import merge_precision
+
+    cfg = cfg_for(model_dirs["llama"][0], "lora", "fp32", {}, {})
+    for trained, loaded in (("eager", "eager"), ("sdpa", "sdpa"), ("flash_attention_2", "sdpa")):
+        trial = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation=trained))
+        assert _for_serving(trial).model.attn_implementation == loaded
+        assert merge_precision(trial).model.attn_implementation == loaded
