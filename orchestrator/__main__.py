@@ -2,7 +2,9 @@
 
 Composes the sweep with Hydra, checks every trial and its data, then runs the trials on Ray
 (a local Ray unless cluster.address is set), tracks them in MLflow and prints the comparison.
-Exit code 0 only if every trial finished; 2 for bad input (nothing started); 1 for failed trials.
+Exit code 0 only if every planned trial finished; 2 for bad input (nothing started); 1 for failed
+trials. A trial a comparison skipped as inapplicable to the model (its reason in the plan, the table
+and the parent run) was never planned to run: it does not count against exit 0.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ USAGE = """usage: python -m orchestrator [+sweep=NAME] [KEY=VALUE ...]
   data.template=...      auto | model (the tokenizer's chat template) | plain
   storage.path=...       checkpoints and adapters: a directory every node sees, or s3://bucket/prefix
                          (default ./runs)
+  sweep.seeds=[0,1,2]    one trial per seed for every grid point (default: [train.seed])
+  sweep.on_inapplicable= skip (default: a comparison leaves out, with its reason, a method the
+                         model cannot take) | error (refuse the sweep)
   promote=true           at the end, register the best trial in the MLflow Model Registry
                          (python -m orchestrator.promote SWEEP_NAME for other metrics and options)
   GROUP=OPTION           config groups: {groups}
@@ -108,10 +113,12 @@ def open_runs(plan, tracker, argv: list[str], storage: str) -> tuple[str, dict[s
     previous = tracker.find_unfinished_parent(plan.key) if plan.base.resume else None
     if previous is None:
         parent_id = tracker.start_parent(plan.sweep, argv, plan.key)
+        tracker.record_skipped(parent_id, plan.skipped)
         for trial in plan.trials:  # a fresh run must not resume someone else's checkpoints
             remove(join(storage, plan.experiment, trial.key, "checkpoints"))
         return parent_id, {}, set()
     children = tracker.reopen(previous)
+    tracker.record_skipped(previous.info.run_id, plan.skipped)
     planned = {t.key for t in plan.trials}
     run_ids, done = {}, set()
     for key, (run_id, status) in children.items():

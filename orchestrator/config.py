@@ -41,7 +41,12 @@ class SweepConfig:
     # Explicit override sets, each crossed with `axes`: [{"method": "full"}, {"method.r": 8}]. A
     # variant's own `search: {...}` adds to (and per key replaces) the sweep's search space.
     variants: List[Any] = field(default_factory=list)
-    seeds: List[int] = field(default_factory=lambda: [0])
+    # One trial per seed for every variant x axes point; default: the one seed train.seed resolves to.
+    seeds: List[int] = field(default_factory=lambda: ["${train.seed}"])
+    # A trial whose method the model's architecture cannot take (BitFit on a model without biases,
+    # LoRA targets it has no layer of): skip (left out before Ray, its reason in the plan, the
+    # table and the parent run) | error (refuse the whole sweep). Only one trial: always refused.
+    on_inapplicable: str = "skip"
     # A pipeline instead (e.g. RLHF: sft -> reward -> rl, sft -> dpo): stage name -> {after: [stage
     # names], overrides: {...}, axes: {...}, variants: [...], seeds: [...]}. Each stage expands like
     # a sweep of its own, and its trials start from the outputs of the stages it comes after

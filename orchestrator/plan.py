@@ -6,6 +6,12 @@ like a single run. A trial's key is a hash of its resolved config (what trainers
 counts as the experiment): the same experiment always has the same key, which is how reruns find
 finished work.
 
+A trial whose method the model's architecture cannot take (trainers.config.InapplicableError:
+BitFit on a model without biases) is left out of a comparison with its reason
+(`sweep.on_inapplicable=skip`, the default) and the rest is planned; a sweep left with no trial,
+`sweep.on_inapplicable=error` or a pipeline refuses it. A command-line value that a sweep's own
+overrides replace in some trial is named in the plan's notes.
+
 A pipeline (`sweep.stages`, orchestrator/dag.py) expands stage by stage: a downstream trial's
 `stage.init_from` / `stage.reward_from` is its upstream trial's output directory,
 storage.path/<experiment>/<upstream key>, and its key hashes the upstream keys in place of those
@@ -24,10 +30,11 @@ from omegaconf import OmegaConf
 
 from orchestrator import dag
 from orchestrator.compose import compose
-from trainers.config import ConfigError, ExperimentConfig, to_container
+from trainers.config import ConfigError, ExperimentConfig, InapplicableError, to_container
 from trainers.identity import digest, identity
 
 GROUPS = ("model", "data", "method", "precision", "train", "stage", "cluster", "tracking")
+ON_INAPPLICABLE = ("skip", "error")
 
 
 @dataclass
@@ -42,6 +49,25 @@ class Trial:
     estimated_bytes: int | None = None  # predicted peak memory per worker (trainers.memory)
     group: str = ""  # key of its SearchGroup, if it is one of a searched grid point's trials
     sample: dict[str, Any] = field(default_factory=dict)  # its drawn values (empty: default settings)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return to_container(self.cfg)
+
+
+@dataclass
+class SkippedTrial:
+    """A trial of a comparison left out before Ray: its method cannot work on the model's
+    architecture. Recorded on the sweep's parent run (orchestrator/tracking.py: record_skipped)."""
+
+    label: str
+    overrides: list[str]
+    problems: list[tuple[str, str]]
+    cfg: ExperimentConfig  # the composed config that was refused
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(f"{key}: {message}" for key, message in self.problems)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -82,6 +108,7 @@ class Plan:
     max_concurrent: int | None = None
     notes: list[str] = field(default_factory=list)
     groups: list[SearchGroup] = field(default_factory=list)
+    skipped: list[SkippedTrial] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -166,31 +193,58 @@ def make_plan(overrides: list[str]) -> Plan:
 
     base = compose(overrides)
     sweep_block = OmegaConf.to_container(OmegaConf.structured(base.sweep), resolve=True)
-    problems = search.check_sweep(base.sweep)
+    problems = search.check_sweep(base.sweep) + check_sweep_block(base.sweep)
     if problems:
         raise ConfigError(problems)
     sweep_space = search.parse_space(sweep_block.get("search"), "sweep.search")
+    experiment = base.tracking.experiment or base.sweep.name
     if sweep_block.get("stages"):
         if sweep_space or base.sweep.scheduler:
             raise ConfigError([("sweep.search" if sweep_space else "sweep.scheduler",
                                 "search and early stopping apply to a flat sweep, not to sweep.stages")])
         trials = plan_pipeline(overrides, base, sweep_block)
-        experiment = base.tracking.experiment or base.sweep.name
         plan = Plan(sweep=base.sweep.name, experiment=experiment, trials=trials, base=base)
-        plan.notes += cluster_notes(base)
-        return finish_plan(plan)
+    else:
+        plan = Plan(sweep=base.sweep.name, experiment=experiment, trials=[], base=base)
+        plan_grid(overrides, plan, sweep_block, sweep_space)
+    plan.notes += replaced_overrides(overrides, plan) + cluster_notes(base)
+    return finish_plan(plan)
+
+
+def check_sweep_block(sweep) -> list[tuple[str, str]]:
+    """Problems with the sweep's seeds and its sweep.on_inapplicable policy."""
+    problems = []
+    if not sweep.seeds:
+        problems.append(("sweep.seeds", "must list at least one seed (default: [train.seed])"))
+    if sweep.on_inapplicable not in ON_INAPPLICABLE:
+        problems.append(("sweep.on_inapplicable", f"must be one of {', '.join(ON_INAPPLICABLE)}, "
+                                                  f"got {sweep.on_inapplicable!r}"))
+    return problems
+
+
+def plan_grid(overrides: list[str], plan: Plan, sweep_block: dict, sweep_space: dict) -> None:
+    """Trials (and searched grid points) of a flat sweep into `plan`; inapplicable ones into
+    plan.skipped when the sweep skips them and others remain."""
+    from orchestrator import search
+
+    base = plan.base
     multi_seed = len(sweep_block.get("seeds") or [0]) > 1
-    trials: list[Trial] = []
-    groups: list[SearchGroup] = []
     seen: dict[str, str] = {}
     for pairs in expand(sweep_block):
         variant_space = search.parse_space(dict(pairs).get("search"), "sweep.variants.search")
         pairs = [(k, v) for k, v in pairs if k != "search"]
         trial_overrides = [override(k, v) for k, v in pairs]
+        where = " ".join(trial_overrides)
         try:
             cfg = compose(list(overrides) + trial_overrides)
+        except InapplicableError as err:
+            if base.sweep.on_inapplicable == "skip":
+                plan.skipped.append(SkippedTrial(_label(pairs, err.config, multi_seed), trial_overrides,
+                                                 err.problems, err.config))
+                continue
+            raise ConfigError([(key, f"{msg} (in sweep trial: {where}; sweep.on_inapplicable=skip leaves "
+                                     "it out)") for key, msg in err.problems]) from None
         except ConfigError as err:
-            where = " ".join(trial_overrides)
             raise ConfigError([(key, f"{msg} (in sweep trial: {where})") for key, msg in err.problems]) from None
         key = trial_key(cfg)
         label = _label(pairs, cfg, multi_seed)
@@ -198,16 +252,43 @@ def make_plan(overrides: list[str]) -> Plan:
             raise ConfigError([("sweep", f"trials '{seen[key]}' and '{label}' resolve to the same config")])
         seen[key] = label
         check_given_inputs(cfg)
-        trials.append(Trial(key=key, label=label, overrides=trial_overrides, cfg=cfg,
-                            resources=worker_resources(cfg)))
+        plan.trials.append(Trial(key=key, label=label, overrides=trial_overrides, cfg=cfg,
+                                 resources=worker_resources(cfg)))
         space = {**sweep_space, **variant_space}
         if space:
-            groups.append(search_group(trials[-1], list(overrides) + trial_overrides, space, base.sweep))
-    check_budgets(groups, base)
-    experiment = base.tracking.experiment or base.sweep.name
-    plan = Plan(sweep=base.sweep.name, experiment=experiment, trials=trials, base=base, groups=groups)
-    plan.notes += cluster_notes(base)
-    return finish_plan(plan)
+            plan.groups.append(search_group(plan.trials[-1], list(overrides) + trial_overrides, space, base.sweep))
+    if plan.skipped and not plan.trials:  # nothing left to compare: refuse, as for a single run
+        raise ConfigError([(key, f"{msg} (in sweep trial: {' '.join(t.overrides)})")
+                           for t in plan.skipped for key, msg in t.problems])
+    check_budgets(plan.groups, base)
+
+
+def replaced_overrides(overrides: list[str], plan: Plan) -> list[str]:
+    """A note for each command-line KEY=VALUE that the sweep replaces in some trial: its axes,
+    variants, seeds or stage overrides come after the command line's, and a search draws its keys."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    set_by_sweep: dict[str, list] = {}
+    for trial in plan.trials:
+        for item in parser.parse_overrides(trial.overrides):
+            set_by_sweep.setdefault(item.key_or_group, []).append(item.value())
+    notes = []
+    for text, item in zip(overrides, parser.parse_overrides(list(overrides))):
+        key = item.key_or_group
+        if item.is_delete() or key == "sweep" or key.startswith("sweep."):
+            continue
+        typed = text.lstrip("+")
+        others = [value for value in set_by_sweep.get(key, []) if value != item.value()]
+        if others:
+            shown = ", ".join(dict.fromkeys(v if isinstance(v, str) else _literal(v) for v in others))
+            notes.append(f"command-line {typed} is replaced in {len(others)} of {len(plan.trials)} trial(s): the sweep "
+                         f"sets {key} to {shown} there" + (" (sweep.seeds)" if key == "train.seed" else ""))
+        searched = [g for g in plan.groups if key in g.space]
+        if searched:
+            notes.append(f"command-line {typed} is replaced in the drawn trials of {len(searched)} searched grid "
+                         f"point(s): the search draws {key}")
+    return notes
 
 
 def search_group(default: Trial, overrides: list[str], space: dict, sweep) -> SearchGroup:
@@ -424,7 +505,8 @@ def _amount(name: str, value: float) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    lines = [f"sweep {plan.sweep}: {len(plan.trials)} trial(s), experiment '{plan.experiment}', "
+    skipped = f" (+{len(plan.skipped)} skipped as inapplicable)" if plan.skipped else ""
+    lines = [f"sweep {plan.sweep}: {len(plan.trials)} trial(s){skipped}, experiment '{plan.experiment}', "
              f"at most {plan.max_concurrent or 'cluster-limited'} at once"]
     width = max((len(t.label) for t in plan.trials), default=5)
     lines.append(f"  {'trial':<{width}}  {'key':<12}  {'stage':<6}  {'workers':>7}  {'est. mem':>9}  "
@@ -436,6 +518,10 @@ def format_plan(plan: Plan) -> str:
         after = f"  after: {', '.join(labels[k] for k in t.after)}" if t.after else ""
         lines.append(f"  {t.label:<{width}}  {t.key:<12}  {t.cfg.stage.name:<6}  {t.cfg.train.num_workers:>7}  "
                      f"{mem:>9}  {res}{after}")
+    if plan.skipped:
+        lines.append("  skipped before Ray, the method cannot work on this model (sweep.on_inapplicable=error "
+                     "refuses the sweep instead):")
+        lines += [f"    {t.label}: {t.reason}" for t in plan.skipped]
     lines += format_search(plan)
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)

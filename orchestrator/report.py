@@ -12,7 +12,9 @@ deviation over its n finished seeds. Writes, and logs under the parent run's `re
     *.png, report.html               the trade-off plots (orchestrator/plots.py); report.html is one
                                      self-contained interactive page (no network needed)
 
-Failed, killed and skipped trials are rows too, with their reason; never silently missing.
+Failed, killed and skipped trials are rows too, with their reason; never silently missing. So are
+the trials the sweep left out before Ray as inapplicable to the model (state INAPPLICABLE; read
+from the parent run's skipped_trials.json).
 The console table printed at the end of a sweep is the same rows and values, fewer columns.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import math
 import sys
@@ -202,6 +205,23 @@ def collect(client, parent) -> list[TrialRow]:
     return rows
 
 
+INAPPLICABLE = "INAPPLICABLE"
+AFTER_EVERY_RUN = 2**62  # start time that sorts a trial that never ran after those that did
+
+
+def skipped_rows(client, parent) -> list[TrialRow]:
+    """Rows of the trials the plan skipped as inapplicable (tracking.SweepTracker.record_skipped)."""
+    from orchestrator.tracking import SKIPPED_FILE, SKIPPED_TAG
+
+    if not parent.data.tags.get(SKIPPED_TAG):
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        records = json.loads(Path(client.download_artifacts(parent.info.run_id, SKIPPED_FILE, tmp)).read_text())
+    return [TrialRow(run_id="", label=r["label"], method=r["method"], stage=r["stage"], status=INAPPLICABLE,
+                     params=r["params"], metrics={}, tags={"skip_reason": r["reason"], "overrides": r["overrides"]},
+                     start_time=AFTER_EVERY_RUN) for r in records]
+
+
 def loss_histories(client, rows: list[TrialRow]) -> dict[str, list[tuple[int, float]]]:
     """run id -> [(step, train/loss)] for every trial that logged some."""
     histories = {}
@@ -218,7 +238,8 @@ def loss_histories(client, rows: list[TrialRow]) -> dict[str, list[tuple[int, fl
 
 
 def not_finished(cells: list[Cell]) -> list[str]:
-    return [f"{r.label} ({r.run_id[:8]}): {r.status}" + (f" - {r.reason}" if r.reason else " - no reason recorded")
+    return [f"{r.label}" + (f" ({r.run_id[:8]})" if r.run_id else "") + f": {r.status}"
+            + (f" - {r.reason}" if r.reason else " - no reason recorded")
             for c in cells for r in c.runs if r.status != "FINISHED"]
 
 
@@ -315,7 +336,7 @@ def build_report(client, parent, out_dir: Path | None = None) -> tuple[list[Cell
     """Write the report files, log them under the parent run's `report/`; returns cells and dir."""
     from orchestrator import plots, report_html, tuning
 
-    rows = collect(client, parent)
+    rows = collect(client, parent) + skipped_rows(client, parent)
     cells = group_cells(rows)
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="report-"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -336,7 +357,10 @@ def build_report(client, parent, out_dir: Path | None = None) -> tuple[list[Cell
             skipped.append((figure.name, f"drawing failed: {err}"))
 
     environment = environment_summary(cells)
-    markdown = [f"# {sweep}", "", f"Parent run `{parent.info.run_id}`, {len(rows)} trial(s) in {len(cells)} cell(s).",
+    inapplicable = sum(r.status == INAPPLICABLE for r in rows)
+    counts = f"{len(rows) - inapplicable} trial(s)" + (f" (+{inapplicable} skipped as inapplicable to the model)"
+                                                       if inapplicable else "")
+    markdown = [f"# {sweep}", "", f"Parent run `{parent.info.run_id}`, {counts} in {len(cells)} cell(s).",
                 "", markdown_table(cells)]
     if parent.data.tags.get("promoted_model"):  # set by orchestrator.promote
         markdown += [f"Promoted to the MLflow Model Registry: {parent.data.tags['promoted_model']}", ""]

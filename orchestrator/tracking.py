@@ -27,6 +27,8 @@ from trainers.tracking import Tracker
 SECRET_KEY = re.compile(r"(token|password|passwd|secret|api_?key|access_?key|credential)", re.IGNORECASE)
 URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
+# Parent run: the trials a comparison left out as inapplicable to the model (orchestrator/plan.py).
+SKIPPED_TAG, SKIPPED_FILE = "skipped_trials", "skipped_trials.json"
 
 
 def absolute_uri(uri: str) -> str:
@@ -127,6 +129,19 @@ class SweepTracker:
         self.open_runs.add(self.parent_id)
         _log_params(self.client, self.parent_id, {"overrides": " ".join(redact(o) for o in overrides) or "(none)"})
         return self.parent_id
+
+    def record_skipped(self, run_id: str, skipped) -> None:
+        """The plan's skipped trials (orchestrator.plan.SkippedTrial) on the parent run: tag
+        `skipped_trials` says how many and which (the MLflow UI's runs list), artifact
+        skipped_trials.json holds each one's label, reason, overrides and config params (what
+        orchestrator.report rebuilds their rows from)."""
+        if not skipped:
+            return
+        records = [{"label": t.label, "method": t.cfg.method.name, "stage": t.cfg.stage.name, "reason": t.reason,
+                    "overrides": " ".join(t.overrides), "params": config_params(t.config)} for t in skipped]
+        self.client.log_dict(run_id, records, SKIPPED_FILE)
+        summary = f"{len(skipped)} inapplicable to the model, see {SKIPPED_FILE}: " + "; ".join(t.label for t in skipped)
+        self.client.set_tag(run_id, SKIPPED_TAG, summary[:5000])
 
     def find_unfinished_parent(self, plan_key: str):
         """Newest parent run of the same plan that did not finish (killed driver, failed trials)."""

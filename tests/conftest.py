@@ -57,3 +57,28 @@ def make_cfg():
         return compose(list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def nobias_model(tmp_path_factory):
+    """A local model directory of the embedded model's architecture and tokenizer, with the
+    attention/MLP biases turned off (as in most Llamas): BitFit has nothing to train on it.
+    Randomly initialised weights (safetensors): enough to plan and check inputs."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainers.model import resolve_model_path
+
+    source = Path(resolve_model_path("embedded:base"))
+    path = tmp_path_factory.mktemp("nobias")
+    config = AutoConfig.from_pretrained(source)
+    config.attention_bias = config.mlp_bias = False
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    assert not any(name.endswith(".bias") for name, _ in model.named_parameters())
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, path / name)
+    return path

@@ -63,3 +63,33 @@ def test_overlength_rows_are_refused_before_compute(in_tmp, capsys):
     data.write_text(json.dumps(long_row) + "\n")
     assert main(["+sweep=lora_rank", f"data.train_file={data}", "data.eval_file=null"]) == 2
     assert f"{data}:1:" in capsys.readouterr().err
+
+
+def test_dry_run_names_skipped_trials_and_replaced_overrides(in_tmp, capsys, nobias_model):
+    args = ["+sweep=full_vs_lora", f"model.name_or_path={nobias_model}", "sweep.variants=[{method:lora},{method:bitfit}]",
+            "method=full", "dry_run=true"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "sweep full_vs_lora: 1 trial(s) (+1 skipped as inapplicable)" in out
+    assert "    bitfit: method.name: bitfit trains bias terms" in out
+    assert "note: command-line method=full is replaced in 1 of 1 trial(s): the sweep sets method to lora there" in out
+
+
+@pytest.mark.parametrize("extra,pickled,message", [
+    ([], False, "no weights (*.safetensors) in {dir}"),
+    (["model.allow_pickle=true"], False, "no weights (*.safetensors or *.bin) in {dir}"),
+    ([], True, "no weights (*.safetensors) in {dir} (it has pickle *.bin weights"),
+])
+def test_a_model_directory_without_weights_is_refused_before_ray(in_tmp, capsys, nobias_model, extra, pickled,
+                                                                 message):
+    """config.json and a tokenizer but no weights: planning alone would pass, the worker would fail."""
+    import shutil
+
+    weightless = in_tmp / "weightless"
+    shutil.copytree(nobias_model, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
+    if pickled:
+        (weightless / "pytorch_model.bin").write_bytes(b"not loaded")
+    assert main([f"model.name_or_path={weightless}", "dry_run=true", *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"error: model.name_or_path: {message.format(dir=weightless)}" in err
+    assert not (in_tmp / "mlflow.db").exists()

@@ -72,6 +72,60 @@ def test_seeds_multiply_trials_and_change_keys():
     assert any("seed=1" in t.label for t in plan.trials)
 
 
+def test_the_seed_on_the_command_line_is_the_sweeps_seed_unless_sweep_seeds_says_otherwise():
+    default, seeded = make_plan([]).trials, make_plan(["train.seed=5"]).trials
+    assert [t.cfg.train.seed for t in seeded] == [5] and seeded[0].key != default[0].key
+    listed = make_plan(["train.seed=5", "sweep.seeds=[1,2]"])
+    assert [t.cfg.train.seed for t in listed.trials] == [1, 2]
+    assert any("train.seed=5 is replaced in 2 of 2 trial(s)" in n and "1, 2" in n for n in listed.notes)
+    with pytest.raises(ConfigError, match="sweep.seeds"):
+        make_plan(["sweep.seeds=[]"])
+
+
+def test_a_command_line_value_the_sweep_replaces_is_named_in_the_plan():
+    from orchestrator.plan import format_plan
+
+    plan = make_plan(["+sweep=lora_rank", "method.r=4", "train.lr=1e-3"])
+    notes = [n for n in plan.notes if "command-line" in n]
+    assert notes == ["command-line method.r=4 is replaced in 5 of 6 trial(s): the sweep sets method.r to "
+                     "1, 2, 8, 16, 32 there"]  # train.lr, which no trial sets, is kept: no note
+    assert all(t.cfg.train.lr == 1e-3 for t in plan.trials)
+    assert notes[0] in format_plan(plan)
+    groups = make_plan(["+sweep=full_vs_lora", "method=full"])
+    assert any(n.startswith("command-line method=full is replaced in 3 of 4") and "lora" in n for n in groups.notes)
+
+
+def variants(*methods: str) -> str:
+    return "sweep.variants=[" + ",".join(f"{{method:{m}}}" for m in methods) + "]"
+
+
+def test_a_method_the_architecture_cannot_take_is_skipped_in_a_comparison(nobias_model):
+    from orchestrator.plan import format_plan
+
+    plan = make_plan([f"model.name_or_path={nobias_model}", variants("lora", "bitfit", "ia3")])
+    assert [t.cfg.method.name for t in plan.trials] == ["lora", "ia3"]
+    (skipped,) = plan.skipped
+    assert skipped.label == "bitfit" and skipped.cfg.method.name == "bitfit"
+    assert skipped.reason.startswith("method.name: bitfit trains bias terms") and "has none" in skipped.reason
+    text = format_plan(plan)
+    assert "(+1 skipped as inapplicable)" in text and f"bitfit: {skipped.reason}" in text
+
+
+def test_an_inapplicable_method_is_refused_alone_on_error_or_beside_a_wrong_setting(nobias_model):
+    model = f"model.name_or_path={nobias_model}"
+    with pytest.raises(ConfigError, match="method.name: bitfit trains bias terms"):
+        make_plan([model, "method=bitfit"])  # a single run
+    with pytest.raises(ConfigError, match="bitfit trains bias terms"):  # nothing left to compare
+        make_plan([model, "sweep.variants=[{method:bitfit},{method:bitfit,train.lr:0.01}]"])
+    with pytest.raises(ConfigError, match="sweep.on_inapplicable=skip leaves it out"):
+        make_plan([model, variants("lora", "bitfit"), "sweep.on_inapplicable=error"])
+    with pytest.raises(ConfigError, match="precision.name: bitfit trains fp16"):  # a setting to correct
+        make_plan([model, "sweep.variants=[{method:lora},{method:bitfit,precision:fp16}]", "train.use_gpu=true"])
+    with pytest.raises(ConfigError) as info:
+        make_plan([model, variants("lora", "bitfit"), "sweep.on_inapplicable=maybe"])
+    assert info.value.problems[0][0] == "sweep.on_inapplicable" and "skip, error" in str(info.value)
+
+
 def test_trial_key_is_stable_and_ignores_tracking(make_cfg):
     a = make_cfg("method.r=4")
     b = make_cfg("method.r=4", "tracking.uri=http://elsewhere:5000", "storage.path=/tmp/x")

@@ -1,7 +1,9 @@
 """End to end on a real local Ray: the CLI runs a small LoRA sweep as Ray Tune + Ray Train trials
 and everything the MLflow contract promises is there, down to an adapter that reloads with
 `PeftModel.from_pretrained` and reproduces the logged eval loss; with `promote=true` the best trial
-ends up in the Model Registry (tests/test_promote.py checks what the registered model answers)."""
+ends up in the Model Registry (tests/test_promote.py checks what the registered model answers).
+A variant whose LoRA targets the model has no layer of is skipped before Ray with its reason, and
+the sweep still exits 0."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ FINAL_METRICS = ("eval/loss", "eval/perplexity", "eval/accuracy", "model/trainab
 def sweep_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("sweep")
     cmd = [sys.executable, "-m", "orchestrator", "+sweep=lora_rank", "sweep.axes={method.r:[2,8]}",
+           "sweep.variants=[{},{method.target_modules:[c_attn]}]",  # GPT-2's name: not in the embedded Llama
            "train.max_steps=30", "train.log_every=10", "data.max_train_rows=400", "data.max_eval_rows=40",
            "cluster.num_cpus=2", "promote=true"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -40,6 +43,21 @@ def test_sweep_exits_zero_with_progress_and_table(sweep_run):
     table = out[out.index("eval loss"):]
     assert "lora r=2" in table and "lora r=8" in table
     assert "Configuration for experiment" not in out, "Ray's own console output must go to the log file"
+
+
+def test_a_variant_the_model_cannot_take_is_skipped_with_its_reason(sweep_run):
+    from mlflow.tracking import MlflowClient
+
+    work, proc = sweep_run
+    out = proc.stdout
+    assert "sweep lora_rank: 2 trial(s) (+2 skipped as inapplicable)" in out
+    table = out[out.index("eval loss"):]
+    for r in (2, 8):
+        assert f"lora target_modules=['c_attn'] r={r}: INAPPLICABLE - method.target_modules: lora on" in table
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lora_rank")
+    parent = client.search_runs([experiment.experiment_id], filter_string="tags.sweep = 'lora_rank'")[0]
+    assert parent.data.tags["skipped_trials"].startswith("2 inapplicable to the model")
 
 
 def test_mlflow_contract(sweep_run):

@@ -201,6 +201,37 @@ def test_stage_metrics_become_columns_only_when_present(tmp_path, store_uri):
     assert "pairwise_accuracy" not in sft_only and "stage" not in sft_only
 
 
+def test_a_trial_skipped_as_inapplicable_is_recorded_on_the_parent_and_a_row_of_the_rebuilt_report(
+        tmp_path, store_uri, nobias_model, capsys):
+    """The plan leaves bitfit out (the model has no biases); the parent run keeps it (tag and
+    skipped_trials.json) and `python -m orchestrator.report` shows it as a row with its reason."""
+    from orchestrator import report
+
+    plan = make_plan([f"model.name_or_path={nobias_model}", "sweep.variants=[{method:lora},{method:bitfit}]",
+                      "tracking.experiment=inapplicable"])
+    tracker = SweepTracker(store_uri, plan.experiment)
+    parent = tracker.start_parent(plan.sweep, [], "")
+    tracker.record_skipped(parent, plan.skipped)
+    for trial in plan.trials:
+        run_id = tracker.create_child(trial, trial.config)
+        log_trial(tracker, run_id, trial)
+        tracker.set_status(run_id, "FINISHED")
+    tracker.set_status(parent, "FINISHED")
+    run = tracker.client.get_run(parent)
+    assert run.data.tags["skipped_trials"].startswith("1 inapplicable to the model") and "bitfit" in \
+        run.data.tags["skipped_trials"]
+    assert report.main([parent, "--tracking-uri", store_uri, "--out", str(tmp_path / "out")]) == 0
+    console = capsys.readouterr().out
+    reason = plan.skipped[0].reason
+    row = next(line for line in console.splitlines() if line.startswith("bitfit "))
+    assert "INAPPLICABLE" in row and f"bitfit: INAPPLICABLE - {reason}" in console
+    assert next(line for line in console.splitlines() if line.startswith("lora ")).rstrip().endswith("FINISHED")
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "1 trial(s) (+1 skipped as inapplicable to the model)" in md and reason in md
+    trials = list(csv.DictReader(io.StringIO((tmp_path / "out" / "trials.csv").read_text())))
+    assert [(t["trial"], t["status"]) for t in trials] == [("lora", "FINISHED"), ("bitfit", "INAPPLICABLE")]
+
+
 # --------------------------------------------------------------------------- the page in a browser
 
 

@@ -41,6 +41,17 @@ class ConfigError(ValueError):
         super().__init__("\n".join(f"{key}: {msg}" for key, msg in problems))
 
 
+class InapplicableError(ConfigError):
+    """A valid config whose method the model's architecture cannot take (BitFit on a model without
+    biases, LoRA on layer names it does not have, 4-bit on CPU at odd layer sizes): refused in a
+    single run; a comparison sweep skips that trial with these problems as its reason.
+    `config` is the typed config that was refused."""
+
+    def __init__(self, problems: List[tuple[str, str]], config: Any = None):
+        super().__init__(problems)
+        self.config = config
+
+
 @dataclass
 class ModelConfig:
     # "embedded:base" is the tiny model this project pretrains itself; else a hub id or a directory.

@@ -63,6 +63,23 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tokenizer
 
 
+def weights_problems(model_cfg: ModelConfig) -> list[tuple[str, str]]:
+    """A local model directory without weights the loader may read (*.safetensors; *.bin too with
+    model.allow_pickle=true): its config and tokenizer pass every check, and only the worker's
+    from_pretrained would fail. A hub id is not looked at: its download says what is missing."""
+    path = Path(resolve_model_path(model_cfg.name_or_path))
+    if not path.is_dir():
+        return []
+    patterns = ("*.safetensors", "*.bin") if model_cfg.allow_pickle else ("*.safetensors",)
+    if any(next(path.glob(pattern), None) for pattern in patterns):
+        return []
+    message = f"no weights ({' or '.join(patterns)}) in {path}"
+    if not model_cfg.allow_pickle and next(path.glob("*.bin"), None):
+        message += (" (it has pickle *.bin weights, which can run code when loaded: model.allow_pickle=true "
+                    "loads them)")
+    return [("model.name_or_path", message)]
+
+
 def load_base_model(cfg: ExperimentConfig, device, model_class=None, **from_pretrained_kwargs):
     """The base model at the configured precision, on `device`, not yet adapted by a method.
     `model_class` (default AutoModelForCausalLM) and extra kwargs (e.g. num_labels=1) choose the head."""
@@ -91,11 +108,9 @@ def load_base_model(cfg: ExperimentConfig, device, model_class=None, **from_pret
                          f"cannot use it ({str(err).splitlines()[0][:200]}); set model.attn_implementation=eager, "
                          "which every architecture has") from None
     except OSError as err:
-        if not cfg.model.allow_pickle and Path(path).is_dir() and not list(Path(path).glob("*.safetensors")):
-            raise OSError(
-                f"model.name_or_path={cfg.model.name_or_path}: no safetensors weights; pickle checkpoints "
-                "can run code when loaded and are refused unless model.allow_pickle=true"
-            ) from err
+        problems = weights_problems(cfg.model)
+        if problems:
+            raise OSError(f"model.name_or_path={cfg.model.name_or_path}: {problems[0][1]}") from err
         raise
     if quant is None:
         model.to(device)

@@ -134,16 +134,20 @@ def environment(cfg: ExperimentConfig, device=None) -> dict[str, str]:
 
 
 def check_inputs(cfg: ExperimentConfig) -> dict[str, int]:
-    """Validate a trial's data against its tokenizer before any compute: every row's rules, its
-    rendering by the chat template (eval prompts too), and `data.overlength`. Raises DataError
-    (source:row) or ConfigError (model or data key); returns row counts. Sets `data.template` of
-    `cfg` to the template it resolved to (model | plain): the value a run logs and replays."""
+    """Validate a trial's model weights and its data against its tokenizer before any compute:
+    weights present, every row's rules, its rendering by the chat template (eval prompts too), and
+    `data.overlength`. Raises DataError (source:row) or ConfigError (model or data key); returns
+    row counts. Sets `data.template` of `cfg` to the template it resolved to (model | plain): the
+    value a run logs and replays."""
     from trainers.config import ConfigError
     from trainers.data import DataError, load_rows, tokenize_pairs, tokenize_split
-    from trainers.model import load_tokenizer
+    from trainers.model import load_tokenizer, weights_problems
     from trainers.recipes import RECIPES
     from trainers.templates import chat_template
 
+    problems = weights_problems(cfg.model)
+    if problems:
+        raise ConfigError(problems)
     try:
         tokenizer = load_tokenizer(cfg.model)
     except (OSError, ValueError) as err:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from trainers.config import ConfigError, ExperimentConfig
+from trainers.config import ConfigError, ExperimentConfig, InapplicableError
 from trainers.methods import METHODS
 from trainers.recipes import RECIPES
 
@@ -141,5 +141,14 @@ def from_container(raw: dict | DictConfig, schema: type | None = None) -> Experi
         raise ConfigError([(key, str(err).splitlines()[0])]) from None
     problems = check(cfg)
     if problems:
+        if set(problems) <= set(architecture_problems(cfg)):
+            raise InapplicableError(problems, cfg)
         raise ConfigError(problems)
     return cfg
+
+
+def architecture_problems(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """The part of check()'s problems that says the method cannot work on this model's architecture
+    (nothing for it to train there), as opposed to a setting the user can correct."""
+    spec = METHODS.get(getattr(cfg.method, "name", None))
+    return spec.architecture_problems(cfg) if spec is not None else []

@@ -53,6 +53,11 @@ class MethodSpec:
     saves: Literal["adapter", "model"] = "adapter"
     # Which precisions/stages it can sit on; returns (key, reason) for impossible combinations.
     check_combination: Callable[["ExperimentConfig"], list[tuple[str, str]]] = no_combination_limits
+    # Where the base model's architecture (read from its config.json) leaves the method nothing to
+    # work on: no biases, no layer of a named target. Kept apart from check_combination because a
+    # comparison sweep skips such a trial (trainers.config.InapplicableError), where it refuses a
+    # wrong setting.
+    check_architecture: Callable[["ExperimentConfig"], list[tuple[str, str]]] = no_combination_limits
     summary: str = ""
     # The trained model is one plain model: the artifact folds into the base's weights (PEFT's
     # merge_and_unload, or tensors trained in place), so a later stage or an export starts from it.
@@ -70,7 +75,11 @@ class MethodSpec:
 
     def combination_problems(self, cfg: "ExperimentConfig") -> list[tuple[str, str]]:
         """check_combination plus what no base of this architecture and precision can do."""
-        return self.check_combination(cfg) + cpu_4bit_problems(cfg)
+        return self.check_combination(cfg) + self.architecture_problems(cfg)
+
+    def architecture_problems(self, cfg: "ExperimentConfig") -> list[tuple[str, str]]:
+        """What this method (at this precision, on this device) cannot do on cfg.model's architecture."""
+        return self.check_architecture(cfg) + cpu_4bit_problems(cfg)
 
     def save(self, model: "torch.nn.Module", out_dir: Path) -> Path:
         """Write what this method trained to out_dir (safetensors) and return it."""

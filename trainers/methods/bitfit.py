@@ -38,12 +38,15 @@ def apply(model, cfg):
 
 def check_combination(cfg) -> list[tuple[str, str]]:
     # On int8/4-bit bases prepare_quantized_base upcasts the biases to fp32, so only fp16 is a problem.
-    problems = fp16_weights_problem(cfg, "bitfit")
+    return fp16_weights_problem(cfg, "bitfit")
+
+
+def check_architecture(cfg) -> list[tuple[str, str]]:
     shape = model_shape(cfg)
     if shape is not None and not trainable_sizes(shape, cfg.method):
-        problems.append(("method.name", f"bitfit trains bias terms and {architecture(shape)} has none "
-                                        "(no attention/MLP biases, RMSNorm without bias): pick another method"))
-    return problems
+        return [("method.name", f"bitfit trains bias terms and {architecture(shape)} has none "
+                                "(no attention/MLP biases, RMSNorm without bias): pick another method")]
+    return []
 
 
 def trainable_sizes(shape, method) -> list[int]:
@@ -61,4 +64,5 @@ def memory_terms(shape, method):
 
 SPEC = register(TensorsMethodSpec(
     name="bitfit", config_cls=BitFitConfig, apply=apply, saves="adapter", check_combination=check_combination,
-    trainable_sizes=trainable_sizes, memory_terms=memory_terms, summary="only bias terms train"))
+    check_architecture=check_architecture, trainable_sizes=trainable_sizes, memory_terms=memory_terms,
+    summary="only bias terms train"))

@@ -60,7 +60,7 @@ def apply(model, cfg):
 
 
 def check_combination(cfg) -> list[tuple[str, str]]:
-    return dora_int8_problems(cfg) + target_problems(cfg)
+    return dora_int8_problems(cfg)
 
 
 def target_problems(cfg) -> list[tuple[str, str]]:
@@ -109,5 +109,5 @@ def memory_terms(shape, method):
 
 
 register(MethodSpec(name="lora", config_cls=LoraConfig, apply=apply, saves="adapter", check_combination=check_combination,
-                    trainable_sizes=trainable_sizes, memory_terms=memory_terms,
+                    check_architecture=target_problems, trainable_sizes=trainable_sizes, memory_terms=memory_terms,
                     summary="low-rank update on frozen linear layers"))

@@ -28,9 +28,9 @@ def check_combination(cfg) -> list[tuple[str, str]]:
     if cfg.precision.name not in FOUR_BIT:
         return [("precision.name", f"qlora needs a 4-bit base: add precision=nf4 or precision=fp4 "
                                    f"(precision is {cfg.precision.name}; LoRA on it is method=lora)")]
-    return target_problems(cfg)
+    return []
 
 
 register(MethodSpec(name="qlora", config_cls=QLoraConfig, apply=lora_apply, saves="adapter",
-                    check_combination=check_combination, trainable_sizes=trainable_sizes, memory_terms=memory_terms,
-                    summary="LoRA on a 4-bit nf4/fp4 base"))
+                    check_combination=check_combination, check_architecture=target_problems,
+                    trainable_sizes=trainable_sizes, memory_terms=memory_terms, summary="LoRA on a 4-bit nf4/fp4 base"))
