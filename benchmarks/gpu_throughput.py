@@ -10,6 +10,13 @@ registry, `trainers.training.train_loop` - on full rows of random tokens, for fu
 LoRA (r=16, all linear layers) and QLoRA (nf4 base, bf16 compute; needs bitsandbytes, else
 "skipped: bitsandbytes missing").
 
+--batching: `full` (default) trains on full rows of random tokens; `padded` on examples of random
+lengths (seq_len/8 to seq_len tokens) padded to each micro-batch's longest; `padding_free` on the
+same examples as data.packing=padding_free trains them, one unpadded row of batch_size x seq_len
+tokens per micro-batch (with --attn flash_attention_2, flash-attention's varlen kernels get the
+example boundaries). tokens/s counts the examples' own tokens, never padding, so `padded` and
+`padding_free` compare directly. --attn: model.attn_implementation (default sdpa).
+
 tokens/s: median over the steps after --warmup-steps (train_loop logs every step, and its
 per-step loss.item() synchronises the GPU). Peak memory: torch.cuda.max_memory_allocated from
 before the model is loaded (weights, gradients, optimizer state, activations). MFU = tokens/s x
@@ -45,6 +52,7 @@ TINY_SIZE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num
 METHODS = ("full", "lora", "qlora")
 ABSENT_ON_GPU_BOX = ("ray", "hydra", "mlflow", "trl", "datasets")
 LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+BATCHINGS = ("full", "padded", "padding_free")
 
 
 def parse_args(argv=None):
@@ -59,6 +67,10 @@ def parse_args(argv=None):
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the device, TFLOP/s")
     parser.add_argument("--compile", action="store_true", help="train.compile=true")
     parser.add_argument("--liger", action="store_true", help="train.liger=true (needs liger-kernel)")
+    parser.add_argument("--batching", choices=BATCHINGS, default="full",
+                        help="full rows | padded examples of random lengths | the same as padding-free rows")
+    parser.add_argument("--attn", default="sdpa", help="model.attn_implementation: sdpa | eager | "
+                                                       "flash_attention_2 | flex_attention")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     for key, full, tiny in (("batch_size", 8, 4), ("seq_len", 1024, 64), ("steps", 30, 6), ("warmup_steps", 5, 2)):
@@ -120,8 +132,9 @@ def experiment(args, method: str, model_dir: Path, use_gpu: bool):
                   "qlora": QLoraConfig(r=args.rank, alpha=2.0 * args.rank)}[method]
     precision = PrecisionConfig(name="nf4" if method == "qlora" else "bf16", compute_dtype="bf16")
     cfg = ExperimentConfig(
-        model=ModelConfig(name_or_path=str(model_dir)),
-        data=DataConfig(train_file="random-tokens", eval_file=None, max_seq_len=args.seq_len),
+        model=ModelConfig(name_or_path=str(model_dir), attn_implementation=args.attn),
+        data=DataConfig(train_file="random-tokens", eval_file=None, max_seq_len=args.seq_len,
+                        packing="padding_free" if args.batching == "padding_free" else False),
         method=method_cfg, precision=precision, stage=SftConfig(),
         train=TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=LR[method], log_every=1,
                           checkpoint_every=0, use_gpu=use_gpu, compile=args.compile, liger=args.liger,
@@ -133,14 +146,32 @@ def experiment(args, method: str, model_dir: Path, use_gpu: bool):
     return cfg
 
 
-def random_rows(n: int, seq_len: int, vocab: int, seed: int = 0):
+def random_rows(n: int, seq_len: int, vocab: int, seed: int = 0, varied: bool = False):
+    """n examples of random tokens: all seq_len long, or (varied) seq_len/8 to seq_len."""
     import torch
 
     from trainers.data import Example
 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (n, seq_len), generator=generator).tolist()
-    return [Example(row, row, f"random:{i}") for i, row in enumerate(ids)]
+    lengths = torch.randint(max(2, seq_len // 8), seq_len + 1, (n,), generator=generator).tolist() if varied \
+        else [seq_len] * n
+    return [Example(row[:k], row[:k], f"random:{i}") for i, (row, k) in enumerate(zip(ids, lengths))]
+
+
+def batches_and_loss(args, cfg, rows, device):
+    """What train_loop draws micro-batches from, its train config and loss, per --batching."""
+    import dataclasses
+
+    from trainers.config import VARLEN_ATTENTION
+    from trainers.data import DatasetStats, padding_free_rows
+    from trainers.training import causal_lm_loss
+
+    if args.batching != "padding_free":
+        return rows, cfg.train, causal_lm_loss(0, device)
+    free = padding_free_rows(rows, cfg.data.token_budget(cfg.train.batch_size), "error", 0, DatasetStats())
+    varlen = cfg.model.attn_implementation in VARLEN_ATTENTION
+    return free, dataclasses.replace(cfg.train, batch_size=1), causal_lm_loss(0, device, varlen=varlen)
 
 
 def measure(args, method: str, model_dir: Path, vocab: int, device) -> dict:
@@ -162,8 +193,9 @@ def measure(args, method: str, model_dir: Path, vocab: int, device) -> dict:
     trainable, _ = count_parameters(model)
     flops_per_token = train_flops_per_token(model)
     recorder = StepRecorder()
-    rows = random_rows(max(64, args.batch_size * 4), args.seq_len, vocab)
-    train_loop(model, rows, cfg.train, 0, device, DistInfo(), recorder)
+    rows = random_rows(max(64, args.batch_size * 4), args.seq_len, vocab, varied=args.batching != "full")
+    batches, train, loss_fn = batches_and_loss(args, cfg, rows, device)
+    train_loop(model, batches, train, 0, device, DistInfo(), recorder, loss_fn=loss_fn)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     peak_bytes = peak.peak_bytes()
@@ -197,7 +229,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         n_params = save_random_model(size, Path(tmp))
         print(f"model: random-init Llama {size}, {n_params:,} parameters ({n_params / 1e9:.3f} B); "
-              f"device {device_name}; batch {args.batch_size} x {args.seq_len} tokens; {args.steps} steps "
+              f"device {device_name}; batch {args.batch_size} x {args.seq_len} tokens ({args.batching}, "
+              f"attention {args.attn}); {args.steps} steps "
               f"({args.warmup_steps} warm-up); peak {args.peak_tflops:g} TFLOP/s; torch {torch.__version__}",
               flush=True)
         results = []
@@ -223,7 +256,8 @@ def main(argv=None) -> int:
         payload = {"date": time.strftime("%Y-%m-%d"), "device": device_name, "torch": torch.__version__,
                    "model": size, "params": n_params, "batch_size": args.batch_size, "seq_len": args.seq_len,
                    "steps": args.steps, "warmup_steps": args.warmup_steps, "peak_tflops": args.peak_tflops,
-                   "compile": args.compile, "liger": args.liger, "results": results}
+                   "compile": args.compile, "liger": args.liger, "batching": args.batching, "attn": args.attn,
+                   "results": results}
         Path(args.json).write_text(json.dumps(payload, indent=2))
         print(f"\nwrote {args.json}")
     return 0

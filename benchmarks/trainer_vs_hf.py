@@ -13,7 +13,13 @@ user would pick beside ours (SHAPE_VARIANTS):
   hf+group    transformers.Trainer grouping by length (train_sampling_strategy="group_by_length",
               transformers 5's spelling of group_by_length=True)
   trl+pack    TRL SFTTrainer, packing=True (best-fit-decreasing rows of max_seq_len, padding-free)
-  trl+padfree TRL SFTTrainer, padding_free=True (each batch of examples as one unpadded row)
+  trl+padfree TRL SFTTrainer, padding_free=True (each batch of examples as one unpadded row;
+              TRL turns gradient checkpointing on by default, and this keeps its default)
+  trl+padfree-nogc (only with --variants) the same with gradient_checkpointing=False: the control
+              that tells padding-free's memory from activation checkpointing's
+  ours+padfree data.packing=padding_free: one unpadded row per micro-batch, token budget
+              (data.max_tokens_per_batch) ceil(batch x mean length): the tokens of as many
+              examples as hf's and trl+padfree's micro-batch, in full rows
   orch        `python -m orchestrator` as a user runs one trial (local Ray, MLflow, checkpoints
               off as in the others): its own time/train_s and tokens, and the whole command's wall
               time, process and Ray start included, reported apart
@@ -65,9 +71,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REPO = Path(__file__).resolve().parent.parent
 LR, WARMUP, CLIP, SEED = 2e-3, 0.06, 1.0, 0
-VARIANTS = ("hf", "ours", "ours+group", "ours+pack", "ours+match")
-SHAPE_VARIANTS = ("hf", "hf+group", "trl+pack", "trl+padfree", "ours", "ours+group", "ours+pack", "orch")
-OPTIONAL = ("ours+pack16", "ours+peak", "ours+peakall")
+VARIANTS = ("hf", "ours", "ours+group", "ours+pack", "ours+match", "ours+padfree")
+SHAPE_VARIANTS = ("hf", "hf+group", "trl+pack", "trl+padfree", "ours", "ours+group", "ours+pack", "ours+padfree",
+                  "orch")
+OPTIONAL = ("ours+pack16", "ours+peak", "ours+peakall", "trl+padfree-nogc")
 # ours+peak: `ours` with PeakMemory measuring as a trial does (started, told each step's batch
 # shape, so it watches only the steps that can raise the peak); ours+peakall: every step watched
 # (what trials did before issue #16). Beside `ours` they give PeakMemory's cost per step.
@@ -180,6 +187,14 @@ class Setup:
         self.mean_len = sum(len(e.input_ids) for e in self.train) / len(self.train)
         self.max_seq_len = data.max_seq_len
         self.per_row = len(self.train) / len(pack_examples(self.train, self.max_seq_len, SEED))  # examples
+        # ours+padfree: the tokens of batch_size mean examples per micro-batch, as one row
+        self.token_budget = math.ceil(args.batch_size * self.mean_len)
+        self.per_budget = len(self.train) / len(self.padding_free_rows(SEED))
+
+    def padding_free_rows(self, seed: int):
+        from trainers.data import DatasetStats, padding_free_rows
+
+        return padding_free_rows(self.train, self.token_budget, "error", seed, DatasetStats())
 
     def fresh_model(self):
         """The base with LoRA, initialised identically for every variant."""
@@ -200,12 +215,22 @@ class Setup:
             return self.args.batch_size, True
         if variant == "ours+match":
             return round(rows * self.per_row), False
+        if variant == "ours+padfree":
+            return 1, True
         return self.args.batch_size, False
 
     def steps(self, variant: str, epochs: float) -> int:
         """Optimizer steps that train on about `epochs` epochs of examples."""
         size, packed = self.micro_batch(variant)
-        return max(2, math.ceil(len(self.train) * epochs / (size * self.per_row if packed else size)))
+        per_row = self.per_budget if variant == "ours+padfree" else self.per_row
+        return max(2, math.ceil(len(self.train) * epochs / (size * per_row if packed else size)))
+
+    def shape(self, variant: str) -> str:
+        """The variant's micro-batch, in words."""
+        size, packed = self.micro_batch(variant)
+        if variant == "ours+padfree":
+            return f"1 row of <= {self.token_budget}"
+        return f"{size} rows x {self.max_seq_len}" if packed else f"{size} examples"
 
 
 def as_chats(rows: list[dict], sources: list[str]) -> tuple[list[dict], list[str]]:
@@ -323,7 +348,8 @@ def trl_run(setup: Setup, variant: str, steps: int, seed: int, memory: bool = Fa
     with tempfile.TemporaryDirectory() as out:
         # padding-free without packing does not enforce max_length (TRL refuses it); rows are within it already
         args = SFTConfig(**hf_common(out, steps, seed, batch_size), max_length=setup.max_seq_len if packed else None,
-                         packing=packed, padding_free=not packed)
+                         packing=packed, padding_free=not packed,
+                         gradient_checkpointing=variant != "trl+padfree-nogc")
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=setup.tokenizer)
         return train_timed(trainer, model, steps, memory)
 
@@ -371,7 +397,10 @@ def ours_run(setup: Setup, variant: str, steps: int, seed: int, memory: bool = F
 
     model = setup.fresh_model()
     batch_size, packed = setup.micro_batch(variant)
-    items = pack_examples(setup.train, setup.max_seq_len, seed) if packed else setup.train
+    if variant == "ours+padfree":
+        items = setup.padding_free_rows(seed)
+    else:
+        items = pack_examples(setup.train, setup.max_seq_len, seed) if packed else setup.train
     train = TrainConfig(max_steps=steps, batch_size=batch_size, lr=LR, warmup_ratio=WARMUP, max_grad_norm=CLIP,
                         log_every=10, seed=seed, checkpoint_every=0)
     inner = causal_lm_loss(setup.tokenizer.pad_token_id, torch.device("cpu"))
@@ -525,9 +554,7 @@ def print_table(setup: Setup, variants: list[str], steps: dict, results: dict, p
           f"peak MiB ({args.memory_steps} steps) | vs {base} | eval loss |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for v in variants:
-        size, packed = setup.micro_batch(v)
-        shape = f"{size} rows x {setup.max_seq_len}" if packed else f"{size} examples"
-        print(f"| {v} | {shape} | {steps[v]} | {med[v]['tokens_per_s']:.0f} | "
+        print(f"| {v} | {setup.shape(v)} | {steps[v]} | {med[v]['tokens_per_s']:.0f} | "
               f"{med[v]['tokens_per_s'] / med[base]['tokens_per_s']:.2f}x | {med[v]['tokens_per_cpu_s']:.0f} | "
               f"{med[v]['tokens_per_cpu_s'] / med[base]['tokens_per_cpu_s']:.2f}x | {100 * fill[v]:.1f} | "
               f"{peaks[v] / 2**20:.2f} | {peaks[v] / max(peaks[base], 1):.2f}x | {med[v]['eval_loss']:.4f} |")

@@ -11,8 +11,10 @@ memory estimate against PeakMemory's measurement on each architecture.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,10 +108,18 @@ def model_dirs(tmp_path_factory):
     return dirs
 
 
+# Gemma 2 has no sdpa path in transformers 5 (its attention logits are soft-capped): it runs with
+# model.attn_implementation=eager (the default, sdpa, is refused: test below).
+EAGER_ONLY = ("gemma2",)
+
+
 def cfg_for(path, method, precision, fields, train):
     train = {"max_steps": 2, "batch_size": 2, "lr": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant",
              "log_every": 1, **train}
-    return from_container({"model": {"name_or_path": str(path)}, "data": {"train_file": "unused.jsonl"},
+    model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+    attention = "eager" if model_type in EAGER_ONLY else "sdpa"
+    return from_container({"model": {"name_or_path": str(path), "attn_implementation": attention},
+                           "data": {"train_file": "unused.jsonl"},
                            "method": {"name": method, **fields}, "precision": {"name": precision},
                            "train": train, "stage": {"name": "sft"}})
 
@@ -219,3 +229,105 @@ def test_estimate_matches_measured_training_peak(tmp_path, model_type):
         assert estimate.activations.bytes > estimate.train_peak_bytes / 3
         assert estimate.train_peak_bytes == pytest.approx(measured, rel=0.10), (method, measured)
         del model
+
+
+# --- model.attn_implementation and padding-free rows on each family
+
+
+def test_attn_implementation_is_the_one_loaded_and_an_unsupported_one_is_refused_naming_the_key(model_dirs):
+    import dataclasses
+
+    cfg = cfg_for(model_dirs["llama"][0], "lora", "fp32", {}, {})
+    for attention in ("eager", "sdpa"):
+        chosen = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation=attention))
+        assert load_base_model(chosen, CPU).config._attn_implementation == attention
+    gemma = cfg_for(model_dirs["gemma2"][0], "lora", "fp32", {}, {})
+    gemma.model.attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match="model.attn_implementation=sdpa.*eager"):
+        load_base_model(gemma, CPU)
+
+
+def tiny_model(model_type: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = tiny_config(model_type)
+        config.use_cache = False  # as load_base_model leaves it for training
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def mixed_examples(seed: int = 0) -> list[Example]:
+    """Five examples of 6-21 tokens with masked prompts."""
+    from trainers.data import IGNORE_INDEX
+
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for length, prompt in ((9, 4), (21, 7), (6, 2), (14, 5), (17, 9)):
+        ids = torch.randint(3, V, (length,), generator=generator).tolist()
+        examples.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:], f"ex:{length}"))
+    return examples
+
+
+def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loop's own loss function on one micro-batch, and every weight's gradient."""
+    from trainers.training import causal_lm_loss
+
+    model.zero_grad(set_to_none=True)
+    loss, _, _ = causal_lm_loss(0, CPU)(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2"])
+def test_padding_free_row_gives_the_padded_batchs_loss_and_gradients(model_type):
+    """fp32, every weight trained: the same examples as one padded batch and as one padding-free
+    row give the same loss and gradients within 1e-5. The same row with positions that do not
+    restart per example (its examples see each other) is far off: the comparison has teeth."""
+    from trainers.data import DatasetStats, padding_free_rows
+
+    model, examples = tiny_model(model_type), mixed_examples()
+    budget = sum(len(e.input_ids) for e in examples)
+    rows = padding_free_rows(examples, budget, "error", seed=0, stats=DatasetStats())
+    assert len(rows) == 1 and len(rows[0].input_ids) == budget  # one row, not one pad position
+    padded_loss, padded_grads = loss_and_grads(model, examples)
+    free_loss, free_grads = loss_and_grads(model, rows)
+    torch.testing.assert_close(free_loss, padded_loss, atol=1e-5, rtol=0)
+    assert free_grads.keys() == padded_grads.keys()
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(free_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+    rows[0].position_ids = list(range(budget))
+    leaking_loss, _ = loss_and_grads(model, rows)
+    assert abs(leaking_loss.item() - padded_loss.item()) > 1e-3
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2", "opt"])
+def test_packing_is_refused_where_the_architecture_ignores_restarting_positions(model_type):
+    """OPT masks a row causally whatever its position_ids say, so a packed row's examples would
+    attend to each other: refused before training, naming data.packing; the others pass."""
+    from trainers.model import check_packed_attention
+
+    model = tiny_model(model_type)
+    if model_type != "opt":
+        check_packed_attention(model)
+        return
+    with pytest.raises(ValueError, match="data.packing") as info:
+        check_packed_attention(model)
+    assert "OPTForCausalLM" in str(info.value)
+
+
+def test_promotion_and_merging_load_with_the_trials_attention_or_sdpa_for_cuda_only_kernels(model_dirs):
+    """Promotion and stage merging run on the CPU: the trial's eager/sdpa is kept, CUDA-only
+    flash_attention_2 becomes sdpa (the same attention, computed by torch)."""
+    import dataclasses
+
+    from trainers.export import _for_serving
+    from trainers.recipes.inputs import merge_precision
+
+    cfg = cfg_for(model_dirs["llama"][0], "lora", "fp32", {}, {})
+    for trained, loaded in (("eager", "eager"), ("sdpa", "sdpa"), ("flash_attention_2", "sdpa")):
+        trial = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation=trained))
+        assert _for_serving(trial).model.attn_implementation == loaded
+        assert merge_precision(trial).model.attn_implementation == loaded

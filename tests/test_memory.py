@@ -231,6 +231,43 @@ def test_estimate_matches_measured_training_peak(tmp_path):
         del model
 
 
+def test_estimate_of_a_padding_free_run_follows_its_token_budget(tmp_path):
+    """data.packing=padding_free: the estimate is of one row of the token budget, whatever
+    train.batch_size says, and lands within 10% of PeakMemory's measurement of such a run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainers.data import DatasetStats, Example, padding_free_rows
+    from trainers.model import load_base_model
+    from trainers.runtime import DistInfo
+    from trainers.tracking import Tracker
+    from trainers.training import train_loop
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    rows = torch.randint(3, 512, (24, 48), generator=torch.Generator().manual_seed(0)).tolist()
+    examples = [Example(input_ids=row[:25 + i], labels=row[:25 + i], source=str(i)) for i, row in enumerate(rows)]
+    budget = 384
+    free = padding_free_rows(examples, budget, "error", seed=0, stats=DatasetStats())
+    for method in ("lora", "full"):
+        cfg = experiment(method, model=str(tmp_path))
+        cfg.data.eval_file, cfg.data.packing, cfg.data.max_tokens_per_batch = None, "padding_free", budget
+        cfg.train = TrainConfig(max_steps=3, batch_size=8, log_every=3)
+        meter = PeakMemory(CPU)
+        meter.start()
+        model = METHODS[method].apply(load_base_model(cfg, CPU), cfg)
+        train_loop(model, free, TrainConfig(max_steps=3, batch_size=1, log_every=3), 0, CPU, DistInfo(), Tracker())
+        measured = meter.peak_bytes()
+        predicted = memory.estimate(cfg)  # default: one row of the budget
+        assert predicted.seq_len == budget
+        assert predicted.train_peak_bytes == pytest.approx(measured, rel=0.10), method
+        for batch_size in (1, 32):  # the budget, not the row count, sizes a padding-free batch
+            cfg.train.batch_size = batch_size
+            assert memory.estimate(cfg).train_peak_bytes == predicted.train_peak_bytes
+        del model
+
+
 def test_a_planned_run_watches_the_first_step_and_one_step_per_uncovered_shape():
     from trainers.runtime import steps_to_watch
 

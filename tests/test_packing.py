@@ -7,6 +7,7 @@ each epoch; and a resumed run continues the same batch stream in both modes.
 from __future__ import annotations
 
 import importlib.util
+import math
 import random
 from collections import Counter
 
@@ -193,6 +194,7 @@ def test_resume_continues_the_same_stream(tmp_path, mode):
 
 
 LIGER_INSTALLED = importlib.util.find_spec("liger_kernel") is not None
+FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 
 
 @pytest.mark.parametrize("overrides,key", [
@@ -203,6 +205,20 @@ LIGER_INSTALLED = importlib.util.find_spec("liger_kernel") is not None
     (["train.liger=true"], "train.liger"),
     pytest.param(["train.liger=true", "train.use_gpu=true"], "train.liger",
                  marks=pytest.mark.skipif(LIGER_INSTALLED, reason="liger-kernel is installed")),
+    (["data.packing=sometimes"], "data.packing"),
+    (["data.packing=padding_free", "stage=dpo", "data=embedded_pref"], "data.packing"),
+    (["data.packing=padding_free", "stage=reward", "data=embedded_pref"], "data.packing"),
+    (["data.packing=padding_free", "method=prefix"], "data.packing"),
+    (["data.packing=padding_free", "method=prompt"], "data.packing"),
+    (["data.packing=padding_free", "method=ptuning"], "data.packing"),
+    (["data.packing=padding_free", "data.group_by_length=true"], "data.group_by_length"),
+    (["data.packing=padding_free", "data.max_tokens_per_batch=0"], "data.max_tokens_per_batch"),
+    (["data.packing=true", "data.max_tokens_per_batch=512"], "data.max_tokens_per_batch"),
+    (["model.attn_implementation=paged"], "model.attn_implementation"),
+    (["model.attn_implementation=flash_attention_2"], "model.attn_implementation"),
+    (["model.attn_implementation=flex_attention"], "model.attn_implementation"),
+    pytest.param(["model.attn_implementation=flash_attention_2", "train.use_gpu=true"], "model.attn_implementation",
+                 marks=pytest.mark.skipif(FLASH_ATTN_INSTALLED, reason="flash-attn is installed")),
 ])
 def test_batching_and_kernel_switches_are_validated(make_cfg, overrides, key):
     from trainers.config import ConfigError
@@ -213,5 +229,156 @@ def test_batching_and_kernel_switches_are_validated(make_cfg, overrides, key):
 
 
 def test_packing_and_grouping_compose_for_sft(make_cfg):
-    assert make_cfg("data.packing=true").data.packing
+    from trainers.config import flatten, to_container
+
+    assert make_cfg("data.packing=true").data.packed_rows
+    free = make_cfg("data.packing=padding_free", "model.attn_implementation=eager")
+    assert free.data.padding_free and not free.data.packed_rows
+    params = flatten(to_container(free))  # what the trial logs as MLflow params
+    assert params["data.packing"] == "padding_free" and params["model.attn_implementation"] == "eager"
+    assert free.data.token_budget(free.train.batch_size) == free.train.batch_size * free.data.max_seq_len
     assert make_cfg("data.group_by_length=true", "method=prefix").data.group_by_length
+
+
+# --- data.packing=padding_free
+
+
+def test_padding_free_rows_fill_the_token_budget_and_hold_every_example_once(embedded_examples):
+    from trainers.data import DatasetStats, padding_free_rows
+
+    budget = 16 * DataConfig.max_seq_len  # the default: train.batch_size x max_seq_len
+    stats = DatasetStats(rows=len(embedded_examples))
+    rows = padding_free_rows(embedded_examples, budget, "error", seed=0, stats=stats)
+    assert all(len(r.input_ids) <= budget for r in rows)
+    # no pad position: the collated micro-batch is exactly the row
+    batch = pad_batch(rows[:1], pad_id=0)
+    assert batch["input_ids"].shape == (1, len(rows[0].input_ids)) and "attention_mask" not in batch
+    assert sum(len(r.input_ids) for r in rows) == sum(len(e.input_ids) for e in embedded_examples)
+    assert non_pad_fraction(rows[:-1], 1, budget) >= 0.99  # every budget but the last is full
+    assert stats.rows == len(embedded_examples) and stats.dropped == stats.truncated == 0
+
+
+@pytest.mark.parametrize("overlength", ["error", "truncate", "drop"])
+def test_an_example_longer_than_the_token_budget_follows_overlength(overlength):
+    from trainers.data import DataError, DatasetStats, padding_free_rows
+
+    examples = random_examples(20, low=5, high=12) + [Example(list(range(1, 41)), [IGNORE_INDEX] * 5 +
+                                                              list(range(6, 41)), "long:1")]
+    stats = DatasetStats(rows=len(examples))
+    if overlength == "error":
+        with pytest.raises(DataError, match="long:1.*data.max_tokens_per_batch=32"):
+            padding_free_rows(examples, 32, overlength, seed=0, stats=stats)
+        return
+    rows = padding_free_rows(examples, 32, overlength, seed=0, stats=stats)
+    sources = [s for r in rows for s in r.source.split(",")]
+    assert ("long:1" in sources) == (overlength == "truncate")
+    assert (stats.truncated, stats.dropped) == ((1, 0) if overlength == "truncate" else (0, 1))
+    assert all(len(r.input_ids) <= 32 for r in rows)
+
+
+def test_padding_free_flash_kwargs_mark_each_example():
+    from trainers.data import DatasetStats, padding_free_rows, varlen_kwargs
+
+    examples = random_examples(6)
+    (row,) = padding_free_rows(examples, 1000, "error", seed=0, stats=DatasetStats())
+    kwargs = varlen_kwargs(row.position_ids)
+    lengths = sorted(len(e.input_ids) for e in examples)
+    cu = kwargs["cu_seq_lens_q"]
+    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == len(row.input_ids)
+    assert sorted(cu.diff().tolist()) == lengths and kwargs["max_length_k"] == lengths[-1]
+    assert kwargs["cu_seq_lens_k"] is cu
+
+
+def test_padding_free_ranks_change_epochs_together_and_run_as_many_steps():
+    """Two workers over padding-free rows (one a micro-batch): each epoch both take as many rows,
+    none twice, and a step's rows differ across ranks."""
+    from trainers.data import DatasetStats, padding_free_rows
+
+    rows = padding_free_rows(random_examples(203, low=5, high=60), 256, "error", seed=0, stats=DatasetStats())
+    per_rank = len(rows) // 2
+    streams = [micro_batches(rows, 1, seed=4, dist=DistInfo(rank=r, world_size=2)) for r in range(2)]
+    for _ in range(2):  # epochs
+        taken = [[next(s)[0].source for _ in range(per_rank)] for s in streams]
+        assert len(set(taken[0]) | set(taken[1])) == 2 * per_rank
+        assert all(a != b for a, b in zip(*taken))
+
+
+def test_padding_free_trial_trains_and_estimates_its_one_row(make_cfg, tmp_path):
+    """A whole SFT trial with data.packing=padding_free on the embedded data: it trains, logs the
+    rows and their fill, and estimates a batch of one row of the token budget."""
+    from trainers.trial import run_trial
+
+    cfg = make_cfg("data.packing=padding_free", "data.max_tokens_per_batch=400", "train.max_steps=3",
+                   "train.log_every=3", "train.checkpoint_every=0", "data.max_eval_rows=16", "data.max_train_rows=200")
+    logged: dict = {}
+
+    class Recorder(Tracker):
+        def log_metrics(self, metrics, step=None):
+            logged.update(metrics)
+
+    metrics = run_trial(cfg, tmp_path, tracker=Recorder())
+    assert logged["data/packed_fill"] > 0.9 and logged["data/packed_rows"] < 200 * 27 / 400 + 2
+    assert math.isfinite(metrics["train/final_loss"]) and metrics["mem/estimated_peak_bytes"] > 0
+    from trainers import memory
+
+    one_row = memory.estimate(cfg, seq_len=400, eval_seq_len=1).train_peak_bytes
+    assert one_row < memory.estimate(cfg, seq_len=401, eval_seq_len=1).train_peak_bytes
+
+
+def _padding_free_rank(rank: int, out_dir: str, port: int, max_steps: int) -> None:
+    """One of two DDP ranks (gloo) training tiny_llama on padding-free rows; writes what it ran."""
+    import json
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    from trainers import parallel
+    from trainers.data import DatasetStats, padding_free_rows
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        info = DistInfo(rank, 2, rank)
+        rows = padding_free_rows(random_examples(90, low=5, high=40), 128, "error", seed=0, stats=DatasetStats())
+        model = parallel.wrap(tiny_llama().train(), info, CPU)
+        seen: list = []
+        train = TrainConfig(max_steps=max_steps, batch_size=1, lr=1e-2, log_every=max_steps, checkpoint_every=0)
+        stats = train_loop(model, rows, train, 0, CPU, info, Tracker(), loss_fn=recording_loss(0, seen))
+        weights = torch.cat([p.detach().flatten() for p in parallel.unwrap(model).parameters()])
+        result = {"steps": stats.steps, "seen": seen, "rows": len(rows), "weights": weights[:64].tolist(),
+                  "lengths": {r.source: len(r.input_ids) for r in rows}}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+            json.dump(result, handle)
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # no C++ static teardown after gloo (see tests/test_cluster_unit.py)
+
+
+def test_padding_free_under_ddp_ranks_run_the_same_steps_across_an_epoch(tmp_path):
+    """Two DDP ranks on padding-free rows of different lengths: both run every step (past an
+    epoch's end, where the ranks must change epochs together), on different rows each step, and
+    end with the same weights (gradients averaged each step)."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    from trainers.data import DatasetStats, padding_free_rows
+
+    per_rank = len(padding_free_rows(random_examples(90, low=5, high=40), 128, "error", 0, DatasetStats())) // 2
+    max_steps = per_rank + 3
+    mp.spawn(_padding_free_rank, args=(str(tmp_path), port, max_steps), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["steps"] for r in ranks] == [max_steps, max_steps]
+    assert all(len(r["seen"]) == max_steps and all(len(batch) == 1 for batch in r["seen"]) for r in ranks)
+    steps = list(zip(ranks[0]["seen"], ranks[1]["seen"]))
+    assert all(a != b for a, b in steps)
+    lengths = ranks[0]["lengths"]
+    assert any(lengths[a[0]] != lengths[b[0]] for a, b in steps)  # unequal tokens per rank, still in step
+    assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], abs=1e-6)

@@ -30,6 +30,11 @@ SCHEDULERS = ("cosine", "linear", "constant")
 OVERLENGTH_POLICIES = ("error", "truncate", "drop")
 DATA_FORMATS = ("auto", "instruction", "chat", "preference")
 DATA_TEMPLATES = ("auto", "model", "plain")
+PADDING_FREE = "padding_free"  # the data.packing value beside false | true
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+# Those that take a padding-free row's example boundaries (cu_seq_lens) and attend within each
+# example only; the others mask the row's L x L attention block-diagonally.
+VARLEN_ATTENTION = ("flash_attention_2",)
 
 
 class ConfigError(ValueError):
@@ -60,9 +65,17 @@ class ModelConfig:
     trust_remote_code: bool = False
     # Pickle checkpoints (.bin) can execute code when loaded; safetensors cannot.
     allow_pickle: bool = False
+    # The attention kernels, in training, evaluation and promotion: sdpa (torch's fused attention) |
+    # eager (plain matmuls; every architecture has it) | flash_attention_2 (GPU and the flash-attn
+    # package; varlen kernels skip the other examples of a packed row instead of masking them) |
+    # flex_attention (torch's compiled block-sparse attention; GPU: it has no backward on CPU).
+    attn_implementation: str = "sdpa"
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            problems.append(("model.attn_implementation", f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                                                          f"got {self.attn_implementation!r}"))
         if not self.name_or_path:
             problems.append(("model.name_or_path", "must name a hub id, a directory or embedded:base"))
         if self.trust_remote_code and not self.revision:
@@ -101,9 +114,15 @@ class DataConfig:
     max_train_rows: Optional[int] = None  # None = all rows
     max_eval_rows: Optional[int] = None
     max_new_tokens: int = 8  # greedy generation budget for exact-match accuracy
-    # SFT: several examples per row of max_seq_len tokens (train.batch_size counts rows), attention
-    # kept within each example; no padding to compute, but fewer, fuller rows per step.
-    packing: bool = False
+    # SFT: false | true: several examples per row of max_seq_len tokens (train.batch_size counts
+    # rows, padded to the batch's longest), attention kept within each example | padding_free: each
+    # micro-batch is ONE row of up to max_tokens_per_batch tokens, no pad at all (positions restart
+    # per example; flash-attention gets the varlen boundaries). Typed Any: Hydra reads `true` as a
+    # bool and `padding_free` as a string; check() allows exactly these three.
+    packing: Any = False
+    # data.packing=padding_free: tokens per micro-batch (per worker); null = train.batch_size x
+    # max_seq_len. An example longer than it follows data.overlength.
+    max_tokens_per_batch: Optional[int] = None
     # SFT, unpacked: batches of examples of similar length (less padding); batch order stays shuffled.
     group_by_length: bool = False
     # How rows become text: auto = the tokenizer's chat template when it has one, else plain;
@@ -113,11 +132,32 @@ class DataConfig:
     # The data's column names where they differ from the fields (data.columns.output=answer).
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
 
+    @property
+    def padding_free(self) -> bool:
+        return self.packing == PADDING_FREE
+
+    @property
+    def packed_rows(self) -> bool:
+        """data.packing=true: rows of max_seq_len, several per micro-batch."""
+        return self.packing is True
+
+    def token_budget(self, batch_size: int) -> int:
+        """Tokens per padding-free micro-batch (data.max_tokens_per_batch or its default)."""
+        return self.max_tokens_per_batch or batch_size * self.max_seq_len
+
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        if not (isinstance(self.packing, bool) or self.padding_free):
+            problems.append(("data.packing", f"must be false, true or {PADDING_FREE}, got {self.packing!r}"))
+        if self.max_tokens_per_batch is not None:
+            if self.max_tokens_per_batch <= 0:
+                problems.append(("data.max_tokens_per_batch", f"must be > 0 or null, got {self.max_tokens_per_batch}"))
+            elif not self.padding_free:
+                problems.append(("data.max_tokens_per_batch", f"is the budget of data.packing={PADDING_FREE} "
+                                                              f"micro-batches; data.packing is {self.packing!r}"))
         if self.packing and self.group_by_length:
-            problems.append(("data.group_by_length", "packed rows are all about max_seq_len long: use "
-                                                     "data.packing=true or data.group_by_length=true, not both"))
+            problems.append(("data.group_by_length", "packed rows are all about one length: use "
+                                                     "data.packing or data.group_by_length=true, not both"))
         if self.format not in DATA_FORMATS:
             problems.append(("data.format", f"must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}"))
         if self.overlength not in OVERLENGTH_POLICIES:

@@ -395,6 +395,49 @@ def pack_examples(examples: list[Example], max_seq_len: int, seed: int) -> list[
     return rows
 
 
+def padding_free_rows(examples: list[Example], budget: int, overlength: str, seed: int,
+                      stats: DatasetStats) -> list[PackedRow]:
+    """data.packing=padding_free: each micro-batch is one PackedRow of at most `budget` tokens
+    (data.max_tokens_per_batch), filled as pack_examples fills rows, so no position is padding.
+
+    An example longer than the budget follows data.overlength like an overlong row (error names
+    data.max_tokens_per_batch; truncate keeps its first `budget` tokens, drop leaves it out), and
+    is counted in `stats`. The rows are fixed for the run (a function of the seed); the batch
+    stream shuffles their order each epoch, as it does packed rows'.
+    """
+    fitting = []
+    for e in examples:
+        if len(e.input_ids) <= budget:
+            fitting.append(e)
+        elif overlength == "error":
+            raise DataError(f"{e.source}: {len(e.input_ids)} tokens exceed data.max_tokens_per_batch={budget}, the "
+                            "tokens of one padding-free micro-batch (raise it, or set data.overlength=truncate or drop)")
+        elif overlength == "truncate" and any(label != IGNORE_INDEX for label in e.labels[1:budget]):
+            fitting.append(Example(e.input_ids[:budget], e.labels[:budget], e.source))
+            stats.truncated += 1
+        else:  # dropped, or truncated to nothing left to learn from
+            stats.dropped += 1
+    if not fitting:
+        raise DataError(f"no usable rows left after data.overlength={overlength} "
+                        f"(data.max_tokens_per_batch={budget})")
+    stats.rows = len(fitting)
+    return pack_examples(fitting, budget, seed)
+
+
+def varlen_kwargs(position_ids: list[int]) -> dict:
+    """Flash-attention's varlen boundaries of one padding-free row, under the names transformers 5
+    reads (its DataCollatorWithFlattening makes the same): cumulative example lengths as int32
+    `cu_seq_lens_q/k` and the longest example as `max_length_q/k`. Given these, flash-attention
+    does not re-derive them from position_ids in every layer (a device-to-host sync each time)."""
+    import torch
+
+    starts = [i for i, p in enumerate(position_ids) if p == 0] + [len(position_ids)]
+    cu_seq_lens = torch.tensor(starts, dtype=torch.int32)
+    longest = max(b - a for a, b in zip(starts, starts[1:]))
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest,
+            "max_length_k": longest}
+
+
 def fill_row(room: int, lengths: list[int], by_length: dict[int, list[int]], reserved: int) -> list[int]:
     """Lengths (with repeats, at most as many as there are examples of each, one of `reserved`
     being taken already) that fill `room` as fully as possible.

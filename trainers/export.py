@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from trainers.config import ExperimentConfig
+from trainers.config import VARLEN_ATTENTION, ExperimentConfig
 
 PROMPT_SLOT = "{prompt}"
 _SENTINEL = "\x00PROMPT\x00"  # stands for the request while a template is rendered
@@ -96,8 +96,12 @@ def _add_special_tokens(tokenizer, template, prompt_text: str, fmt: str) -> bool
 def _for_serving(cfg: ExperimentConfig) -> ExperimentConfig:
     """The trial's config as the promoting (CPU) process loads it: a 4/8-bit base at its compute
     dtype, since merging into quantized weights would round the adapter away and a served model is
-    stored unquantized; no Liger kernels (GPU-only, and a served model is plain transformers)."""
+    stored unquantized; no Liger kernels (GPU-only, and a served model is plain transformers); the
+    trial's model.attn_implementation, except flash_attention_2 (CUDA only), which computes the
+    same attention as sdpa, so sdpa serves it here."""
     train = dataclasses.replace(cfg.train, liger=False)
+    if cfg.model.attn_implementation in VARLEN_ATTENTION:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation="sdpa"))
     if not cfg.precision.quantized:
         return dataclasses.replace(cfg, train=train)
     precision = dataclasses.replace(cfg.precision, name=cfg.precision.compute_dtype, double_quant=False)

@@ -89,6 +89,7 @@ def load_base_model(cfg: ExperimentConfig, device, model_class=None, **from_pret
     path = resolve_model_path(cfg.model.name_or_path)
     kwargs = _common_kwargs(cfg.model)
     kwargs["use_safetensors"] = None if cfg.model.allow_pickle else True
+    kwargs["attn_implementation"] = cfg.model.attn_implementation
     kwargs.update(from_pretrained_kwargs)
     quant = quantization_config(cfg.precision)
     if quant is not None:
@@ -99,6 +100,13 @@ def load_base_model(cfg: ExperimentConfig, device, model_class=None, **from_pret
         kwargs["dtype"] = torch_dtype(cfg.precision.name)
     try:
         model = model_class.from_pretrained(path, **kwargs)
+    except ValueError as err:
+        if "attention" not in str(err) and "attn" not in str(err):
+            raise
+        # transformers' own refusal (e.g. Gemma 2 has no sdpa path: its logits are soft-capped)
+        raise ValueError(f"model.attn_implementation={cfg.model.attn_implementation}: {cfg.model.name_or_path} "
+                         f"cannot use it ({str(err).splitlines()[0][:200]}); set model.attn_implementation=eager, "
+                         "which every architecture has") from None
     except OSError as err:
         problems = weights_problems(cfg.model)
         if problems:
@@ -156,3 +164,34 @@ def count_parameters(model) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+def check_packed_attention(model, key: str = "data.packing") -> None:
+    """Refuse a model that would let a packed row's examples attend to each other.
+
+    Packing (data.packing=true|padding_free) relies on the architecture building its attention
+    mask from position_ids that restart per example (transformers 5's find_packed_sequence_indices);
+    an architecture that does not (OPT derives positions from an attention mask and masks causally
+    over the whole row) would silently train on the wrong context. The probe: two 3-token examples
+    as one row, whose second example's logits must equal those of it run alone (a leak moves them
+    by far more than rounding does, in any precision).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    first, second = [3, 4, 5], [6, 7, 8]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            row = torch.tensor([first + second], device=device)
+            positions = torch.tensor([[0, 1, 2, 0, 1, 2]], device=device)
+            packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0, 3:].float()
+            alone = model(input_ids=row[:, 3:], use_cache=False).logits[0].float()
+    finally:
+        model.train(was_training)
+    leak = (packed - alone).abs().max().item()
+    if leak > 1e-2 * max(alone.abs().max().item(), 1.0):
+        raise ValueError(f"{key}: {type(model).__name__} ignores the restarting position_ids of a packed row "
+                         f"(an example's logits change by {leak:.3g} beside another), so its examples would attend "
+                         f"to each other; set {key}=false for this architecture")

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 from trainers.checkpoint import CheckpointManager
 from trainers.config import TrainConfig
-from trainers.data import Example, example_lengths, pad_batch
+from trainers.data import Example, example_lengths, pad_batch, varlen_kwargs
 from trainers.faults import FaultPlan
 from trainers.runtime import DistInfo, PeakMemory
 from trainers.tracking import Tracker
@@ -130,11 +130,17 @@ def length_grouped(indices: list[int], lengths, batch_size: int, rng: random.Ran
 LossFn = Callable[[Any, list], "tuple[Any, int, dict[str, float]]"]
 
 
-def causal_lm_loss(pad_id: int, device) -> LossFn:
-    """Token cross-entropy on the labelled (response) tokens: the SFT objective."""
+def causal_lm_loss(pad_id: int, device, varlen: bool = False) -> LossFn:
+    """Token cross-entropy on the labelled (response) tokens: the SFT objective. `varlen`: each
+    micro-batch is one padding-free row (data.packing=padding_free) and the attention is
+    flash-attention, which takes the row's example boundaries (data.varlen_kwargs)."""
 
     def loss_fn(model, examples: list[Example]):
-        batch = {k: v.to(device) for k, v in pad_batch(examples, pad_id).items()}
+        batch = pad_batch(examples, pad_id)
+        if varlen:
+            (row,) = examples
+            batch.update(varlen_kwargs(row.position_ids))
+        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
         return model(**batch).loss, sum(len(e.input_ids) for e in examples), {}
 
     return loss_fn

@@ -52,7 +52,20 @@ def check(cfg: ExperimentConfig) -> list[tuple[str, str]]:
             problems += recipe.check_combination(cfg)
     problems += check_fsdp(cfg)
     problems += check_batching(cfg)
+    problems += check_attention(cfg)
     return problems
+
+
+def batching_options(cfg: ExperimentConfig) -> dict[str, str]:
+    """{option the config asks for (RecipeSpec.batching's names): the setting that asks for it}."""
+    asked = {}
+    if cfg.data.padding_free:
+        asked["padding_free"] = "data.packing=padding_free"
+    elif cfg.data.packing:
+        asked["packing"] = "data.packing=true"
+    if cfg.data.group_by_length:
+        asked["group_by_length"] = "data.group_by_length=true"
+    return asked
 
 
 def stages_that(wanted) -> str:
@@ -63,17 +76,37 @@ def stages_that(wanted) -> str:
 def check_batching(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     """data.packing / data.group_by_length against the stage and method that would use them."""
     problems = []
-    stage = getattr(cfg.stage, "name", None)
-    recipe = RECIPES.get(stage)
-    for key in ("packing", "group_by_length"):
-        if getattr(cfg.data, key) and recipe is not None and not recipe.packs_batches:
-            problems.append((f"data.{key}", f"only stage {stages_that(lambda r: r.packs_batches)} batches this way; "
-                                            f"stage {stage} would ignore it"))
+    recipe = RECIPES.get(getattr(cfg.stage, "name", None))
+    for option, setting in batching_options(cfg).items():
+        if recipe is not None and option not in recipe.batching:
+            able = stages_that(lambda other: option in other.batching)
+            problems.append((setting.split("=")[0], f"{setting}: stage {recipe.name} does not batch this way (it "
+                                                    f"would ignore it); only stage {able} does"))
     method = getattr(cfg.method, "name", None)
     if cfg.data.packing and method in METHODS and any(METHODS[method].virtual_tokens(cfg.method)):
         problems.append(("data.packing", f"method {method} puts virtual tokens before each row, which all "
                                          "examples packed in it would share: use unpacked batches"))
     return problems
+
+
+def check_attention(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """model.attn_implementation against the device and the installed packages."""
+    import importlib.util
+
+    attention = cfg.model.attn_implementation
+    if attention == "flex_attention" and not cfg.train.use_gpu:
+        return [("model.attn_implementation", "flex_attention has no backward pass on CPU in torch (training "
+                                              "fails at the first step): needs train.use_gpu=true (on CPU use sdpa "
+                                              "or eager)")]
+    if attention != "flash_attention_2":
+        return []
+    if not cfg.train.use_gpu:
+        return [("model.attn_implementation", "flash_attention_2 runs CUDA kernels only: needs train.use_gpu=true "
+                                              "(on CPU use sdpa or eager)")]
+    if importlib.util.find_spec("flash_attn") is None:
+        return [("model.attn_implementation", "flash_attention_2 needs the flash-attn package, which is not "
+                                              "installed (pip install flash-attn --no-build-isolation)")]
+    return []
 
 
 def check_fsdp(cfg: ExperimentConfig) -> list[tuple[str, str]]:

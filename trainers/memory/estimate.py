@@ -212,7 +212,11 @@ def _stage_batch(shape: ModelShape, cfg: "ExperimentConfig", seq: int, weights: 
     head = dataclasses.replace(shape, vocab=1) if stage.scalar_head else shape
     if stage.note:
         notes.append(stage.note)
-    return Batch(train.batch_size * stage.sequences_per_row, seq + stage.generated_tokens, head,
+    # data.packing=padding_free: one row of up to the token budget, whatever train.batch_size is
+    rows = 1 if cfg.data.padding_free else train.batch_size
+    if cfg.data.padding_free:
+        notes.append(f"data.packing=padding_free: one row of up to {seq:,} tokens per micro-batch")
+    return Batch(rows * stage.sequences_per_row, seq + stage.generated_tokens, head,
                  weights * stage.model_copies, eval_rows * stage.eval_sequences_per_row)
 
 
@@ -254,7 +258,8 @@ def estimate(cfg: "ExperimentConfig", model_config: Any = None, *, seq_len: Opti
     model_config: a ModelShape / config mapping / PretrainedConfig; default: read the config of
     cfg.model.name_or_path (known name, config.json, model directory, cached hub id, embedded:base).
     seq_len: tokens per training row (default data.max_seq_len: the worst case; batches are padded
-    to their longest row, so a typical length gives the typical peak). eval_seq_len: the same for
+    to their longest row, so a typical length gives the typical peak; with data.packing=padding_free
+    the one row of a micro-batch, default the token budget). eval_seq_len: the same for
     evaluation batches (default seq_len). device: "cuda" or "cpu" for the runtime overhead
     (default from train.use_gpu).
     """
@@ -267,7 +272,9 @@ def estimate(cfg: "ExperimentConfig", model_config: Any = None, *, seq_len: Opti
     act = 4 if precision.quantized else FLOAT_BYTES[precision.name]
     terms, extra = method_terms(shape, cfg), extra_tokens(cfg)
     training = Training.of(shape, cfg, terms, act)
-    batch = _stage_batch(shape, cfg, seq_len or cfg.data.max_seq_len,
+    # padding-free: one row of the token budget (the worst case) instead of rows of max_seq_len
+    longest = cfg.data.token_budget(train.batch_size) if cfg.data.padding_free else cfg.data.max_seq_len
+    batch = _stage_batch(shape, cfg, seq_len or longest,
                          weight_bytes(shape, precision.name, precision.double_quant), terms, notes)
     _shard(shape, cfg, batch, training, act, notes)
     acts, per_layer, int8_contexts = train_activation_bytes(shape, terms, extra, precision.name == "int8", act,
@@ -276,7 +283,8 @@ def estimate(cfg: "ExperimentConfig", model_config: Any = None, *, seq_len: Opti
         acts += training.grads
     if train.num_workers > 1 and not train.fsdp:  # DDP's gradient buckets
         acts += training.grads
-    eval_seq = eval_seq_len or seq_len or cfg.data.max_seq_len
+    # evaluation batches are examples, padded, whatever the training batches are
+    eval_seq = eval_seq_len or (None if cfg.data.padding_free else seq_len) or cfg.data.max_seq_len
     evaluation = (eval_bytes(batch.head, terms, extra, cfg.data.max_new_tokens, act, batch.eval_rows, eval_seq)
                   if cfg.data.eval_file else 0.0)
     n_trainable, dtype_name = sum(training.sizes), {4: "fp32", 2: "bf16/fp16"}[training.param_bytes]

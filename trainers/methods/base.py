@@ -94,8 +94,8 @@ class MethodSpec:
     def load(self, base_model: "torch.nn.Module", artifact_dir: Path) -> "torch.nn.Module":
         """The trained model: `base_model` (as load_base_model returns it) plus what save() wrote."""
         if self.saves == "model":
-            model = type(base_model).from_pretrained(str(artifact_dir), dtype=base_model.dtype,
-                                                     use_safetensors=True)
+            model = type(base_model).from_pretrained(str(artifact_dir), dtype=base_model.dtype, use_safetensors=True,
+                                                     attn_implementation=base_model.config._attn_implementation)
             return model.to(base_model.device)
         import peft
 

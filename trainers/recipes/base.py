@@ -77,6 +77,10 @@ class RecipeSpec:
     # Stage-config fields that name another stage's output dir -> what that stage must produce.
     # A pipeline (orchestrator/dag.py) fills each from the upstream stage that produces it.
     inputs: dict[str, str] = field(default_factory=lambda: {"init_from": "policy"})
+    # How its loss may batch examples besides padded micro-batches (trainers/validate.py refuses the
+    # others naming their key): "packing" (data.packing=true), "padding_free"
+    # (data.packing=padding_free), "group_by_length" (data.group_by_length=true).
+    batching: tuple[str, ...] = ()
     # Impossible stage x method/data/precision combinations, as (key, reason).
     check_combination: Callable[["ExperimentConfig"], list[tuple[str, str]]] = no_combination_limits
     summary: str = ""
@@ -92,8 +96,6 @@ class RecipeSpec:
     # Metrics it logs on the eval split every train.eval_every steps and at its end: what sweep
     # searchers and ASHA can decide on.
     periodic_metrics: tuple[str, ...] = ()
-    # Its training batches follow data.packing / data.group_by_length.
-    packs_batches: bool = False
     # It can run sharded with train.fsdp (FSDP2 over train.num_workers).
     shards: bool = False
 

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from trainers import storage
-from trainers.config import ExperimentConfig, PrecisionConfig
+from trainers.config import VARLEN_ATTENTION, ExperimentConfig, PrecisionConfig
 from trainers.model import load_base_model, resolve_model_path
 
 LINEAGE_FILE = "lineage.json"
@@ -93,8 +93,12 @@ def check_lineage(cfg: ExperimentConfig, stage_dir: str | Path, task: str, key: 
 
 
 def merge_precision(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config merging loads with: on the CPU, so without CUDA-only attention kernels."""
     dtype = "bf16" if "bf16" in (cfg.precision.name, cfg.precision.compute_dtype) else "fp32"
-    return dataclasses.replace(cfg, precision=PrecisionConfig(name=dtype, compute_dtype=dtype))
+    model = cfg.model
+    if model.attn_implementation in VARLEN_ATTENTION:
+        model = dataclasses.replace(model, attn_implementation="sdpa")
+    return dataclasses.replace(cfg, model=model, precision=PrecisionConfig(name=dtype, compute_dtype=dtype))
 
 
 def merge(model, artifact: Path):

@@ -2,24 +2,28 @@
 
 Loss only on response tokens; eval reports loss, perplexity and exact-match accuracy by greedy
 generation; the method's artifact (adapter or full model) is saved as safetensors.
-data.packing trains on rows of several examples (data.pack_examples), data.group_by_length on
-batches of similar length (training.micro_batches); evaluation always runs on unpacked examples.
+data.packing=true trains on rows of several examples (data.pack_examples), data.packing=padding_free
+on one row of up to data.max_tokens_per_batch tokens per micro-batch (data.padding_free_rows: no
+pad at all), data.group_by_length on batches of similar length (training.micro_batches);
+evaluation always runs on unpacked examples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from trainers.context import TrialContext
-from trainers.data import example_lengths, non_pad_fraction, pack_examples
+from trainers.config import VARLEN_ATTENTION, ExperimentConfig, TrainConfig
+from trainers.data import example_lengths, non_pad_fraction, pack_examples, padding_free_rows
 from trainers.evaluate import eval_loss, evaluate
 from trainers.methods import METHODS
-from trainers.model import count_parameters
+from trainers.model import check_packed_attention, count_parameters
 from trainers.recipes.base import register
 from trainers.recipes.base import RecipeSpec, StageConfig
 from trainers.recipes.inputs import load_start
 from trainers.templates import load_chat_tokenizer
-from trainers.training import train_loop
+from trainers.training import causal_lm_loss, train_loop
 
 
 @dataclass
@@ -36,16 +40,20 @@ def run(ctx: TrialContext) -> dict[str, float]:
     train = data.train.examples()
     evaluation = data.eval.get("examples+prompts")
     eval_examples, eval_prompts = (evaluation.examples(), evaluation.prompts()) if evaluation else (None, None)
-    batches, data_metrics = train, data.train.stats.as_metrics("train")
+    batches, loop_cfg = batching(cfg, train, data.train.stats)
+    data_metrics = data.train.stats.as_metrics("train")
     if cfg.data.packing:
-        batches = pack_examples(train, cfg.data.max_seq_len, cfg.train.seed)
+        slots = cfg.data.token_budget(cfg.train.batch_size) if cfg.data.padding_free else cfg.data.max_seq_len
         data_metrics.update({"data/packed_rows": len(batches),
-                             "data/packed_fill": non_pad_fraction(batches, cfg.train.batch_size, cfg.data.max_seq_len)})
+                             "data/packed_fill": non_pad_fraction(batches, loop_cfg.batch_size, slots)})
     data_metrics.update(data.ready(lambda: batches[0]))
 
     ctx.memory.start()
     spec = METHODS[cfg.method.name]
-    model = spec.apply(load_start(cfg, device), cfg)  # the base, or stage.init_from merged
+    start = load_start(cfg, device)  # the base, or stage.init_from merged
+    if cfg.data.packing:
+        check_packed_attention(start)
+    model = spec.apply(start, cfg)
     trainable, total = count_parameters(model)
     ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total, **data_metrics})
 
@@ -54,8 +62,10 @@ def run(ctx: TrialContext) -> dict[str, float]:
         return {"eval/loss": eval_loss(model, eval_examples, cfg.train.eval_batch_size, tokenizer.pad_token_id,
                                        device)}
 
-    stats = train_loop(ctx.wrap_parallel(model), batches, cfg.train, tokenizer.pad_token_id, device, ctx.dist,
+    varlen = cfg.data.padding_free and cfg.model.attn_implementation in VARLEN_ATTENTION
+    stats = train_loop(ctx.wrap_parallel(model), batches, loop_cfg, tokenizer.pad_token_id, device, ctx.dist,
                        ctx.tracker, checkpoints=ctx.checkpoints, faults=ctx.faults,
+                       loss_fn=causal_lm_loss(tokenizer.pad_token_id, device, varlen=varlen),
                        group_by_length=cfg.data.group_by_length, memory=ctx.memory,
                        evaluate=periodic_eval if evaluation is not None and cfg.train.eval_every else None)
     metrics = stats.as_metrics(trainable, total)
@@ -67,7 +77,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
             results = evaluate(model, tokenizer, eval_examples, eval_prompts, cfg.train.eval_batch_size,
                                cfg.data.max_new_tokens, device)
         # Predicted for the batch shapes this trial really had, so it compares with the measurement.
-        longest = int(max(example_lengths(batches))) if not cfg.data.packing else cfg.data.max_seq_len
+        longest = int(max(example_lengths(batches))) if not cfg.data.packed_rows else cfg.data.max_seq_len
         eval_longest = int(max(example_lengths(eval_examples))) if evaluation else None
         estimate = ctx.estimated_peak_bytes(seq_len=longest, eval_seq_len=eval_longest)
         return results if estimate is None else {**results, "mem/estimated_peak_bytes": estimate}
@@ -76,6 +86,21 @@ def run(ctx: TrialContext) -> dict[str, float]:
     return ctx.finish(spec, model, tokenizer, metrics, evaluate_trained)
 
 
+def batching(cfg: ExperimentConfig, examples, stats) -> tuple[list, TrainConfig]:
+    """What the loop's micro-batches are drawn from, and the train config it runs with: examples
+    (train.batch_size of them a micro-batch), packed rows (as many), or padding-free rows (one a
+    micro-batch: the loop's batch_size is 1, its size is the token budget)."""
+    data = cfg.data
+    if data.padding_free:
+        rows = padding_free_rows(examples, data.token_budget(cfg.train.batch_size), data.overlength,
+                                 cfg.train.seed, stats)
+        return rows, dataclasses.replace(cfg.train, batch_size=1)
+    if data.packing:
+        return pack_examples(examples, data.max_seq_len, cfg.train.seed), cfg.train
+    return examples, cfg.train
+
+
 register(RecipeSpec(name="sft", config_cls=SftConfig, run=run, data_kind="instruction",
-                    periodic_metrics=("eval/loss",), packs_batches=True, shards=True,
+                    periodic_metrics=("eval/loss",), batching=("packing", "padding_free", "group_by_length"),
+                    shards=True,
                     summary="supervised fine-tuning on instruction or chat data"))
