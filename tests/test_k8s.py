@@ -606,8 +606,8 @@ MIN_RAY_FOR_TOKEN_AUTH = (2, 52, 0)  # KubeRay refuses authOptions.mode=token be
 
 def auth_problems(objects) -> list[str]:
     """Every Ray cluster, the RayJob's own included, has KubeRay's token authentication
-    (authOptions.mode: token) on a Ray that supports it; a cluster without it is open to anyone
-    who reaches its ports, and on Ray >= 2.61 its clients and the cluster disagree on auth."""
+    (authOptions.mode: token) on a Ray that supports it: a cluster without it runs the code of
+    anyone who reaches its ports."""
     problems = []
     for obj in objects:
         for where, spec in ray_cluster_specs(obj):
@@ -894,6 +894,8 @@ def _rayjob(cluster_spec):
         "metadata": {"name": "j"},
         "spec": {"entrypoint": "python -m orchestrator", "rayClusterSpec": cluster_spec},
     }
+
+
 SECRET_ENV = [{"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]
 
 ACCEPTED = {
