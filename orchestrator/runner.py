@@ -323,6 +323,14 @@ def check_address(address: str | None) -> None:
 
     if address and address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
         raise ConfigError([("cluster.address", f"{address}: Ray Client needs grpcio: pip install 'ray[client]'")])
+    # Ray sends its token to an address given explicitly only when RAY_AUTH_MODE=token; without it
+    # a cluster with token authentication is reached only to fail 20-30 s later with a connection
+    # timeout that does not mention auth. A token in the environment says which was meant.
+    token_var = next((v for v in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH") if os.environ.get(v)), None)
+    if address and address != "auto" and token_var and "RAY_AUTH_MODE" not in os.environ:
+        raise ConfigError([("cluster.address", f"{address}: {token_var} is set but RAY_AUTH_MODE is not, so Ray "
+                                               "would not send the token: export RAY_AUTH_MODE=token (or "
+                                               "RAY_AUTH_MODE=disabled for a cluster without authentication)")])
 
 
 def attach(plan: Plan) -> None:

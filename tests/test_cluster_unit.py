@@ -455,6 +455,31 @@ def test_a_cluster_job_ships_our_packages_and_no_credentials(monkeypatch):
     assert "s3cret" not in json.dumps(env)
 
 
+@pytest.mark.parametrize("token_var", ["RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"])
+def test_a_token_for_an_explicit_address_needs_the_auth_mode(monkeypatch, token_var):
+    """A driver outside a token-authenticated cluster (k8s/README.md) with the token exported but
+    not RAY_AUTH_MODE=token: Ray would not send it (measured on 2.60: a connection timeout after
+    20-30 s that names no auth), so the command is refused before anything runs."""
+    from orchestrator.runner import check_address
+
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(token_var, "/tmp/token" if token_var.endswith("PATH") else "t0ken")
+    for address in ("ray://127.0.0.1:10001", "10.0.0.5:6379"):
+        with pytest.raises(ConfigError) as err:
+            check_address(address)
+        assert err.value.problems[0][0] == "cluster.address"
+        assert f"{token_var} is set" in str(err.value) and "RAY_AUTH_MODE=token" in str(err.value)
+    check_address("auto")  # Ray turns token mode on by itself when it finds a local cluster's token
+    check_address(None)
+    for mode in ("token", "disabled"):  # an explicit choice is the user's
+        monkeypatch.setenv("RAY_AUTH_MODE", mode)
+        check_address("ray://127.0.0.1:10001")
+    monkeypatch.delenv(token_var)
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    check_address("ray://127.0.0.1:10001")  # no token at all: a cluster without authentication
+
+
 def test_an_attached_cluster_gets_notes_about_shared_stores(make_cfg):
     from orchestrator.plan import cluster_notes
 

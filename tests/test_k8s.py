@@ -601,6 +601,29 @@ def autoscaling_problems(objects) -> list[str]:
     return problems
 
 
+MIN_RAY_FOR_TOKEN_AUTH = (2, 52, 0)  # KubeRay refuses authOptions.mode=token below it
+
+
+def auth_problems(objects) -> list[str]:
+    """Every Ray cluster, the RayJob's own included, has KubeRay's token authentication
+    (authOptions.mode: token) on a Ray that supports it: a cluster without it runs the code of
+    anyone who reaches its ports."""
+    problems = []
+    for obj in objects:
+        for where, spec in ray_cluster_specs(obj):
+            auth = spec.get("authOptions") or {}
+            if auth.get("mode") != "token":
+                problems.append(f"{where}: authOptions.mode must be token, got {auth.get('mode')}")
+            if auth.get("enableK8sTokenAuth"):
+                problems.append(f"{where}: authOptions.enableK8sTokenAuth: KubeRay refuses it in a "
+                                "RayJob, and the RayJob copies this spec")
+            version = tuple(int(p) for p in re.findall(r"\d+", str(spec.get("rayVersion", "")))[:3])
+            if version < MIN_RAY_FOR_TOKEN_AUTH:
+                problems.append(f"{where}: rayVersion {spec.get('rayVersion')} is below 2.52.0, "
+                                "the first with token authentication")
+    return problems
+
+
 def mlflow_problems(objects) -> list[str]:
     """The MLflow server: Service mlflow:5000, basic auth, PostgreSQL from a Secret, S3 artifacts."""
     problems = []
@@ -676,6 +699,7 @@ POLICIES = [
     reference_problems,
     rayjob_problems,
     autoscaling_problems,
+    auth_problems,
     mlflow_problems,
     ray_env_problems,
 ]
@@ -719,6 +743,19 @@ def test_ray_objects_match_kuberay_crds(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_policy(overlay, policy):
     assert policy(render(overlay)) == []
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_clusters_use_token_auth(overlay):
+    """The long-lived RayCluster and the RayJob's own cluster both: KubeRay then makes the token
+    Secret and gives it to every Ray container and to the job's submitter."""
+    modes = {
+        obj["kind"]: (spec.get("authOptions") or {}).get("mode")
+        for obj in render(overlay)
+        for _, spec in ray_cluster_specs(obj)
+    }
+    assert modes == {"RayCluster": "token", "RayJob": "token"}
 
 
 @needs_kubectl
@@ -795,6 +832,8 @@ def _raycluster(worker_params, worker_resources):
         "kind": "RayCluster",
         "metadata": {"name": "example"},
         "spec": {
+            "rayVersion": "2.60.0",
+            "authOptions": {"mode": "token"},
             "enableInTreeAutoscaling": True,
             "autoscalerOptions": {"resources": _container()["resources"]},
             "headGroupSpec": {
@@ -836,6 +875,27 @@ def _mlflow_deployment(args):
 
 
 GPU_CLUSTER = _raycluster({"num-gpus": "1"}, _gpus(1))
+
+
+def _with_spec(cluster, **fields):
+    """A copy of `cluster` with spec fields replaced (None: removed)."""
+    changed = copy.deepcopy(cluster)
+    for key, value in fields.items():
+        changed["spec"].pop(key, None)
+        if value is not None:
+            changed["spec"][key] = value
+    return changed
+
+
+def _rayjob(cluster_spec):
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": "j"},
+        "spec": {"entrypoint": "python -m orchestrator", "rayClusterSpec": cluster_spec},
+    }
+
+
 SECRET_ENV = [{"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]
 
 ACCEPTED = {
@@ -843,6 +903,7 @@ ACCEPTED = {
     "image pinned by digest": (image_problems, _pod(image="localhost:5000/app@sha256:" + "0" * 64)),
     "password from a secretKeyRef": (credential_problems, _pod(env=SECRET_ENV)),
     "num-gpus equal to the GPU limit": (gpu_problems, [GPU_CLUSTER]),
+    "token auth on Ray 2.60": (auth_problems, [GPU_CLUSTER]),
 }
 REJECTED = {
     "container without limits": (
@@ -892,6 +953,31 @@ REJECTED = {
         gpu_problems,
         [_raycluster({"num-gpus": "1"}, _container()["resources"])],
         "nvidia.com/gpu limit 0 != num-gpus 1",
+    ),
+    "cluster without authOptions": (
+        auth_problems,
+        [_with_spec(GPU_CLUSTER, authOptions=None)],
+        "RayCluster/example: authOptions.mode must be token, got None",
+    ),
+    "cluster with auth disabled": (
+        auth_problems,
+        [_with_spec(GPU_CLUSTER, authOptions={"mode": "disabled"})],
+        "authOptions.mode must be token, got disabled",
+    ),
+    "RayJob's cluster without authOptions": (
+        auth_problems,
+        [_rayjob(_with_spec(GPU_CLUSTER, authOptions=None)["spec"])],
+        "RayJob/j.rayClusterSpec: authOptions.mode must be token",
+    ),
+    "Kubernetes-delegated auth": (
+        auth_problems,
+        [_with_spec(GPU_CLUSTER, authOptions={"mode": "token", "enableK8sTokenAuth": True})],
+        "KubeRay refuses it in a RayJob",
+    ),
+    "token auth on a Ray without it": (
+        auth_problems,
+        [_with_spec(GPU_CLUSTER, rayVersion="2.51.1")],
+        "rayVersion 2.51.1 is below 2.52.0",
     ),
     "MLflow without basic auth": (
         mlflow_problems,
@@ -991,6 +1077,10 @@ def _head_container(cluster):
 
 CRD_BREAKAGES = {
     "misspelled rayStartParams": (_misspell_ray_start_params, "'rayStartParam' was unexpected"),
+    "auth mode not in the enum": (
+        lambda c: c["spec"].update(authOptions={"mode": "Token"}),
+        "authOptions/mode: 'Token' is not one of ['disabled', 'token']",
+    ),
     "num-gpus as a number": (
         lambda c: c["spec"]["workerGroupSpecs"][0]["rayStartParams"].update({"num-gpus": 1}),
         "rayStartParams/num-gpus: 1 is not of type 'string'",
