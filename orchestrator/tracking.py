@@ -10,6 +10,7 @@ Names are the contract (README, "MLflow contract"): parent tag `sweep`; child ta
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shlex
@@ -22,7 +23,7 @@ from typing import Any
 import yaml
 
 from trainers.config import flatten
-from trainers.tracking import Tracker
+from trainers.tracking import FLUSH_TIMEOUT_S, MetricQueue, Tracker, TrackingError
 
 SECRET_KEY = re.compile(r"(token|password|passwd|secret|api_?key|access_?key|credential)", re.IGNORECASE)
 URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
@@ -219,32 +220,91 @@ class SweepTracker:
 
 
 class TrialTracker(Tracker):
-    """Worker-side: rank 0 logs into its child run; every rank reports stepped metrics to Ray."""
+    """Worker-side: rank 0 logs into its child run; rank 0's progress goes to Ray (`report`).
 
-    def __init__(self, uri: str, run_id: str, rank: int, report=None, total_steps: int | None = None):
+    Neither blocks a training step: both go through a MetricQueue (trainers/tracking.py) drained
+    by a background thread. MLflow gets every point, in batches (a server that stops answering
+    loses the oldest per-step points beyond `max_points`, with a warning); Ray gets the newest
+    progress, and every eval/loss (what ASHA decides on) in order. Final metrics (no step) are
+    written before log_metrics returns, retried until `timeout_s`, else TrackingError fails the
+    trial. close() (also run at interpreter exit: Ray turns a worker's SIGTERM into one) writes
+    what is queued.
+    """
+
+    def __init__(self, uri: str, run_id: str, rank: int, report=None, total_steps: int | None = None,
+                 timeout_s: float = FLUSH_TIMEOUT_S, max_points: int = 10_000):
+        from orchestrator.search import METRIC
+
         self.uri, self.run_id, self.rank = uri, run_id, rank
-        self.report = report
-        self.total_steps = total_steps
+        self.total_steps, self.timeout_s = total_steps, timeout_s
         self.client = client(uri) if rank == 0 else None
+        self.mlflow = MetricQueue("mlflow", self._write_mlflow, max_points) if self.client is not None else None
+        self.report = report
+        self.progress = MetricQueue("ray progress", self._write_progress, max_batch=1, coalesce=True,
+                                    pinned=lambda metrics: METRIC in metrics) if report is not None else None
         # A resumed trial replays the steps after its last checkpoint: log each step only once.
-        self.logged_up_to = -1
-        if self.client is not None:
-            history = self.client.get_metric_history(run_id, "train/loss")
-            self.logged_up_to = max((m.step for m in history), default=-1)
+        self.logged_up_to = self._last_logged_step() if self.client is not None else -1
+        atexit.register(self.close)
+
+    def _last_logged_step(self) -> int:
+        keys = self.client.get_run(self.run_id).data.metrics
+        return max((m.step for key in keys for m in self.client.get_metric_history(self.run_id, key)), default=-1)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self.client is not None and (step is None or step > self.logged_up_to):
-            from mlflow.entities import Metric
+        if self.mlflow is not None and step is None:
+            self.mlflow.put_final(metrics, self.timeout_s)
+        elif self.mlflow is not None and metrics and step > self.logged_up_to:
+            self.mlflow.put(metrics, step)
+        if step is not None and self.progress is not None:
+            self.progress.put({**metrics, "progress/step": step, "progress/total": self.total_steps or 0}, step)
 
-            now = int(time.time() * 1000)
-            batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-            self.client.log_batch(self.run_id, metrics=batch)
-        if step is not None and self.report is not None:
-            self.report({**metrics, "progress/step": step, "progress/total": self.total_steps or 0})
+    def report_final(self, metrics: dict) -> None:
+        """The trial's last Ray report (after every progress report), waited for."""
+        if self.progress is not None:
+            self.progress.put_final(metrics, self.timeout_s)
+
+    def _write_mlflow(self, points) -> None:
+        from mlflow.entities import Metric
+
+        batch = [Metric(k, float(v), p.timestamp_ms, p.step or 0) for p in points for k, v in p.metrics.items()]
+        for start in range(0, len(batch), 1000):  # MLflow's limit per log_batch call
+            self.client.log_batch(self.run_id, metrics=batch[start:start + 1000])
+
+    def _write_progress(self, points) -> None:
+        for point in points:
+            self.report(point.metrics)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        for queue in (self.mlflow, self.progress):
+            if queue is not None:
+                queue.wait(timeout_s=self.timeout_s if timeout_s is None else timeout_s)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        atexit.unregister(self.close)
+        for queue in (self.mlflow, self.progress):
+            if queue is not None:
+                queue.close(self.timeout_s if timeout_s is None else timeout_s)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
-        if self.client is not None:
-            self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+        """Uploads now (a trial's outputs, once, at its end), retried until `timeout_s`."""
+        if self.client is None:
+            return
+        deadline, wait = time.monotonic() + self.timeout_s, 0.5
+        while True:
+            try:
+                return self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+            except Exception as err:
+                if time.monotonic() + wait > deadline:
+                    raise TrackingError(f"artifacts {artifact_path}/ not recorded after {self.timeout_s:.0f} s: "
+                                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+                time.sleep(wait)
+                wait = min(5.0, wait * 2)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.client is not None:

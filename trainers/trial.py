@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 from pathlib import Path
 
+from trainers import timeline
 from trainers.checkpoint import file_sha256
 from trainers.config import ExperimentConfig
 from trainers.context import TrialContext
@@ -17,14 +19,17 @@ from trainers.runtime import dist_info, pick_device, seed_everything, set_thread
 from trainers.storage import TrialStorage
 from trainers.tracking import Tracker
 
+log = logging.getLogger("trainers")
+
 
 def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | None = None,
               device=None) -> dict[str, float]:
-    """Train, evaluate and save one configured trial; returns its final metrics (rank 0's)."""
-    import torch
-
+    """Train, evaluate and save one configured trial; returns its final metrics (rank 0's).
+    Returns once the tracker has recorded them (TrackingError if it cannot)."""
     from trainers.recipes import RECIPES
 
+    timeline.mark("running")  # a Ray worker marked it already: when the sweep started the trial
+    timeline.mark("trial_started")
     set_threads(cfg.train.cpus_per_worker)
     seed_everything(cfg.train.seed)
     dist = dist_info()
@@ -38,11 +43,14 @@ def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | 
     try:
         metrics = recipe.run(ctx)
     except Exception as err:
+        _flush_after_failure(ctx.tracker)
         if out_of_memory(err):
             raise TrialOutOfMemoryError(out_of_memory_reason(cfg, device, err)) from err
         raise
     finally:
         ctx.memory.stop()  # a failed trial must not leave the CPU tensor tracker installed
+        times = timeline.metrics()
+        timeline.clear()  # the next trial in this process starts its own
     if dist.is_main:
         if "mem/estimated_peak_bytes" not in metrics:  # recipes that know their batch shapes set it
             estimate = ctx.estimated_peak_bytes()
@@ -50,12 +58,22 @@ def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | 
                 metrics["mem/estimated_peak_bytes"] = estimate
         from trainers.recipes.inputs import LINEAGE_FILE, write_lineage
 
+        metrics.update(times)
         ctx.tracker.log_metrics(metrics)
+        ctx.tracker.flush()  # the curves too, before the output is marked usable
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         write_lineage(output_dir, cfg, recipe.produces)  # last: marks the output usable by later stages
         storage.publish(last=("metrics.json", LINEAGE_FILE))
     storage.cleanup()
     return metrics
+
+
+def _flush_after_failure(tracker: Tracker) -> None:
+    """Keeps what a failed trial logged before it failed; the failure, not the tracker's, is raised."""
+    try:
+        tracker.flush()
+    except Exception as err:
+        log.warning("metrics of the failed trial not all recorded: %s", err)
 
 
 class TrialOutOfMemoryError(RuntimeError):
