@@ -64,7 +64,7 @@ def train_worker(config: dict) -> None:
         device = ray.train.torch.get_device() if cfg.train.use_gpu else None
         nodes = _worker_nodes(node, world_size)
         if rank == 0:
-            env = {f"env.{k}": v for k, v in environment(cfg, device, known=config.get("env")).items()}
+            env = {f"env.{k}": v for k, v in environment(cfg, device, inputs=config.get("inputs_env")).items()}
             tags = {"node_ip": node["node/ip"], "node_id": node["node/id"], **env, **config["git"]}
             if len(nodes) > 1:
                 tags["worker_nodes"] = " ".join(f"rank{r}={n['node/ip']}/{n['node/id'][:8]}" for r, n in enumerate(nodes))

@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -237,14 +238,27 @@ class TrialTracker(Tracker):
 
         self.uri, self.run_id, self.rank = uri, run_id, rank
         self.total_steps, self.timeout_s = total_steps, timeout_s
-        self.client = client(uri) if rank == 0 else None
-        self.mlflow = MetricQueue("mlflow", self._write_mlflow, max_points) if self.client is not None else None
+        self._client, self._client_lock = None, threading.Lock()
+        self.mlflow = MetricQueue("mlflow", self._write_mlflow, max_points) if rank == 0 else None
         self.report = report
         self.progress = MetricQueue("ray progress", self._write_progress, max_batch=1, coalesce=True,
                                     pinned=lambda metrics: METRIC in metrics) if report is not None else None
-        # A resumed trial replays the steps after its last checkpoint: log each step only once.
-        self.logged_up_to = self._last_logged_step() if self.client is not None else -1
+        # A resumed trial replays the steps after its last checkpoint: each step is written once.
+        self.logged_up_to: int | None = None  # the run's last step in the store, read by the first write
+        self.written_seq = 0  # the last point written: a retried batch skips what went through
         atexit.register(self.close)
+
+    @property
+    def client(self):
+        """Rank 0's MLflow client, made on first use, normally by the writer thread: importing
+        mlflow and asking the store where a resumed run got to cost seconds the start of a trial
+        need not wait for."""
+        if self.rank != 0:
+            return None
+        with self._client_lock:
+            if self._client is None:
+                self._client = client(self.uri)
+            return self._client
 
     def _last_logged_step(self) -> int:
         keys = self.client.get_run(self.run_id).data.metrics
@@ -253,7 +267,7 @@ class TrialTracker(Tracker):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.mlflow is not None and step is None:
             self.mlflow.put_final(metrics, self.timeout_s)
-        elif self.mlflow is not None and metrics and step > self.logged_up_to:
+        elif self.mlflow is not None and metrics:
             self.mlflow.put(metrics, step)
         if step is not None and self.progress is not None:
             self.progress.put({**metrics, "progress/step": step, "progress/total": self.total_steps or 0}, step)
@@ -264,11 +278,30 @@ class TrialTracker(Tracker):
             self.progress.put_final(metrics, self.timeout_s)
 
     def _write_mlflow(self, points) -> None:
-        from mlflow.entities import Metric
+        """Writes in order, up to 900 metrics per log_batch (MLflow takes 1000, tags 100); after a
+        failed call the retry starts after the last point that went through."""
+        from mlflow.entities import Metric, RunTag
 
-        batch = [Metric(k, float(v), p.timestamp_ms, p.step or 0) for p in points for k, v in p.metrics.items()]
-        for start in range(0, len(batch), 1000):  # MLflow's limit per log_batch call
-            self.client.log_batch(self.run_id, metrics=batch[start:start + 1000])
+        if self.logged_up_to is None:
+            self.logged_up_to = self._last_logged_step()
+        chunk: list = []
+        for point in [p for p in points if p.seq > self.written_seq]:
+            if point.kind == "tags":
+                self._send(chunk, point.seq - 1)
+                tags = [RunTag(k, str(v)[:5000]) for k, v in point.metrics.items()]
+                for start in range(0, len(tags), 100):
+                    self.client.log_batch(self.run_id, tags=tags[start:start + 100])
+            elif point.step is None or point.step > self.logged_up_to:
+                chunk += [Metric(k, float(v), point.timestamp_ms, point.step or 0) for k, v in point.metrics.items()]
+            if len(chunk) >= 900 or point.kind == "tags":
+                self._send(chunk, point.seq)
+        self._send(chunk, points[-1].seq)
+
+    def _send(self, chunk: list, seq: int) -> None:
+        if chunk:
+            self.client.log_batch(self.run_id, metrics=chunk)
+            chunk.clear()
+        self.written_seq = max(self.written_seq, seq)
 
     def _write_progress(self, points) -> None:
         for point in points:
@@ -307,7 +340,6 @@ class TrialTracker(Tracker):
                 wait = min(5.0, wait * 2)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        if self.client is not None:
-            from mlflow.entities import RunTag
-
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        """Queued like final metrics: written in order, never dropped, without waiting here."""
+        if self.mlflow is not None:
+            self.mlflow.put(tags, None, kind="tags")

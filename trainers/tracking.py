@@ -64,6 +64,7 @@ class Point:
     timestamp_ms: int
     seq: int = 0
     pinned: bool = False  # must reach the sink even under coalescing (see MetricQueue)
+    kind: str = "metrics"  # what the sink writes it as (a tracker may queue tags too)
 
 
 class MetricQueue:
@@ -94,14 +95,14 @@ class MetricQueue:
         self.thread = threading.Thread(target=self._drain, name=f"tracker-{name}", daemon=True)
         self.thread.start()
 
-    def put(self, metrics: dict, step: int | None) -> int:
+    def put(self, metrics: dict, step: int | None, kind: str = "metrics") -> int:
         """Queues a point; returns its sequence number (for `wait`)."""
         pinned = step is not None and self.pinned(metrics)
         with self.cond:
             if pinned and self.coalesce:  # the previous decision point reaches the consumer first
                 self._wait_locked(lambda: not any(p.pinned for p in self.waiting), FLUSH_TIMEOUT_S)
             self.seq += 1
-            point = Point(dict(metrics), step, int(time.time() * 1000), self.seq, pinned)
+            point = Point(dict(metrics), step, int(time.time() * 1000), self.seq, pinned, kind)
             if self.coalesce and step is not None:
                 keys = point.metrics.keys()
                 self.waiting = collections.deque(

@@ -115,16 +115,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(cfg: ExperimentConfig, device=None) -> dict[str, str]:
-    """Short strings (MLflow tags `env.*`): package versions, python, device, sha256 of the data
-    sources, of the chat template and of a local base model (the embedded one is rebuilt per machine)."""
+def environment(cfg: ExperimentConfig, device=None, inputs: dict[str, str] | None = None) -> dict[str, str]:
+    """Short strings (MLflow tags `env.*`): package versions, python, device, and `inputs`
+    (default: inputs_environment(cfg), which a sweep computes once on its driver for every trial)."""
     from importlib import metadata
 
     import torch
-
-    from trainers.data import data_fingerprint, resolve_path
-    from trainers.model import load_tokenizer
-    from trainers.templates import chat_template
 
     env = {"python": platform.python_version(), "torch_threads": str(torch.get_num_threads())}
     for name in ENV_PACKAGES:
@@ -138,7 +134,19 @@ def environment(cfg: ExperimentConfig, device=None) -> dict[str, str]:
         env["cuda"] = str(torch.version.cuda)
     else:
         env["device"] = f"{device.type} ({_cpu_model()})"  # CPU kernels, hence float sums, differ by ISA
-    env.update({f"data.{split}_sha256": digest for split, digest in data_fingerprint(cfg.data).items()})
+    env.update(inputs_environment(cfg) if inputs is None else inputs)
+    return env
+
+
+def inputs_environment(cfg: ExperimentConfig) -> dict[str, str]:
+    """sha256 of the data sources, of the chat template and of a local base model (the embedded
+    one is rebuilt per machine). It reads every data file, loads the tokenizer and reads the
+    weights: the same for every trial on the same inputs, hence computed once per sweep."""
+    from trainers.data import data_fingerprint, resolve_path
+    from trainers.model import load_tokenizer
+    from trainers.templates import chat_template
+
+    env = {f"data.{split}_sha256": digest for split, digest in data_fingerprint(cfg.data).items()}
     # Which template the rows were rendered with (param data.template says model or plain; a
     # model's template text changes between revisions, its hash tells the runs apart).
     env["data.template_sha256"] = chat_template(load_tokenizer(cfg.model), cfg.data.template).sha256
