@@ -193,3 +193,49 @@ def test_a_server_that_stops_answering_neither_stalls_training_nor_passes_silent
         tracker.close(timeout_s=30)  # the server answers again: the newest points are written
         steps = sorted(m.step for m in sweep.client.get_metric_history(run_id, "train/loss"))
         assert steps[:3] == [1, 2, 3] and steps[-3:] == [10, 11, 12] and len(steps) < 12
+
+
+CHILD = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # what a Ray worker does with SIGTERM
+from orchestrator.tracking import TrialTracker
+tracker = TrialTracker(sys.argv[1], sys.argv[2], 0, timeout_s=60)
+tracker.log_metrics({"model/trainable_params": 10.0})  # written: the store answers
+print("started", flush=True)
+sys.stdin.readline()  # the store is locked now
+for step in range(1, 51):
+    tracker.log_metrics({"train/loss": 1.0 / step}, step=step)
+print("logged", flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigterm_writes_what_is_queued(tmp_path):
+    """The store is locked (another writer holds it) while a worker logs, then the worker gets
+    SIGTERM: its queued points are still written once the store frees up."""
+    import sqlite3
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    db = tmp_path / "mlflow.db"
+    sweep = SweepTracker(f"sqlite:///{db}", "sigterm")
+    run_id = sweep.client.create_run(sweep.experiment_id).info.run_id
+    repo = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen([sys.executable, "-c", CHILD, sweep.uri, run_id], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert child.stdout.readline().strip() == "started"
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "logged"
+        child.send_signal(signal.SIGTERM)
+        time.sleep(1)
+    finally:
+        lock.execute("COMMIT")
+        lock.close()
+    assert child.wait(timeout=120) == 1
+    steps = [m.step for m in sweep.client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 51))
