@@ -64,7 +64,8 @@ def parse_args(argv=None):
     return args
 
 
-def sweep_overrides(args, n_trials: int, work: Path, concurrent: bool = False, log_every: int | None = None) -> list[str]:
+def sweep_overrides(args, n_trials: int, work: Path, concurrent: bool = False,
+                    log_every: int | None = None) -> list[str]:
     ranks = ",".join(str(2 ** i) for i in range(n_trials))
     log_every = log_every or max(1, args.steps // 4)
     overrides = ["+sweep=lora_rank", f"sweep.axes={{method.r:[{ranks}]}}", f"train.max_steps={args.steps}",
@@ -148,7 +149,8 @@ def compare_log_every(args) -> int:
     for v in values:
         m = med[v]
         print(f"| {v} | {m['run_s']:.1f} | {m['run_s'] / med[base]['run_s']:.3f}x | {m['time/train_s']:.1f} | "
-              f"{m['time/train_s'] / med[base]['time/train_s']:.3f}x | {m['time/start_s']:.1f} | {m['time/finish_s']:.1f} |")
+              f"{m['time/train_s'] / med[base]['time/train_s']:.3f}x | {m['time/start_s']:.1f} | "
+              f"{m['time/finish_s']:.1f} |")
     split_table(TRIALS)
     return 0
 

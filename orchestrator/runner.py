@@ -88,10 +88,10 @@ class RayProgress:
     the worker (its train context is per process; ray/train/v2/_internal/execution/context.py), but
     each report waits for the controller's poll (every 2 s) and is a collective of all ranks. So
     rank 0's tracker queues its progress (newest wins) and calls `report` from its queue thread;
-    with several ranks it first broadcasts what it reports, and the other ranks' threads report
-    the same, report for report."""
+    with several ranks it first tells the other ranks' threads (a broadcast), which report with it,
+    report for report (Tune reads rank 0's metrics; the others send their node)."""
 
-    END = "end of reports"
+    REPORT, END = "report", "end of reports"
 
     def __init__(self, node: dict, rank: int, world_size: int):
         self.node, self.rank, self.world_size = node, rank, world_size
@@ -104,17 +104,16 @@ class RayProgress:
         import ray.train
         from ray.train.collective import broadcast_from_rank_zero
 
-        payload = {**metrics, **self.node}
         if self.world_size > 1:
-            broadcast_from_rank_zero(payload)
-        ray.train.report(payload)
+            broadcast_from_rank_zero(self.REPORT)
+        ray.train.report({**metrics, **self.node})
 
     def _follow(self) -> None:
         import ray.train
         from ray.train.collective import broadcast_from_rank_zero
 
-        while (payload := broadcast_from_rank_zero(None)) != self.END:
-            ray.train.report(payload)
+        while broadcast_from_rank_zero(None) != self.END:
+            ray.train.report(dict(self.node))
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Rank 0 (after its tracker's last report) releases the other ranks' threads; they end."""

@@ -130,8 +130,9 @@ class MetricQueue:
             log.warning("%s: %d per-step point(s) not written after %.0f s: %s", self.name, stepped, timeout_s,
                         self.error or "the sink did not answer")
         if final:
-            raise TrackingError(f"{self.name}: final metrics not recorded after {timeout_s:.0f} s "
-                                f"({', '.join(sorted(final[0].metrics))[:200]}): {self.error or 'the sink did not answer'}")
+            names = ", ".join(sorted(final[0].metrics))[:200]
+            raise TrackingError(f"{self.name}: final metrics not recorded after {timeout_s:.0f} s ({names}): "
+                                f"{self.error or 'the sink did not answer'}")
 
     def close(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
         """Writes what is queued (as `wait`), then stops the thread."""
