@@ -239,7 +239,7 @@ class TrialTracker(Tracker):
         self.uri, self.run_id, self.rank = uri, run_id, rank
         self.total_steps, self.timeout_s = total_steps, timeout_s
         self._client, self._client_lock = None, threading.Lock()
-        self.mlflow = MetricQueue("mlflow", self._write_mlflow, max_points) if rank == 0 else None
+        self.mlflow = MetricQueue("mlflow", self._write_mlflow, max_points, gather_s=1.0) if rank == 0 else None
         self.report = report
         self.progress = MetricQueue("ray progress", self._write_progress, max_batch=1, coalesce=True,
                                     pinned=lambda metrics: METRIC in metrics) if report is not None else None

@@ -25,12 +25,24 @@ def steps_written(batches: list) -> list:
 
 def test_queue_writes_every_point_in_order_in_batches():
     batches = []
-    queue = MetricQueue("sink", batches.append, max_batch=7)
+    queue = MetricQueue("sink", batches.append, max_batch=7, gather_s=0.5)
     for step in range(1, 101):
         queue.put({"train/loss": 1.0 / step}, step)
     queue.put_final({"eval/loss": 0.5}, timeout_s=10)
     assert steps_written(batches) == list(range(1, 101)) + [None]
     assert max(len(b) for b in batches) <= 7 and len(batches) < 101  # batched, not one write per point
+    queue.close(timeout_s=5)
+
+
+def test_per_step_points_are_gathered_into_one_write():
+    """A write holds the GIL a training step needs: points a step apart go out together."""
+    batches = []
+    queue = MetricQueue("sink", batches.append, gather_s=2.0)
+    for step in range(1, 21):
+        queue.put({"train/loss": 1.0}, step)
+        time.sleep(0.01)
+    queue.wait(timeout_s=10)  # a flush does not wait out the gathering
+    assert steps_written(batches) == list(range(1, 21)) and len(batches) == 1
     queue.close(timeout_s=5)
 
 

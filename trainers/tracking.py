@@ -76,6 +76,11 @@ class MetricQueue:
     answering costs the trial its oldest unwritten curve points, never its progress. Points
     without a step are never dropped; `put_final` waits until its point is written.
 
+    `gather_s`: per-step points wait up to this long to be written together. A write is Python
+    work (MLflow's log_batch on SQLite: ~4 ms) that holds the GIL, and a training step of a small
+    model is mostly Python too: one write per second instead of one per step keeps the steps'
+    share of the interpreter (measured: log_every=1 without it took 2x the time of log_every=40).
+
     `coalesce`: a live feed, where only the newest value of a metric matters (the progress Ray
     reports). A waiting per-step point is replaced by a later one that has all its keys, except a
     `pinned` one (what a scheduler decides on), which is delivered; putting a pinned point waits
@@ -83,9 +88,12 @@ class MetricQueue:
     """
 
     def __init__(self, name: str, write: Callable[[list[Point]], None], max_points: int = 10_000,
-                 max_batch: int = 500, coalesce: bool = False, pinned: Callable[[dict], bool] = lambda m: False):
+                 max_batch: int = 500, coalesce: bool = False, pinned: Callable[[dict], bool] = lambda m: False,
+                 gather_s: float = 0.0):
         self.name, self.write = name, write
         self.max_points, self.max_batch, self.coalesce, self.pinned = max_points, max_batch, coalesce, pinned
+        self.gather_s = gather_s
+        self.waiters = 0  # threads in wait(): what they wait for is written without gathering
         self.waiting: collections.deque[Point] = collections.deque()
         self.cond = threading.Condition()
         self.seq = 0
@@ -122,8 +130,13 @@ class MetricQueue:
         up, with a warning."""
         with self.cond:
             seq = self.seq if seq is None else seq
-            if self._wait_locked(lambda: not any(p.seq <= seq for p in self.waiting), timeout_s):
-                return
+            self.waiters += 1
+            self.cond.notify_all()
+            try:
+                if self._wait_locked(lambda: not any(p.seq <= seq for p in self.waiting), timeout_s):
+                    return
+            finally:
+                self.waiters -= 1
             final = [p for p in self.waiting if p.seq <= seq and p.step is None]
             stepped = sum(1 for p in self.waiting if p.seq <= seq and p.step is not None)
         if stepped:
@@ -169,6 +182,16 @@ class MetricQueue:
         self.dropped += drops
         self.waiting = kept
 
+    def _gather(self) -> None:
+        """Waits (lock held) until the oldest per-step point is gather_s old, unless a point without
+        a step, a waiter, close() or a full batch asks for the write now."""
+        while not (self.closing or self.waiters or len(self.waiting) >= self.max_batch
+                   or not self.waiting or any(p.step is None for p in self.waiting)):
+            left = self.waiting[0].timestamp_ms / 1000 + self.gather_s - time.time()
+            if left <= 0:
+                return
+            self.cond.wait(left)
+
     def _drain(self) -> None:
         backoff = 0.0
         while True:
@@ -177,6 +200,7 @@ class MetricQueue:
                     self.cond.wait()
                 if not self.waiting:
                     return
+                self._gather()
                 batch = list(self.waiting)[:self.max_batch]
             try:
                 self.write(batch)
