@@ -33,6 +33,10 @@ log = logging.getLogger("orchestrator")
 
 def train_worker(config: dict) -> None:
     """Body of every Ray Train worker: run the trial with `trainers`, report progress to Ray."""
+    from trainers import timeline
+
+    timeline.mark("running", at=config.get("started_at"))
+    timeline.mark("worker_started")
     import ray.train
     import ray.train.torch
 
@@ -44,32 +48,82 @@ def train_worker(config: dict) -> None:
     cfg = from_container(config["cfg"])
     set_threads(cfg.train.cpus_per_worker)  # before env.torch_threads is recorded
     context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
     # Where this worker runs. On one machine several Ray nodes share an IP: the node id tells them apart.
     node_id = ray.get_runtime_context().get_node_id()
     node = {"node/ip": _node_ip(node_id), "node/id": node_id}
     group = ray.util.get_current_placement_group()
     if group is not None:
         node["ray/placement_group"] = group.id.hex()
+    timeline.mark("imported")
 
-    def report(metrics: dict) -> None:
-        ray.train.report({**metrics, **node})
+    progress = RayProgress(node, rank, world_size)
+    tracker = TrialTracker(config["tracking_uri"], config["run_id"], rank, total_steps=cfg.train.max_steps,
+                           report=progress.report if rank == 0 else None)
+    try:
+        device = ray.train.torch.get_device() if cfg.train.use_gpu else None
+        nodes = _worker_nodes(node, world_size)
+        if rank == 0:
+            env = {f"env.{k}": v for k, v in environment(cfg, device, inputs=config.get("inputs_env")).items()}
+            tags = {"node_ip": node["node/ip"], "node_id": node["node/id"], **env, **config["git"]}
+            if len(nodes) > 1:
+                tags["worker_nodes"] = " ".join(f"rank{r}={n['node/ip']}/{n['node/id'][:8]}" for r, n in enumerate(nodes))
+            tracker.set_tags(tags)
+        tracker.log_metrics({}, step=0)  # the board shows the node at once
+        metrics = run_trial(cfg, config["output_dir"], tracker=tracker, device=device,
+                            prepared_dir=config.get("prepared_dir"))
+        # Not "done": Tune reads that key as "stop this trial" and would kill the trial mid-shutdown.
+        tracker.report_final({**metrics, "progress/step": cfg.train.max_steps, "progress/total": cfg.train.max_steps})
+        tracker.close()
+        progress.close()
+    except BaseException:
+        try:  # what the failed trial logged is kept; its failure, not the tracker's, is raised
+            tracker.close(timeout_s=30)
+        except Exception as err:
+            log.warning("metrics of the failed trial not all recorded: %s", err)
+        raise
 
-    tracker = TrialTracker(config["tracking_uri"], config["run_id"], rank, report=report,
-                           total_steps=cfg.train.max_steps)
-    device = ray.train.torch.get_device() if cfg.train.use_gpu else None
-    nodes = _worker_nodes(node, context.get_world_size())
-    if rank == 0:
-        env = {f"env.{k}": v for k, v in environment(cfg, device).items()}
-        tags = {"node_ip": node["node/ip"], "node_id": node["node/id"], **env, **config["git"]}
-        if len(nodes) > 1:
-            tags["worker_nodes"] = " ".join(f"rank{r}={n['node/ip']}/{n['node/id'][:8]}" for r, n in enumerate(nodes))
-        tracker.set_tags(tags)
-    report({"progress/step": 0, "progress/total": cfg.train.max_steps})  # the board shows the node at once
-    metrics = run_trial(cfg, config["output_dir"], tracker=tracker, device=device,
-                        prepared_dir=config.get("prepared_dir"))
-    # Not "done": Tune reads that key as "stop this trial" and would kill the trial mid-shutdown.
-    ray.train.report({**metrics, "progress/step": cfg.train.max_steps, "progress/total": cfg.train.max_steps})
+
+class RayProgress:
+    """ray.train.report from a background thread. Ray Train V2 accepts a report from any thread of
+    the worker (its train context is per process; ray/train/v2/_internal/execution/context.py), but
+    each report waits for the controller's poll (every 2 s) and is a collective of all ranks. So
+    rank 0's tracker queues its progress (newest wins) and calls `report` from its queue thread;
+    with several ranks it first tells the other ranks' threads (a broadcast), which report with it,
+    report for report (Tune reads rank 0's metrics; the others send their node)."""
+
+    REPORT, END = "report", "end of reports"
+
+    def __init__(self, node: dict, rank: int, world_size: int):
+        self.node, self.rank, self.world_size = node, rank, world_size
+        self.thread = None
+        if rank > 0:
+            self.thread = threading.Thread(target=self._follow, name="ray-progress", daemon=True)
+            self.thread.start()
+
+    def report(self, metrics: dict) -> None:
+        import ray.train
+        from ray.train.collective import broadcast_from_rank_zero
+
+        if self.world_size > 1:
+            broadcast_from_rank_zero(self.REPORT)
+        ray.train.report({**metrics, **self.node})
+
+    def _follow(self) -> None:
+        import ray.train
+        from ray.train.collective import broadcast_from_rank_zero
+
+        while broadcast_from_rank_zero(None) != self.END:
+            ray.train.report(dict(self.node))
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Rank 0 (after its tracker's last report) releases the other ranks' threads; they end."""
+        if self.rank == 0 and self.world_size > 1:
+            from ray.train.collective import broadcast_from_rank_zero
+
+            broadcast_from_rank_zero(self.END)
+        elif self.thread is not None:
+            self.thread.join(timeout_s)
 
 
 def _node_ip(node_id: str) -> str:
@@ -111,7 +165,7 @@ def tune_trial(config: dict) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    spec = config["trial"]
+    spec = {**config["trial"], "started_at": time.time()}  # RUNNING: time/start_s counts from here
     train = spec["cfg"]["train"]
     trainer = TorchTrainer(
         train_worker,

@@ -73,6 +73,7 @@ class SweepSearcher(Searcher):
         super().__init__()  # no metric of its own: Tune would then demand it in every progress report
         self.plan, self.runs, self.send, self.storage, self.run_ids = plan, runs, send, storage, run_ids
         self.by_key = {t.key: t for t in plan.trials}
+        self.inputs_envs: dict[tuple, dict[str, str]] = {}  # see inputs_environment
         self.state = PipelineState([t.key for t in plan.trials], {t.key: t.after for t in plan.trials},
                                    {t.key: t.label for t in plan.trials}, done=set(self.by_key) & set(done))
         self.draws = [GroupDraws(g, plan.base.sweep, (finished_samples or {}).get(g.key, 0)) for g in plan.groups]
@@ -181,6 +182,16 @@ class SweepSearcher(Searcher):
             self.send("created", trial.key, {"run_id": self.run_ids[trial.key], "label": trial.label})
         return self.run_ids[trial.key]
 
+    def inputs_environment(self, cfg) -> dict[str, str]:
+        """The env.* tags of a trial's inputs (data, template, base weights), computed once per sweep
+        for all the trials that share them instead of once in every trial's worker."""
+        from trainers.trial import inputs_environment
+
+        key = (cfg.data.train_file, cfg.data.eval_file, cfg.data.template, cfg.model.name_or_path, cfg.model.revision)
+        if key not in self.inputs_envs:
+            self.inputs_envs[key] = inputs_environment(cfg)
+        return self.inputs_envs[key]
+
     def spec(self, trial: Trial) -> dict:
         """What the Tune trial function gets (orchestrator.runner.tune_trial)."""
         return {
@@ -194,6 +205,7 @@ class SweepSearcher(Searcher):
             "resources": trial.resources,
             "max_failures": self.plan.base.cluster.max_failures,
             "git": self.runs.git,  # a resumed trial may run newer code than its run was created with
+            "inputs_env": self.inputs_environment(trial.cfg),
             "group": trial.group,
             "drawn": bool(trial.sample),
         }

@@ -10,11 +10,13 @@ Names are the contract (README, "MLflow contract"): parent tag `sweep`; child ta
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shlex
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 import yaml
 
 from trainers.config import flatten
-from trainers.tracking import Tracker
+from trainers.tracking import FLUSH_TIMEOUT_S, MetricQueue, Tracker, TrackingError
 
 SECRET_KEY = re.compile(r"(token|password|passwd|secret|api_?key|access_?key|credential)", re.IGNORECASE)
 URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
@@ -234,35 +236,125 @@ class SweepTracker:
 
 
 class TrialTracker(Tracker):
-    """Worker-side: rank 0 logs into its child run; every rank reports stepped metrics to Ray."""
+    """Worker-side: rank 0 logs into its child run; rank 0's progress goes to Ray (`report`).
 
-    def __init__(self, uri: str, run_id: str, rank: int, report=None, total_steps: int | None = None):
+    Neither blocks a training step: both go through a MetricQueue (trainers/tracking.py) drained
+    by a background thread. MLflow gets every point, in batches (a server that stops answering
+    loses the oldest per-step points beyond `max_points`, with a warning); Ray gets the newest
+    progress, and every eval/loss (what ASHA decides on) in order. Final metrics (no step) are
+    written before log_metrics returns, retried until `timeout_s`, else TrackingError fails the
+    trial. close() (also run at interpreter exit: Ray turns a worker's SIGTERM into one) writes
+    what is queued.
+    """
+
+    def __init__(self, uri: str, run_id: str, rank: int, report=None, total_steps: int | None = None,
+                 timeout_s: float = FLUSH_TIMEOUT_S, max_points: int = 10_000):
+        from orchestrator.search import METRIC
+
         self.uri, self.run_id, self.rank = uri, run_id, rank
+        self.total_steps, self.timeout_s = total_steps, timeout_s
+        self._client, self._client_lock = None, threading.Lock()
+        self.mlflow = MetricQueue("mlflow", self._write_mlflow, max_points, gather_s=1.0) if rank == 0 else None
         self.report = report
-        self.total_steps = total_steps
-        self.client = client(uri) if rank == 0 else None
-        # A resumed trial replays the steps after its last checkpoint: log each step only once.
-        self.logged_up_to = -1
-        if self.client is not None:
-            history = self.client.get_metric_history(run_id, "train/loss")
-            self.logged_up_to = max((m.step for m in history), default=-1)
+        self.progress = MetricQueue("ray progress", self._write_progress, max_batch=1, coalesce=True,
+                                    pinned=lambda metrics: METRIC in metrics) if report is not None else None
+        # A resumed trial replays the steps after its last checkpoint: each step is written once.
+        self.logged_up_to: int | None = None  # the run's last step in the store, read by the first write
+        self.written_seq = 0  # the last point written: a retried batch skips what went through
+        atexit.register(self.close)
+
+    @property
+    def client(self):
+        """Rank 0's MLflow client, made on first use, normally by the writer thread: importing
+        mlflow and asking the store where a resumed run got to cost seconds the start of a trial
+        need not wait for."""
+        if self.rank != 0:
+            return None
+        with self._client_lock:
+            if self._client is None:
+                self._client = client(self.uri)
+            return self._client
+
+    def _last_logged_step(self) -> int:
+        keys = self.client.get_run(self.run_id).data.metrics
+        return max((m.step for key in keys for m in self.client.get_metric_history(self.run_id, key)), default=-1)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self.client is not None and (step is None or step > self.logged_up_to):
-            from mlflow.entities import Metric
+        if self.mlflow is not None and step is None:
+            self.mlflow.put_final(metrics, self.timeout_s)
+        elif self.mlflow is not None and metrics:
+            self.mlflow.put(metrics, step)
+        if step is not None and self.progress is not None:
+            self.progress.put({**metrics, "progress/step": step, "progress/total": self.total_steps or 0}, step)
 
-            now = int(time.time() * 1000)
-            batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-            self.client.log_batch(self.run_id, metrics=batch)
-        if step is not None and self.report is not None:
-            self.report({**metrics, "progress/step": step, "progress/total": self.total_steps or 0})
+    def report_final(self, metrics: dict) -> None:
+        """The trial's last Ray report (after every progress report), waited for."""
+        if self.progress is not None:
+            self.progress.put_final(metrics, self.timeout_s)
+
+    def _write_mlflow(self, points) -> None:
+        """Writes in order, up to 900 metrics per log_batch (MLflow takes 1000, tags 100); after a
+        failed call the retry starts after the last point that went through."""
+        from mlflow.entities import Metric, RunTag
+
+        if self.logged_up_to is None:
+            self.logged_up_to = self._last_logged_step()
+        chunk: list = []
+        for point in [p for p in points if p.seq > self.written_seq]:
+            if point.kind == "tags":
+                self._send(chunk, point.seq - 1)
+                tags = [RunTag(k, str(v)[:5000]) for k, v in point.metrics.items()]
+                for start in range(0, len(tags), 100):
+                    self.client.log_batch(self.run_id, tags=tags[start:start + 100])
+            elif point.step is None or point.step > self.logged_up_to:
+                chunk += [Metric(k, float(v), point.timestamp_ms, point.step or 0) for k, v in point.metrics.items()]
+            if len(chunk) >= 900 or point.kind == "tags":
+                self._send(chunk, point.seq)
+        self._send(chunk, points[-1].seq)
+
+    def _send(self, chunk: list, seq: int) -> None:
+        if chunk:
+            self.client.log_batch(self.run_id, metrics=chunk)
+            chunk.clear()
+        self.written_seq = max(self.written_seq, seq)
+
+    def _write_progress(self, points) -> None:
+        for point in points:
+            self.report(point.metrics)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        for queue in (self.mlflow, self.progress):
+            if queue is not None:
+                queue.wait(timeout_s=self.timeout_s if timeout_s is None else timeout_s)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        atexit.unregister(self.close)
+        for queue in (self.mlflow, self.progress):
+            if queue is not None:
+                queue.close(self.timeout_s if timeout_s is None else timeout_s)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
-        if self.client is not None:
-            self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+        """Uploads now (a trial's outputs, once, at its end), retried until `timeout_s`."""
+        if self.client is None:
+            return
+        deadline, wait = time.monotonic() + self.timeout_s, 0.5
+        while True:
+            try:
+                return self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+            except Exception as err:
+                if time.monotonic() + wait > deadline:
+                    raise TrackingError(f"artifacts {artifact_path}/ not recorded after {self.timeout_s:.0f} s: "
+                                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+                time.sleep(wait)
+                wait = min(5.0, wait * 2)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        if self.client is not None:
-            from mlflow.entities import RunTag
-
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        """Queued like final metrics: written in order, never dropped, without waiting here."""
+        if self.mlflow is not None:
+            self.mlflow.put(tags, None, kind="tags")

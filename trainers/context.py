@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainers import timeline
 from trainers.checkpoint import CheckpointManager
 from trainers.config import ExperimentConfig
 from trainers.faults import FaultPlan
@@ -92,7 +93,9 @@ class TrialContext:
         if self.dist.is_main:
             if evaluate is not None:
                 metrics.update(evaluate(model))
+            timeline.mark("evaluated")
             metrics.update(self.save_outputs(spec, model, tokenizer))
+            timeline.mark("saved")
         self.barrier()
         return metrics
 

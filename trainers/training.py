@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from trainers import timeline
 from trainers.checkpoint import CheckpointManager
 from trainers.config import TrainConfig
 from trainers.data import Example, example_lengths, pad_batch, varlen_kwargs
@@ -205,9 +206,9 @@ class _LogWindow:
         for name, value in extras.items():
             self.extras[name] = self.extras.get(name, 0.0) + value / grad_accum
 
-    def log(self, step: int, n_steps: int, lr: float, dist: DistInfo, tracker: Tracker, stats: "LoopStats") -> float:
-        """Logs the window's per-step means (averaged over ranks, tokens summed) at `step`, adds its
-        tokens to `stats`; returns the seconds the tracker took, which are not training time."""
+    def log(self, step: int, n_steps: int, lr: float, dist: DistInfo, tracker: Tracker, stats: "LoopStats") -> None:
+        """Hands the window's per-step means (averaged over ranks, tokens summed) to the tracker at
+        `step` (which queues them: nothing here waits for MLflow or Ray), adds its tokens to `stats`."""
         import torch
         import torch.distributed as torch_dist
 
@@ -219,18 +220,12 @@ class _LogWindow:
             sums[1:] /= dist.world_size
         stats.tokens += int(sums[0])
         stats.last_extras = {name: float(sums[2 + i]) / n_steps for i, name in enumerate(names)}
-        return _timed(lambda: tracker.log_metrics({
+        tracker.log_metrics({
             "train/loss": float(sums[1]) / n_steps,
             "train/lr": lr,
             "train/tokens_per_s": float(sums[0]) / max(elapsed, 1e-9),
             **stats.last_extras,
-        }, step=step))
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+        }, step=step)
 
 
 def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, device, dist: DistInfo,
@@ -267,7 +262,7 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
     if memory.watches_steps:  # the shapes of the steps to come, from a second copy of the seeded stream
         memory.plan(step_shapes(examples, train, dist, group_by_length, start))
     window = _LogWindow()
-    started, tracking_s = time.perf_counter(), 0.0
+    started, eval_s = time.perf_counter(), 0.0
     model.train()
     for step in range(start + 1, train.max_steps + 1):
         if faults:
@@ -293,6 +288,7 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         memory.end_step()
+        timeline.mark("first_step")
         window.loss += step_loss
         stats.steps, stats.last_loss = step, step_loss
         if checkpoints and train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
@@ -303,11 +299,15 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
             raise TrialTimeLimitError(f"train.time_limit_s={train.time_limit_s} reached at step {step}")
         if step % train.log_every == 0 or step == train.max_steps:
             n_steps = min(step - start, train.log_every if step % train.log_every == 0 else step % train.log_every)
-            tracking_s += window.log(step, n_steps, scheduler.get_last_lr()[0], dist, tracker, stats)
+            window.log(step, n_steps, scheduler.get_last_lr()[0], dist, tracker, stats)
             window = _LogWindow()
         if evaluate is not None and train.eval_every and step % train.eval_every == 0 and step < train.max_steps:
-            eval_s = _timed(lambda: tracker.log_metrics(evaluate(model), step=step))
-            tracking_s, window.start = tracking_s + eval_s, window.start + eval_s  # not training time
-    # Throughput is the trainer's: time spent handing metrics to the tracker is not training.
-    stats.train_s = time.perf_counter() - started - tracking_s
+            evaluated_at = time.perf_counter()
+            results = evaluate(model)
+            spent = time.perf_counter() - evaluated_at
+            eval_s, window.start = eval_s + spent, window.start + spent  # evaluating is not training
+            tracker.log_metrics(results, step=step)
+    timeline.mark("last_step")
+    # The loop's wall time, logging included (it only queues), periodic evaluation excluded.
+    stats.train_s = time.perf_counter() - started - eval_s
     return stats

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 from pathlib import Path
 
+from trainers import timeline
 from trainers.checkpoint import file_sha256
 from trainers.config import ExperimentConfig
 from trainers.context import TrialContext
@@ -17,15 +19,18 @@ from trainers.runtime import dist_info, pick_device, seed_everything, set_thread
 from trainers.storage import TrialStorage
 from trainers.tracking import Tracker
 
+log = logging.getLogger("trainers")
+
 
 def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | None = None,
               device=None, prepared_dir: str | None = None) -> dict[str, float]:
-    """Train, evaluate and save one configured trial; returns its final metrics (rank 0's).
-    `prepared_dir`: where its prepared data is (default `<storage.path>/prepared`)."""
-    import torch
-
+    """Train, evaluate and save one configured trial; returns its final metrics (rank 0's) once the
+    tracker has recorded them (TrackingError if it cannot). `prepared_dir`: where its prepared data
+    is (default `<storage.path>/prepared`)."""
     from trainers.recipes import RECIPES
 
+    timeline.mark("running")  # a Ray worker marked it already: when the sweep started the trial
+    timeline.mark("trial_started")
     set_threads(cfg.train.cpus_per_worker)
     seed_everything(cfg.train.seed)
     dist = dist_info()
@@ -39,11 +44,14 @@ def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | 
     try:
         metrics = recipe.run(ctx)
     except Exception as err:
+        _flush_after_failure(ctx.tracker)
         if out_of_memory(err):
             raise TrialOutOfMemoryError(out_of_memory_reason(cfg, device, err)) from err
         raise
     finally:
         ctx.memory.stop()  # a failed trial must not leave the CPU tensor tracker installed
+        times = timeline.metrics()
+        timeline.clear()  # the next trial in this process starts its own
     if dist.is_main:
         if "mem/estimated_peak_bytes" not in metrics:  # recipes that know their batch shapes set it
             estimate = ctx.estimated_peak_bytes()
@@ -51,12 +59,22 @@ def run_trial(cfg: ExperimentConfig, output_dir: str | Path, tracker: Tracker | 
                 metrics["mem/estimated_peak_bytes"] = estimate
         from trainers.recipes.inputs import LINEAGE_FILE, write_lineage
 
+        metrics.update(times)
         ctx.tracker.log_metrics(metrics)
+        ctx.tracker.flush()  # the curves too, before the output is marked usable
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         write_lineage(output_dir, cfg, recipe.produces)  # last: marks the output usable by later stages
         storage.publish(last=("metrics.json", LINEAGE_FILE))
     storage.cleanup()
     return metrics
+
+
+def _flush_after_failure(tracker: Tracker) -> None:
+    """Keeps what a failed trial logged before it failed; the failure, not the tracker's, is raised."""
+    try:
+        tracker.flush()
+    except Exception as err:
+        log.warning("metrics of the failed trial not all recorded: %s", err)
 
 
 class TrialOutOfMemoryError(RuntimeError):
@@ -98,16 +116,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(cfg: ExperimentConfig, device=None) -> dict[str, str]:
-    """Short strings (MLflow tags `env.*`): package versions, python, device, sha256 of the data
-    sources, of the chat template and of a local base model (the embedded one is rebuilt per machine)."""
+def environment(cfg: ExperimentConfig, device=None, inputs: dict[str, str] | None = None) -> dict[str, str]:
+    """Short strings (MLflow tags `env.*`): package versions, python, device, and `inputs`
+    (default: inputs_environment(cfg), which a sweep computes once on its driver for every trial)."""
     from importlib import metadata
 
     import torch
-
-    from trainers.data import data_fingerprint, resolve_path
-    from trainers.model import load_tokenizer
-    from trainers.templates import chat_template
 
     env = {"python": platform.python_version(), "torch_threads": str(torch.get_num_threads())}
     for name in ENV_PACKAGES:
@@ -121,7 +135,19 @@ def environment(cfg: ExperimentConfig, device=None) -> dict[str, str]:
         env["cuda"] = str(torch.version.cuda)
     else:
         env["device"] = f"{device.type} ({_cpu_model()})"  # CPU kernels, hence float sums, differ by ISA
-    env.update({f"data.{split}_sha256": digest for split, digest in data_fingerprint(cfg.data).items()})
+    env.update(inputs_environment(cfg) if inputs is None else inputs)
+    return env
+
+
+def inputs_environment(cfg: ExperimentConfig) -> dict[str, str]:
+    """sha256 of the data sources, of the chat template and of a local base model (the embedded
+    one is rebuilt per machine). It reads every data file, loads the tokenizer and reads the
+    weights: the same for every trial on the same inputs, hence computed once per sweep."""
+    from trainers.data import data_fingerprint, resolve_path
+    from trainers.model import load_tokenizer
+    from trainers.templates import chat_template
+
+    env = {f"data.{split}_sha256": digest for split, digest in data_fingerprint(cfg.data).items()}
     # Which template the rows were rendered with (param data.template says model or plain; a
     # model's template text changes between revisions, its hash tells the runs apart).
     env["data.template_sha256"] = chat_template(load_tokenizer(cfg.model), cfg.data.template).sha256

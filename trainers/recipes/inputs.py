@@ -28,7 +28,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from trainers import storage
+from trainers import storage, timeline
 from trainers.config import VARLEN_ATTENTION, ExperimentConfig, PrecisionConfig
 from trainers.model import load_base_model, resolve_model_path
 
@@ -162,10 +162,14 @@ def materialize(cfg: ExperimentConfig, stage_dir: str | Path, device, task: str)
 def load_start(cfg: ExperimentConfig, device, task: str = "causal_lm"):
     """The model a stage trains from: the base model, or the policy in `stage.init_from` merged;
     with the head of `task` (a reward stage puts a score head on its policy)."""
+    timeline.mark("data_ready")  # every recipe prepares its data before its model
     if not cfg.stage.init_from:
-        return load_base_model(cfg, device, model_class(task), **head_kwargs(task))
-    check_lineage(cfg, cfg.stage.init_from, "causal_lm", "stage.init_from")
-    return materialize(cfg, cfg.stage.init_from, device, task)
+        model = load_base_model(cfg, device, model_class(task), **head_kwargs(task))
+    else:
+        check_lineage(cfg, cfg.stage.init_from, "causal_lm", "stage.init_from")
+        model = materialize(cfg, cfg.stage.init_from, device, task)
+    timeline.mark("model_loaded")
+    return model
 
 
 def load_reward_model(cfg: ExperimentConfig, reward_dir: str | Path, device, pad_token_id: int,
