@@ -442,7 +442,8 @@ def test_estimate_matches_measured_peak_of_dpo_orpo_and_rl(make_cfg, tmp_path):
     """Real dpo, orpo and rl trials (embedded model and pairs, 2 steps, with evaluation): the
     estimate at the trial's sequence lengths lands within 10% of mem/peak_bytes. DPO and ORPO score
     chosen and rejected together; RL trains on prompt + max_new_tokens rollouts and holds a reward model, and
-    with full fine-tuning a frozen reference copy too."""
+    with full fine-tuning a frozen reference copy too; with train.gradient_checkpointing the policy's
+    layers keep only their inputs."""
     from trainers.data import load_rows, prompts_with_answers
     from trainers.model import load_tokenizer
     from trainers.context import TrialContext
@@ -461,10 +462,13 @@ def test_estimate_matches_measured_peak_of_dpo_orpo_and_rl(make_cfg, tmp_path):
     eval_pair = max(max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in splits.eval_pairs)
     lengths = {"dpo": (longest_pair, eval_pair), "orpo": (longest_pair, eval_pair),
                "rl": (max(len(p.prompt_ids) for p in prompts), max(len(p.prompt_ids) for p in splits.eval_prompts))}
-    for stage, method in (("dpo", "lora"), ("orpo", "lora"), ("rl", "lora"), ("rl", "full")):
-        extra = ["stage.num_generations=4", f"stage.reward_from={tmp_path / 'reward'}"] if stage == "rl" else []
+    checkpointed = ["train.gradient_checkpointing=true"]
+    for stage, method, extra in (("dpo", "lora", []), ("orpo", "lora", []), ("rl", "lora", []), ("rl", "full", []),
+                                 ("dpo", "full", checkpointed), ("rl", "lora", checkpointed)):
+        if stage == "rl":
+            extra = extra + ["stage.num_generations=4", f"stage.reward_from={tmp_path / 'reward'}"]
         cfg = make_cfg(*common, f"stage={stage}", f"method={method}", *extra)
-        measured = run_trial(cfg, tmp_path / f"{stage}_{method}")["mem/peak_bytes"]
+        measured = run_trial(cfg, tmp_path / f"{stage}_{method}_{len(extra)}")["mem/peak_bytes"]
         seq, eval_seq = lengths[stage]
         predicted = memory.estimate(cfg, seq_len=seq, eval_seq_len=eval_seq).peak_bytes
         assert predicted == pytest.approx(measured, rel=0.10), (stage, method, predicted, measured)
