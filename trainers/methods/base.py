@@ -193,7 +193,7 @@ def enable_checkpointing(model: "torch.nn.Module") -> None:
     """Activation checkpointing on every decoder layer of the transformers model inside `model`
     (itself, or the base a PEFT wrapper holds). Non-reentrant checkpointing gives a gradient to
     whatever trains inside a layer even when the layer's input needs none (a frozen base under
-    LoRA, prefix or IA3); transformers also makes the embeddings' output require grad. A layer
+    LoRA, IA3 or a prompt); transformers also makes the embeddings' output require grad. A layer
     checkpoints only in training mode with grad enabled, so evaluation and generation (no grad,
     key/value cache on) run as without it."""
     from transformers import PreTrainedModel
