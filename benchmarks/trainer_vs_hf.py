@@ -20,6 +20,8 @@ user would pick beside ours (SHAPE_VARIANTS):
   ours+padfree data.packing=padding_free: one unpadded row per micro-batch, token budget
               (data.max_tokens_per_batch) ceil(batch x mean length): the tokens of as many
               examples as hf's and trl+padfree's micro-batch, in full rows
+  ours+padfree+gc (only with --variants) the same with train.gradient_checkpointing=true: like
+              for like with trl+padfree as TRL ships it
   orch        `python -m orchestrator` as a user runs one trial (local Ray, MLflow, checkpoints
               off as in the others): its own time/train_s and tokens, and the whole command's wall
               time, process and Ray start included, reported apart
@@ -74,7 +76,7 @@ LR, WARMUP, CLIP, SEED = 2e-3, 0.06, 1.0, 0
 VARIANTS = ("hf", "ours", "ours+group", "ours+pack", "ours+match", "ours+padfree")
 SHAPE_VARIANTS = ("hf", "hf+group", "trl+pack", "trl+padfree", "ours", "ours+group", "ours+pack", "ours+padfree",
                   "orch")
-OPTIONAL = ("ours+pack16", "ours+peak", "ours+peakall", "trl+padfree-nogc")
+OPTIONAL = ("ours+pack16", "ours+peak", "ours+peakall", "trl+padfree-nogc", "ours+padfree+gc")
 # ours+peak: `ours` with PeakMemory measuring as a trial does (started, told each step's batch
 # shape, so it watches only the steps that can raise the peak); ours+peakall: every step watched
 # (what trials did before issue #16). Beside `ours` they give PeakMemory's cost per step.
@@ -196,15 +198,19 @@ class Setup:
 
         return padding_free_rows(self.train, self.token_budget, "error", seed, DatasetStats())
 
-    def fresh_model(self):
-        """The base with LoRA, initialised identically for every variant."""
+    def fresh_model(self, variant: str):
+        """The base with LoRA, initialised identically for every variant (checkpointed: +gc)."""
+        import dataclasses
+
         import torch
 
         from trainers.methods import METHODS
         from trainers.model import load_base_model
 
         torch.manual_seed(SEED)
-        return METHODS["lora"].apply(load_base_model(self.cfg, torch.device("cpu")), self.cfg)
+        train = dataclasses.replace(self.cfg.train, gradient_checkpointing=variant.endswith("+gc"))
+        cfg = dataclasses.replace(self.cfg, train=train)
+        return METHODS["lora"].prepare(load_base_model(cfg, torch.device("cpu")), cfg)
 
     def micro_batch(self, variant: str) -> tuple[int, bool]:
         """(size, packed) of the variant's micro-batch: rows of max_seq_len, or examples."""
@@ -215,22 +221,26 @@ class Setup:
             return self.args.batch_size, True
         if variant == "ours+match":
             return round(rows * self.per_row), False
-        if variant == "ours+padfree":
+        if is_padfree(variant):
             return 1, True
         return self.args.batch_size, False
 
     def steps(self, variant: str, epochs: float) -> int:
         """Optimizer steps that train on about `epochs` epochs of examples."""
         size, packed = self.micro_batch(variant)
-        per_row = self.per_budget if variant == "ours+padfree" else self.per_row
+        per_row = self.per_budget if is_padfree(variant) else self.per_row
         return max(2, math.ceil(len(self.train) * epochs / (size * per_row if packed else size)))
 
     def shape(self, variant: str) -> str:
         """The variant's micro-batch, in words."""
         size, packed = self.micro_batch(variant)
-        if variant == "ours+padfree":
+        if is_padfree(variant):
             return f"1 row of <= {self.token_budget}"
         return f"{size} rows x {self.max_seq_len}" if packed else f"{size} examples"
+
+
+def is_padfree(variant: str) -> bool:
+    return variant.startswith("ours+padfree")
 
 
 def as_chats(rows: list[dict], sources: list[str]) -> tuple[list[dict], list[str]]:
@@ -395,9 +405,9 @@ def ours_run(setup: Setup, variant: str, steps: int, seed: int, memory: bool = F
     from trainers.tracking import Tracker
     from trainers.training import causal_lm_loss, train_loop
 
-    model = setup.fresh_model()
+    model = setup.fresh_model(variant)
     batch_size, packed = setup.micro_batch(variant)
-    if variant == "ours+padfree":
+    if is_padfree(variant):
         items = setup.padding_free_rows(seed)
     else:
         items = pack_examples(setup.train, setup.max_seq_len, seed) if packed else setup.train

@@ -65,7 +65,8 @@ def test_flop_count_matches_torch_flop_counter(method):
 
 def test_trainer_vs_hf_tiny_runs_every_in_process_baseline_on_the_same_tokens(tmp_path):
     out = tmp_path / "results.json"
-    variants = "hf,hf+group,trl+pack,trl+padfree,ours,ours+group,ours+pack,ours+padfree"  # orch needs Ray: below
+    variants = ("hf,hf+group,trl+pack,trl+padfree,ours,ours+group,ours+pack,ours+padfree,"
+                "ours+padfree+gc")  # orch needs Ray: below
     proc = subprocess.run([sys.executable, "benchmarks/trainer_vs_hf.py", "--tiny", "--variants", variants,
                            "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -73,8 +74,10 @@ def test_trainer_vs_hf_tiny_runs_every_in_process_baseline_on_the_same_tokens(tm
     runs = {v: r[0] for v, r in record["results"].items()}
     assert set(runs) == set(variants.split(","))
     # the padding-free baselines compute no pad position; padded batches do
-    for v in ("trl+pack", "trl+padfree", "ours+padfree"):
+    for v in ("trl+pack", "trl+padfree", "ours+padfree", "ours+padfree+gc"):
         assert runs[v]["useful"] == runs[v]["computed"] > 0
+    assert runs["ours+padfree+gc"]["useful"] == runs["ours+padfree"]["useful"]  # the same rows, recomputed
+    assert record["peaks"]["ours+padfree+gc"] < record["peaks"]["ours+padfree"]
     assert 0 < runs["hf"]["useful"] < runs["hf"]["computed"]
     # unpacked variants train on as many examples: their token counts are the same rows' lengths
     # (ours+padfree: a token budget of batch x mean length, i.e. as many tokens a step)

@@ -268,6 +268,48 @@ def test_estimate_of_a_padding_free_run_follows_its_token_budget(tmp_path):
         del model
 
 
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding_free"])
+def test_estimate_of_a_checkpointed_run_matches_its_measured_peak(tmp_path, padding_free):
+    """train.gradient_checkpointing: layers keep only their inputs, one is recomputed at a time.
+    Six layers wide enough that activations, not logits, make the peak: the estimate without
+    checkpointing is far above what such a run measures, the checkpointed one within 10%."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainers.data import DatasetStats, Example, padding_free_rows
+    from trainers.model import load_base_model
+    from trainers.runtime import DistInfo
+    from trainers.tracking import Tracker
+    from trainers.training import train_loop
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    rows = torch.randint(3, 512, (8, 64), generator=torch.Generator().manual_seed(0)).tolist()
+    examples = [Example(input_ids=row[:57 + i], labels=row[:57 + i], source=str(i)) for i, row in enumerate(rows)]
+    for method in ("lora", "full"):
+        cfg = experiment(method, model=str(tmp_path))
+        cfg.data.eval_file = None
+        cfg.train = TrainConfig(max_steps=3, batch_size=8, log_every=3, gradient_checkpointing=True)
+        items, loop = examples, cfg.train
+        if padding_free:
+            cfg.data.packing, cfg.data.max_tokens_per_batch = "padding_free", 512
+            items = padding_free_rows(examples, 512, "error", seed=0, stats=DatasetStats())
+            loop = TrainConfig(max_steps=3, batch_size=1, log_every=3)
+        meter = PeakMemory(CPU)
+        meter.start()
+        model = METHODS[method].prepare(load_base_model(cfg, CPU), cfg)
+        train_loop(model, items, loop, 0, CPU, DistInfo(), Tracker())
+        measured = meter.peak_bytes()
+        seq_len = None if padding_free else 64
+        predicted = memory.estimate(cfg, seq_len=seq_len).train_peak_bytes
+        assert predicted == pytest.approx(measured, rel=0.10), method
+        cfg.train.gradient_checkpointing = False
+        assert memory.estimate(cfg, seq_len=seq_len).train_peak_bytes > 1.5 * measured, method
+        del model
+
+
 def test_a_planned_run_watches_the_first_step_and_one_step_per_uncovered_shape():
     from trainers.runtime import steps_to_watch
 
@@ -400,7 +442,8 @@ def test_estimate_matches_measured_peak_of_dpo_orpo_and_rl(make_cfg, tmp_path):
     """Real dpo, orpo and rl trials (embedded model and pairs, 2 steps, with evaluation): the
     estimate at the trial's sequence lengths lands within 10% of mem/peak_bytes. DPO and ORPO score
     chosen and rejected together; RL trains on prompt + max_new_tokens rollouts and holds a reward model, and
-    with full fine-tuning a frozen reference copy too."""
+    with full fine-tuning a frozen reference copy too; with train.gradient_checkpointing the policy's
+    layers keep only their inputs."""
     from trainers.data import load_rows, prompts_with_answers
     from trainers.model import load_tokenizer
     from trainers.context import TrialContext
@@ -419,10 +462,13 @@ def test_estimate_matches_measured_peak_of_dpo_orpo_and_rl(make_cfg, tmp_path):
     eval_pair = max(max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in splits.eval_pairs)
     lengths = {"dpo": (longest_pair, eval_pair), "orpo": (longest_pair, eval_pair),
                "rl": (max(len(p.prompt_ids) for p in prompts), max(len(p.prompt_ids) for p in splits.eval_prompts))}
-    for stage, method in (("dpo", "lora"), ("orpo", "lora"), ("rl", "lora"), ("rl", "full")):
-        extra = ["stage.num_generations=4", f"stage.reward_from={tmp_path / 'reward'}"] if stage == "rl" else []
+    checkpointed = ["train.gradient_checkpointing=true"]
+    for stage, method, extra in (("dpo", "lora", []), ("orpo", "lora", []), ("rl", "lora", []), ("rl", "full", []),
+                                 ("dpo", "full", checkpointed), ("rl", "lora", checkpointed)):
+        if stage == "rl":
+            extra = extra + ["stage.num_generations=4", f"stage.reward_from={tmp_path / 'reward'}"]
         cfg = make_cfg(*common, f"stage={stage}", f"method={method}", *extra)
-        measured = run_trial(cfg, tmp_path / f"{stage}_{method}")["mem/peak_bytes"]
+        measured = run_trial(cfg, tmp_path / f"{stage}_{method}_{len(extra)}")["mem/peak_bytes"]
         seq, eval_seq = lengths[stage]
         predicted = memory.estimate(cfg, seq_len=seq, eval_seq_len=eval_seq).peak_bytes
         assert predicted == pytest.approx(measured, rel=0.10), (stage, method, predicted, measured)

@@ -315,6 +315,8 @@ REFUSED = [
      "method.feedforward_modules", "down_proj"),
     ("adapter", "fp32", {"bottleneck_size": 0}, {}, "method.bottleneck_size", "> 0"),
     ("adapter", "fp32", {"nonlinearity": "swish"}, {}, "method.nonlinearity", "relu"),
+    ("prefix", "fp32", {}, {"gradient_checkpointing": True}, "train.gradient_checkpointing", "key/value cache"),
+    ("prompt", "fp32", {}, {"gradient_checkpointing": True}, None, None),  # virtual tokens in the input: allowed
 ]
 
 
@@ -453,6 +455,63 @@ def test_prefix_tuned_generation_matches_a_manual_greedy_loop():
     if 63 in manual:
         manual = manual[:manual.index(63)]
     assert got == " ".join(map(str, manual))
+
+
+# --- train.gradient_checkpointing: the same gradients, the layers really recomputed
+
+def checkpointed_gradients(method: str, fields: dict, checkpointing: bool) -> tuple[dict, int]:
+    """(gradients of one batch's loss on the embedded model, attention forwards run for it)."""
+    cfg = from_container({"model": {"name_or_path": "embedded:base"}, "data": {"train_file": "unused.jsonl"},
+                          "method": {"name": method, **fields}, "train": {"gradient_checkpointing": checkpointing},
+                          "stage": {"name": "sft"}})
+    torch.manual_seed(0)  # the same initial adapter both times
+    model = METHODS[method].prepare(load_base_model(cfg, CPU), cfg)
+    model.train()
+    attention_calls = []
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention"):
+            module.register_forward_hook(lambda *_: attention_calls.append(1))
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, len(attention_calls)
+
+
+# One case per method that can checkpoint (prefix cannot: refused above).
+CHECKPOINTED = [c for c in CASES if c[1] != "prefix" and c[0] == c[1]] + [("dora", "lora", {"use_dora": True})]
+
+
+@pytest.mark.parametrize("method,fields", [c[1:3] for c in CHECKPOINTED], ids=[c[0] for c in CHECKPOINTED])
+def test_gradient_checkpointing_recomputes_layers_and_keeps_the_gradients(method, fields):
+    plain, plain_calls = checkpointed_gradients(method, fields, False)
+    checkpointed, calls = checkpointed_gradients(method, fields, True)
+    assert calls == 2 * plain_calls  # each layer's forward runs again in backward
+    assert plain.keys() == checkpointed.keys()
+    assert sum(g.abs().sum() for g in plain.values()) > 0  # (LoRA's A alone gets none: B starts at 0)
+    for name, grad in plain.items():
+        assert checkpointed[name] is not None, f"{name} got no gradient with checkpointing"
+        torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("method,precision,fields", [("lora", "fp32", {"r": 4}), ("full", "fp32", {}),
+                                                     ("qlora", "nf4", {"r": 4})])
+def test_training_with_gradient_checkpointing_learns_and_generates_with_the_cache(base_dirs, tmp_path, method,
+                                                                                  precision, fields):
+    cfg = cfg_for(base_dirs["fp" if precision == "fp32" else "4bit"], method, precision, method_fields=fields,
+                  max_steps=4, lr=1e-2 if method != "full" else 1e-3, gradient_checkpointing=True)
+    model = METHODS[method].prepare(load_base_model(cfg, CPU), cfg)
+    losses = RecordingTracker()
+    torch.manual_seed(0)
+    train_loop(model, random_examples(), cfg.train, 0, CPU, DistInfo(), losses)
+    assert losses.losses[-1] < losses.losses[0] - 1e-3, losses.losses
+    # evaluation and generation after training: no grad, so the layers run once with their cache
+    model.eval()
+    prompt = torch.tensor([random_examples(1, 6)[0].input_ids])
+    with torch.no_grad():
+        cached = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+                                do_sample=False, use_cache=True)
+        uncached = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+                                  do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
 
 
 def test_a_4bit_base_trains_on_after_a_mid_training_evaluation(base_dirs):

@@ -238,6 +238,9 @@ class TrainConfig:
     # GPU only: Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, linear + cross-entropy without
     # the full logits); less memory and time, needs the liger-kernel package and a model it supports.
     liger: bool = False
+    # Recompute each decoder layer's activations in backward instead of keeping them (activation
+    # checkpointing): a layer keeps only its input, for ~30% more compute per step.
+    gradient_checkpointing: bool = False
 
     def check(self) -> list[tuple[str, str]]:
         problems = []

@@ -98,11 +98,26 @@ def _mlp_bytes(step: Step) -> tuple[float, float]:
     return b, T * (h + I) * act if step.int8 else 0.0
 
 
+@dataclass(frozen=True)
+class Activations:
+    """What one micro-batch's activations hold, in bytes."""
+
+    saved: float  # saved for backward through the forward, all layers (checkpointed: their inputs)
+    per_layer: float  # saved by one layer (not the first)
+    int8_contexts: float  # layer inputs bitsandbytes' int8 matmul holds on its autograd contexts
+    # checkpointed: one layer recomputed in backward, what it saves plus the gradients of its widest
+    # tensors while its backward runs; and how much of `saved` is the layers' inputs
+    recompute: float = 0.0
+    layer_inputs: float = 0.0
+
+
 def train_activation_bytes(shape: ModelShape, terms: MethodTerms, extra_tokens: tuple[int, int], int8: bool,
-                           act: int, batch: int, seq: int) -> tuple[float, float, float]:
-    """For one micro-batch: (bytes saved for backward over all layers, those of one layer, bytes
-    of layer inputs that bitsandbytes' int8 matmul holds on its autograd contexts).
+                           act: int, batch: int, seq: int, checkpointed: bool = False) -> Activations:
+    """For one micro-batch: the bytes its activations hold.
     extra_tokens: (virtual tokens added to every sequence, prefix length added to every key/value).
+    checkpointed (train.gradient_checkpointing): a layer keeps only its input hidden state through
+    the forward; backward recomputes one layer at a time, whose saved tensors live until its
+    gradient is through.
 
     Follows autograd: an op keeps an input only when the gradient of another input needs it, so
     frozen weights keep less than trained ones (a frozen linear layer keeps nothing). Batches are
@@ -119,12 +134,18 @@ def train_activation_bytes(shape: ModelShape, terms: MethodTerms, extra_tokens: 
         return attention + mlp, attention_ctx + mlp_ctx
 
     (per_layer, ctx_per_layer), (first_layer, ctx_first) = layer(first=False), layer(first=True)
-    total = first_layer + (shape.layers - 1) * per_layer
-    total += step.batch * step.S * step.kv_len  # the boolean padding mask, built once
+    outside = step.batch * step.S * step.kv_len  # the boolean padding mask, built once
     # final norm, and the head's input if the head trains
-    total += step.norm(True, terms.norms_train[2])
-    total += step.T * shape.hidden * act if terms.weights_train else 0.0
-    return total + terms.per_step_bytes, per_layer, ctx_first + (shape.layers - 1) * ctx_per_layer
+    outside += step.norm(True, terms.norms_train[2])
+    outside += step.T * shape.hidden * act if terms.weights_train else 0.0
+    outside += terms.per_step_bytes
+    if checkpointed:
+        inputs = shape.layers * step.T * shape.hidden * act
+        # the layer's backward: gradients of its MLP's intermediate and of its hidden state
+        recompute = max(per_layer, first_layer) + step.T * (shape.intermediate + shape.hidden) * act
+        return Activations(outside + inputs, per_layer, max(ctx_per_layer, ctx_first), recompute, inputs)
+    total = first_layer + (shape.layers - 1) * per_layer
+    return Activations(outside + total, per_layer, ctx_first + (shape.layers - 1) * ctx_per_layer)
 
 
 def prefix_cache_bytes(shape: ModelShape, prefix: int, act: int, batch: int, seq: int) -> float:

@@ -30,7 +30,8 @@ def _experiment(model: str, method: str, precision: str, args) -> "ExperimentCon
         precision=PrecisionConfig(name=precision, compute_dtype=compute,
                                   double_quant=args.double_quant and precision in ("nf4", "fp4")),
         train=TrainConfig(batch_size=args.batch_size, optimizer=args.optimizer,
-                          eval_batch_size=args.eval_batch_size or 1, use_gpu=args.device == "cuda"),
+                          eval_batch_size=args.eval_batch_size or 1, use_gpu=args.device == "cuda",
+                          gradient_checkpointing=args.gradient_checkpointing),
     )
 
 
@@ -54,6 +55,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--stage", default=default_choice("stage"), choices=sorted(RECIPES),
                         help="the training stage, with its config's defaults (default: conf/config.yaml's)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="train.gradient_checkpointing: layers keep only their inputs, recomputed in backward")
     parser.add_argument("--double-quant", action="store_true", help="4-bit bases quantize their scales too")
     parser.add_argument("--eval-batch-size", type=int, default=0,
                         help="also count the eval pass at this batch size (default 0: training only)")

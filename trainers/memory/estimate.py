@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
-from trainers.memory.activations import eval_bytes, prefix_cache_bytes, train_activation_bytes
+from trainers.memory.activations import Activations, eval_bytes, prefix_cache_bytes, train_activation_bytes
 from trainers.memory.counts import FLOAT_BYTES, GIB, optimizer_state_bytes, weight_bytes
 from trainers.memory.shapes import ModelShape, load_shape
 from trainers.memory.terms import MethodTerms, StageTerms
@@ -91,7 +91,10 @@ class Component:
 class MemoryEstimate:
     """Predicted peak memory of one trial, by component.
 
-    train peak = weights + trainable + optimizer + max(activations + logits/loss, gradients + step)
+    train peak = weights + trainable + optimizer + max(activations + logits/loss, gradients + step,
+                 with train.gradient_checkpointing: activations + recompute + gradients - overlap),
+    where overlap = min(layer inputs, gradients): backward frees a layer's input as it adds its
+    weights' gradients, so the early layers' recompute sees most gradients and few inputs.
     eval peak  = weights + trainable + eval pass;   peak_bytes = max of the two (what PeakMemory
     measures); total_bytes = peak_bytes + runtime overhead (what to reserve).
     """
@@ -114,12 +117,16 @@ class MemoryEstimate:
     optimizer_step: Component
     eval_pass: Component
     overhead: Component
+    recompute: Component = field(default_factory=lambda: Component("recompute", 0.0))
+    layer_inputs: float = 0.0  # of activations, the checkpointed layers' inputs
     notes: list[str] = field(default_factory=list)
 
     @property
     def train_peak_bytes(self) -> int:
         steady = self.weights.bytes + self.trainable.bytes + self.optimizer_states.bytes
-        return int(steady + max(self.activations.bytes + self.logits.bytes,
+        recompute = (self.activations.bytes + self.recompute.bytes + self.gradients.bytes
+                     - min(self.layer_inputs, self.gradients.bytes)) if self.recompute.bytes else 0.0
+        return int(steady + max(self.activations.bytes + self.logits.bytes, recompute,
                                 self.gradients.bytes + self.optimizer_step.bytes))
 
     @property
@@ -138,7 +145,7 @@ class MemoryEstimate:
 
     def components(self) -> list[Component]:
         return [self.weights, self.trainable, self.gradients, self.optimizer_states, self.activations,
-                self.logits, self.optimizer_step, self.eval_pass, self.overhead]
+                self.recompute, self.logits, self.optimizer_step, self.eval_pass, self.overhead]
 
     def table(self) -> str:
         """The breakdown as aligned text: one line per component, then the peaks and the total."""
@@ -146,7 +153,8 @@ class MemoryEstimate:
                 f"batch {self.batch_size} x seq {self.seq_len} | {self.device}")
         rows = [(c.name, c.bytes, c.note) for c in self.components()]
         rows += [("= train peak", self.train_peak_bytes,
-                  "weights + trainable + optimizer + max(activations + logits, gradients + step)"),
+                  "weights + trainable + optimizer + max(activations + logits, gradients + step"
+                  + (", activations + recompute + gradients - overlap)" if self.recompute.bytes else ")")),
                  ("= eval peak", self.eval_peak_bytes, "weights + trainable + eval pass"),
                  ("= peak (tensors)", self.peak_bytes, "compare with mem/peak_bytes"),
                  ("= total", self.total_bytes, "peak + runtime overhead")]
@@ -251,6 +259,12 @@ def _logits(shape: ModelShape, extra: tuple[int, int], batch: Batch, act: int, i
     return Component("logits + loss", max(backward_start, forward_end), note)
 
 
+def _activations_note(saved: Activations, shape: ModelShape, tokens: int) -> str:
+    if saved.recompute:
+        return f"checkpointed: each of {shape.layers} layers keeps its input; {tokens:,} tokens"
+    return f"saved for backward; {_human(saved.per_layer)} per layer x {shape.layers}, {tokens:,} tokens"
+
+
 def estimate(cfg: "ExperimentConfig", model_config: Any = None, *, seq_len: Optional[int] = None,
              eval_seq_len: Optional[int] = None, device: Optional[str] = None) -> MemoryEstimate:
     """Predicted peak memory of the trial `cfg` describes.
@@ -277,8 +291,9 @@ def estimate(cfg: "ExperimentConfig", model_config: Any = None, *, seq_len: Opti
     batch = _stage_batch(shape, cfg, seq_len or longest,
                          weight_bytes(shape, precision.name, precision.double_quant), terms, notes)
     _shard(shape, cfg, batch, training, act, notes)
-    acts, per_layer, int8_contexts = train_activation_bytes(shape, terms, extra, precision.name == "int8", act,
-                                                            batch.rows, batch.seq)
+    saved = train_activation_bytes(shape, terms, extra, precision.name == "int8", act, batch.rows, batch.seq,
+                                   train.gradient_checkpointing)
+    acts = saved.saved
     if train.grad_accum > 1:  # earlier micro-batches' gradients stay through the next backward
         acts += training.grads
     if train.num_workers > 1 and not train.fsdp:  # DDP's gradient buckets
@@ -300,9 +315,11 @@ def estimate(cfg: "ExperimentConfig", model_config: Any = None, *, seq_len: Opti
                             if training.added else "the base's own tensors train"),
         gradients=Component("gradients", training.grads, f"{dtype_name}, one per trainable param"),
         optimizer_states=Component("optimizer states", training.opt, OPTIMIZER_NOTES[train.optimizer]),
-        activations=Component("activations", acts, f"saved for backward; {_human(per_layer)} per layer x "
-                                                   f"{shape.layers}, {tokens:,} tokens"),
-        logits=_logits(shape, extra, batch, act, int8_contexts),
+        activations=Component("activations", acts, _activations_note(saved, shape, tokens)),
+        recompute=Component("recompute", saved.recompute, "one checkpointed layer's forward again + its backward"
+                            if saved.recompute else "train.gradient_checkpointing=false"),
+        layer_inputs=saved.layer_inputs,
+        logits=_logits(shape, extra, batch, act, saved.int8_contexts),
         optimizer_step=Component("optimizer step", training.step, "temporaries of the update (peak alternative)"),
         eval_pass=Component("eval pass", evaluation, f"batch {batch.eval_rows} x seq {eval_seq}, no grad"
                             if evaluation else "no eval file"),

@@ -79,11 +79,28 @@ class MethodSpec:
 
     def combination_problems(self, cfg: "ExperimentConfig") -> list[tuple[str, str]]:
         """check_combination plus what no base of this architecture and precision can do."""
-        return self.check_combination(cfg) + self.architecture_problems(cfg)
+        return self.check_combination(cfg) + self.architecture_problems(cfg) + self.checkpointing_problems(cfg)
+
+    def checkpointing_problems(self, cfg: "ExperimentConfig") -> list[tuple[str, str]]:
+        """A key/value prefix rides in the layers' cache, which a checkpointed layer drops
+        (transformers sets cache=None: recomputing would append the prefix a second time)."""
+        if not cfg.train.gradient_checkpointing or not self.virtual_tokens(cfg.method)[1]:
+            return []
+        return [("train.gradient_checkpointing",
+                 f"method {self.name} passes its trained prefix to every layer as a key/value cache, which "
+                 "activation checkpointing drops; set train.gradient_checkpointing=false")]
 
     def architecture_problems(self, cfg: "ExperimentConfig") -> list[tuple[str, str]]:
         """What this method (at this precision, on this device) cannot do on cfg.model's architecture."""
         return self.check_architecture(cfg) + cpu_4bit_problems(cfg)
+
+    def prepare(self, model: "torch.nn.Module", cfg: "ExperimentConfig") -> "torch.nn.Module":
+        """The loaded base made ready to train: `apply`, then what every method shares
+        (train.gradient_checkpointing). Every stage that trains a policy starts here."""
+        model = self.apply(model, cfg)
+        if cfg.train.gradient_checkpointing:
+            enable_checkpointing(model)
+        return model
 
     def save(self, model: "torch.nn.Module", out_dir: Path) -> Path:
         """Write what this method trained to out_dir (safetensors) and return it."""
@@ -170,6 +187,22 @@ def prepare_quantized_base(model: "torch.nn.Module", cfg: "ExperimentConfig") ->
 
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
+
+
+def enable_checkpointing(model: "torch.nn.Module") -> None:
+    """Activation checkpointing on every decoder layer of the transformers model inside `model`
+    (itself, or the base a PEFT wrapper holds). Non-reentrant checkpointing gives a gradient to
+    whatever trains inside a layer even when the layer's input needs none (a frozen base under
+    LoRA, IA3 or a prompt); transformers also makes the embeddings' output require grad. A layer
+    checkpoints only in training mode with grad enabled, so evaluation and generation (no grad,
+    key/value cache on) run as without it."""
+    from transformers import PreTrainedModel
+
+    base = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if base is None or not base.supports_gradient_checkpointing:
+        raise ValueError(f"train.gradient_checkpointing=true: {type(model).__name__} does not support activation "
+                         "checkpointing; set train.gradient_checkpointing=false")
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def model_shape(cfg: "ExperimentConfig"):

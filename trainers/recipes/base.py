@@ -174,7 +174,7 @@ def start_preference_policy(ctx: "TrialContext") -> PolicyStart:
     data = load_preference_splits(ctx, tokenizer, with_prompts=True)
     ctx.memory.start()
     method = METHODS[cfg.method.name]
-    model = method.apply(load_start(cfg, ctx.device), cfg)
+    model = method.prepare(load_start(cfg, ctx.device), cfg)
     trainable, total = count_parameters(model)
     ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total,
                              **data.train_stats.as_metrics("train"), **data.data_metrics})

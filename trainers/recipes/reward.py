@@ -85,7 +85,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
     spec = METHODS[cfg.method.name]
     base = load_start(cfg, device, task="sequence_classification")
     base.config.pad_token_id = pad_id  # the score is read at the last non-pad token
-    model = spec.apply(base, cfg)
+    model = spec.prepare(base, cfg)
     train_head(model)
     trainable, total = count_parameters(model)
     ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total,

@@ -146,7 +146,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
 
     ctx.memory.start()
     spec = METHODS[cfg.method.name]
-    model = spec.apply(load_start(cfg, device), cfg)
+    model = spec.prepare(load_start(cfg, device), cfg)
     reference = Reference(model)
     reward_model = load_reward_model(cfg, stage.reward_from, device, tokenizer.pad_token_id)
     trainable, total = count_parameters(model)

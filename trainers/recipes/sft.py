@@ -53,7 +53,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
     start = load_start(cfg, device)  # the base, or stage.init_from merged
     if cfg.data.packing:
         check_packed_attention(start)
-    model = spec.apply(start, cfg)
+    model = spec.prepare(start, cfg)
     trainable, total = count_parameters(model)
     ctx.tracker.log_metrics({"model/trainable_params": trainable, "model/total_params": total, **data_metrics})
 
@@ -82,7 +82,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
         estimate = ctx.estimated_peak_bytes(seq_len=longest, eval_seq_len=eval_longest)
         return results if estimate is None else {**results, "mem/estimated_peak_bytes": estimate}
 
-    model = ctx.gather_model(model, lambda: spec.apply(load_start(cfg, device), cfg))  # FSDP: gathers shards
+    model = ctx.gather_model(model, lambda: spec.prepare(load_start(cfg, device), cfg))  # FSDP: gathers shards
     return ctx.finish(spec, model, tokenizer, metrics, evaluate_trained)
 
 
