@@ -288,7 +288,9 @@ class TrialTracker(Tracker):
         elif self.mlflow is not None and metrics:
             self.mlflow.put(metrics, step)
         if step is not None and self.progress is not None:
-            self.progress.put({**metrics, "progress/step": step, "progress/total": self.total_steps or 0}, step)
+            seq = self.progress.put({**metrics, "progress/step": step, "progress/total": self.total_steps or 0}, step)
+            if self.progress.pinned(metrics):  # a rung's metric: Tune has it (may stop the trial) first
+                self.progress.wait(seq, self.timeout_s)
 
     def report_final(self, metrics: dict) -> None:
         """The trial's last Ray report (after every progress report), waited for."""
