@@ -11,6 +11,7 @@ Names are the contract (README, "MLflow contract"): parent tag `sweep`; child ta
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import re
 import shlex
@@ -25,6 +26,8 @@ import yaml
 
 from trainers.config import flatten
 from trainers.tracking import FLUSH_TIMEOUT_S, MetricQueue, Tracker, TrackingError
+
+log = logging.getLogger("orchestrator")
 
 SECRET_KEY = re.compile(r"(token|password|passwd|secret|api_?key|access_?key|credential)", re.IGNORECASE)
 URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
@@ -285,7 +288,9 @@ class TrialTracker(Tracker):
         elif self.mlflow is not None and metrics:
             self.mlflow.put(metrics, step)
         if step is not None and self.progress is not None:
-            self.progress.put({**metrics, "progress/step": step, "progress/total": self.total_steps or 0}, step)
+            seq = self.progress.put({**metrics, "progress/step": step, "progress/total": self.total_steps or 0}, step)
+            if self.progress.pinned(metrics):  # a rung's metric: Tune has it (may stop the trial) first
+                self.progress.wait(seq, self.timeout_s)
 
     def report_final(self, metrics: dict) -> None:
         """The trial's last Ray report (after every progress report), waited for."""
@@ -326,6 +331,11 @@ class TrialTracker(Tracker):
         for queue in (self.mlflow, self.progress):
             if queue is not None:
                 queue.wait(timeout_s=self.timeout_s if timeout_s is None else timeout_s)
+
+    def settle(self) -> None:
+        if self.mlflow is not None and not self.mlflow.settle(self.timeout_s):
+            log.warning("metrics before this checkpoint not all recorded yet (%s): a resume from it may miss "
+                        "some earlier points", self.mlflow.error or "the store is slow")
 
     def close(self, timeout_s: float | None = None) -> None:
         atexit.unregister(self.close)

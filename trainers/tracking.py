@@ -44,6 +44,11 @@ class Tracker:
         """Returns once everything logged so far is written; raises TrackingError if final metrics
         could not be within `timeout_s` (default: the tracker's own)."""
 
+    def settle(self) -> None:
+        """Before a checkpoint: returns once the per-step metrics logged so far are recorded, so a
+        run resumed from that checkpoint (which logs only the steps after it) has every earlier
+        point; at once when the sink is failing, which must not stall training."""
+
 
 class ConsoleTracker(Tracker):
     """Prints per-step metrics: the tracker of a plain-process run (`python -m trainers`)."""
@@ -153,6 +158,18 @@ class MetricQueue:
             names = ", ".join(sorted(final[0].metrics))[:200]
             raise TrackingError(f"{self.name}: final metrics not recorded after {timeout_s:.0f} s ({names}): "
                                 f"{self.error or 'the sink did not answer'}")
+
+    def settle(self, timeout_s: float = FLUSH_TIMEOUT_S) -> bool:
+        """Until every point put so far is written, unless a write fails first (a sink that does not
+        answer is not waited for) or `timeout_s` passes; True when all were written."""
+        with self.cond:
+            seq, self.waiters = self.seq, self.waiters + 1
+            self.cond.notify_all()
+            try:
+                return self._wait_locked(lambda: self.error is not None or not any(p.seq <= seq for p in self.waiting),
+                                         timeout_s) and self.error is None
+            finally:
+                self.waiters -= 1
 
     def close(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
         """Writes what is queued (as `wait`), then stops the thread."""

@@ -291,16 +291,17 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
         timeline.mark("first_step")
         window.loss += step_loss
         stats.steps, stats.last_loss = step, step_loss
+        if step % train.log_every == 0 or step == train.max_steps:
+            n_steps = min(step - start, train.log_every if step % train.log_every == 0 else step % train.log_every)
+            window.log(step, n_steps, scheduler.get_last_lr()[0], dist, tracker, stats)
+            window = _LogWindow()
         if checkpoints and train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
+            tracker.settle()  # a run resumed from here logs the steps after it: the ones before are recorded
             checkpoints.save(step, model, optimizer, scheduler, write=dist.is_main)
             if dist.world_size > 1:
                 torch_dist.barrier()
         if train.time_limit_s is not None and time.perf_counter() - started > train.time_limit_s:
             raise TrialTimeLimitError(f"train.time_limit_s={train.time_limit_s} reached at step {step}")
-        if step % train.log_every == 0 or step == train.max_steps:
-            n_steps = min(step - start, train.log_every if step % train.log_every == 0 else step % train.log_every)
-            window.log(step, n_steps, scheduler.get_last_lr()[0], dist, tracker, stats)
-            window = _LogWindow()
         if evaluate is not None and train.eval_every and step % train.eval_every == 0 and step < train.max_steps:
             evaluated_at = time.perf_counter()
             results = evaluate(model)

@@ -167,20 +167,18 @@ def check_inputs(cfg: ExperimentConfig, root: str | None = None) -> dict[str, in
 
 
 def prepare_inputs(cfg: ExperimentConfig, root: str | None = None, progress=None):
-    """Validate a trial's model weights and its data against its tokenizer before any compute:
-    the weights are there, then the data, by preparing it (trainers.prepared: the one tokenization
-    pass its trials then reuse): every row's rules, its rendering by the chat template (eval
-    prompts too), `data.overlength`, and the stage's data kind. Raises DataError (source:row) or ConfigError (model or data key); returns the
-    StageData (`.counts()`: row counts, `.status`: built | reused). Sets `data.template` of `cfg`
-    to the template it resolved to (model | plain): the value a run logs and replays."""
+    """Validate a trial's data against its tokenizer, and its model weights, before any compute:
+    the data by preparing it (trainers.prepared: the one tokenization pass its trials then reuse):
+    every row's rules, its rendering by the chat template (eval prompts too), `data.overlength`,
+    and the stage's data kind; then that the weights are there. Raises DataError (source:row) or
+    ConfigError (model or data key); returns the StageData (`.counts()`: row counts, `.status`:
+    built | reused). Sets `data.template` of `cfg` to the template it resolved to (model | plain):
+    the value a run logs and replays."""
     from trainers.config import ConfigError
     from trainers.model import weights_problems
     from trainers.prepared import stage_data
     from trainers.templates import chat_template, load_chat_tokenizer
 
-    problems = weights_problems(cfg.model)
-    if problems:
-        raise ConfigError(problems)
     try:
         tokenizer = load_chat_tokenizer(cfg)
     except ConfigError:
@@ -189,5 +187,8 @@ def prepare_inputs(cfg: ExperimentConfig, root: str | None = None, progress=None
         raise ConfigError([("model.name_or_path", f"cannot load tokenizer of {cfg.model.name_or_path!r}: "
                                                   f"{str(err).splitlines()[0]}")]) from None
     data = stage_data(cfg, tokenizer, root, progress)
+    problems = weights_problems(cfg.model)  # after the data, whose rules name rows whatever the model
+    if problems:
+        raise ConfigError(problems)
     cfg.data.template = chat_template(tokenizer, cfg.data.template).name
     return data
