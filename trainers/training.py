@@ -228,6 +228,18 @@ class _LogWindow:
         }, step=step)
 
 
+def save_checkpoint(checkpoints: CheckpointManager, step: int, model, optimizer, scheduler, tracker: Tracker,
+                    dist: DistInfo) -> None:
+    """A checkpoint of `step`, taken once the metrics logged so far are recorded: a run resumed from
+    it logs only the steps after it, so none before may still be in the tracker's queue."""
+    import torch.distributed as torch_dist
+
+    tracker.settle()
+    checkpoints.save(step, model, optimizer, scheduler, write=dist.is_main)
+    if dist.world_size > 1:
+        torch_dist.barrier()
+
+
 def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, device, dist: DistInfo,
                tracker: Tracker, checkpoints: CheckpointManager | None = None,
                faults: FaultPlan | None = None, loss_fn: LossFn | None = None,
@@ -245,7 +257,6 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
     (the recipe evaluates at the end): what an early-stopping scheduler decides on.
     """
     import torch
-    import torch.distributed as torch_dist
 
     optimizer = build_optimizer(model.parameters(), train)
     scheduler = build_scheduler(optimizer, train)
@@ -296,10 +307,7 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
             window.log(step, n_steps, scheduler.get_last_lr()[0], dist, tracker, stats)
             window = _LogWindow()
         if checkpoints and train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
-            tracker.settle()  # a run resumed from here logs the steps after it: the ones before are recorded
-            checkpoints.save(step, model, optimizer, scheduler, write=dist.is_main)
-            if dist.world_size > 1:
-                torch_dist.barrier()
+            save_checkpoint(checkpoints, step, model, optimizer, scheduler, tracker, dist)
         if train.time_limit_s is not None and time.perf_counter() - started > train.time_limit_s:
             raise TrialTimeLimitError(f"train.time_limit_s={train.time_limit_s} reached at step {step}")
         if evaluate is not None and train.eval_every and step % train.eval_every == 0 and step < train.max_steps:
