@@ -234,20 +234,13 @@ def test_estimate_matches_measured_training_peak(tmp_path):
 def test_estimate_of_a_padding_free_run_follows_its_token_budget(tmp_path):
     """data.packing=padding_free: the estimate is of one row of the token budget, whatever
     train.batch_size says, and lands within 10% of PeakMemory's measurement of such a run."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trainers.data import DatasetStats, Example, padding_free_rows
+    from trainers.data import DatasetStats, padding_free_rows
     from trainers.model import load_base_model
     from trainers.runtime import DistInfo
     from trainers.tracking import Tracker
     from trainers.training import train_loop
 
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    rows = torch.randint(3, 512, (24, 48), generator=torch.Generator().manual_seed(0)).tolist()
-    examples = [Example(input_ids=row[:25 + i], labels=row[:25 + i], source=str(i)) for i, row in enumerate(rows)]
+    examples = _tiny_llama_and_examples(tmp_path, hidden=64, mlp=128, layers=2, rows=24, width=48, shortest=25)
     budget = 384
     free = padding_free_rows(examples, budget, "error", seed=0, stats=DatasetStats())
     for method in ("lora", "full"):
@@ -268,26 +261,36 @@ def test_estimate_of_a_padding_free_run_follows_its_token_budget(tmp_path):
         del model
 
 
+def _tiny_llama_and_examples(path, hidden: int, mlp: int, layers: int, rows: int, width: int,
+                             shortest: int) -> list:
+    """A random tiny Llama (vocab 512) saved in `path`, and `rows` random examples of lengths
+    shortest, shortest + 1, ... (at most `width`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainers.data import Example
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    ids = torch.randint(3, 512, (rows, width), generator=torch.Generator().manual_seed(0)).tolist()
+    return [Example(input_ids=row[:shortest + i], labels=row[:shortest + i], source=str(i)) for i, row in enumerate(ids)]
+
+
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding_free"])
 def test_estimate_of_a_checkpointed_run_matches_its_measured_peak(tmp_path, padding_free):
     """train.gradient_checkpointing: layers keep only their inputs, one is recomputed at a time.
     Six layers wide enough that activations, not logits, make the peak: the estimate without
     checkpointing is far above what such a run measures, the checkpointed one within 10%."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trainers.data import DatasetStats, Example, padding_free_rows
+    from trainers.data import DatasetStats, padding_free_rows
     from trainers.model import load_base_model
     from trainers.runtime import DistInfo
     from trainers.tracking import Tracker
     from trainers.training import train_loop
 
-    config = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    rows = torch.randint(3, 512, (8, 64), generator=torch.Generator().manual_seed(0)).tolist()
-    examples = [Example(input_ids=row[:57 + i], labels=row[:57 + i], source=str(i)) for i, row in enumerate(rows)]
+    examples = _tiny_llama_and_examples(tmp_path, hidden=128, mlp=384, layers=6, rows=8, width=64, shortest=57)
     for method in ("lora", "full"):
         cfg = experiment(method, model=str(tmp_path))
         cfg.data.eval_file = None
