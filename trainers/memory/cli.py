@@ -35,11 +35,10 @@ def _experiment(model: str, method: str, precision: str, args) -> "ExperimentCon
     )
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def _parser():
     import argparse
 
     from trainers.config import OPTIMIZERS, PRECISIONS, default_choice
-    from trainers.methods import METHODS
     from trainers.recipes import RECIPES
 
     parser = argparse.ArgumentParser(
@@ -63,7 +62,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", default="cuda", choices=sorted(RUNTIME_OVERHEAD),
                         help="whose runtime overhead to add (default cuda)")
     parser.add_argument("--breakdown", action="store_true", help="print every estimate's components")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from trainers.config import PRECISIONS
+    from trainers.methods import METHODS
+
+    args = _parser().parse_args(argv)
 
     methods = [m for m in args.methods.split(",") if m]
     precisions = [p for p in args.precisions.split(",") if p]
@@ -112,7 +118,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.breakdown:
         for (method, precision), reason in refusals.items():
             print(f"\n{method} on {precision}: {reason}")
-    if args.breakdown:
         for est in estimates:
             print()
             print(est.table())
