@@ -73,11 +73,14 @@ def write_rows(path: Path, n: int, seed: int) -> None:
 
 
 def write_model(directory: Path) -> None:
-    """The embedded tokenizer with ChatML specials and template, saved as a model directory."""
+    """The embedded tokenizer with ChatML specials and template, saved as a model directory beside
+    the embedded model's weights (the driver checks they are there; no pass here loads them)."""
+    import shutil
+
     from transformers import PreTrainedTokenizerFast
 
     from trainers.config import ModelConfig
-    from trainers.model import load_tokenizer
+    from trainers.model import load_tokenizer, resolve_model_path
 
     backend = load_tokenizer(ModelConfig()).backend_tokenizer
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend.__class__.from_str(backend.to_str()),
@@ -86,6 +89,9 @@ def write_model(directory: Path) -> None:
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.chat_template = CHATML
     tokenizer.save_pretrained(directory)
+    embedded = Path(resolve_model_path(ModelConfig().name_or_path))
+    for weights in embedded.glob("*.safetensors"):
+        shutil.copy(weights, directory / weights.name)
 
 
 # --------------------------------------------------------------------------- the measured processes
