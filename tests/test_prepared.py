@@ -260,3 +260,29 @@ def test_a_cached_copy_missing_from_the_remote_root_is_uploaded(make_cfg, tokeni
     again = prepare_embedded(cfg, tokenizer, other)
     assert first.status == "built" and again.status == "reused"
     assert storage.exists(storage.join(other, again.train.path.name, "prepared.json"))
+
+
+def test_packed_and_padding_free_rows_read_only_what_they_build(make_cfg, tokenizer, tmp_path):
+    """Planned from the prepared dataset's lengths: packing reads no example, a packed row reads
+    just its own, and the rows equal those packed from a list of the same examples."""
+    from packing_reference import eager_pack, eager_padding_free
+    from trainers.data import DatasetStats, pack_examples, padding_free_rows
+    from trainers.prepared import ExampleRows
+
+    class Counted(ExampleRows):
+        def row(self, b, j):
+            self.reads += 1
+            return super().row(b, j)
+
+    data = prepare_embedded(make_cfg("data.max_train_rows=300"), tokenizer, tmp_path)
+    lazy = Counted(data.train.table())
+    lazy.reads = 0
+    eager = list(lazy)
+    lazy.reads = 0
+    packed = pack_examples(lazy, 96, seed=0)
+    free = padding_free_rows(lazy, 256, "error", seed=0, stats=DatasetStats())
+    assert lazy.reads == 0
+    row = packed[3]
+    assert lazy.reads == len(row.source.split(","))
+    assert list(packed) == eager_pack(eager, 96, 0) and list(free) == eager_padding_free(eager, 256, "error", 0,
+                                                                                       DatasetStats())
