@@ -151,6 +151,44 @@ def test_a_pass_killed_midway_is_never_taken_for_whole(make_cfg, tokenizer, tmp_
     cfg = make_cfg(f"data.train_file={path}", "data.eval_file=null")
     data = prepare_embedded(cfg, tokenizer, root)
     assert data.status == "built" and len(data.train.examples()) == 3000
+    assert [p.name for p in root.iterdir()] == [data.train.path.name]  # the killed pass's partial is gone
+
+
+def test_a_pass_removes_only_the_partials_whose_writer_is_gone(make_cfg, tokenizer, tmp_path):
+    """Two drivers may prepare on one shared path: a partial is removed when its writer was of
+    this machine and has exited, or when nothing in it changed for STALE_PARTIAL_S (another
+    machine's, or one killed before it named its owner); a live writer's is kept."""
+    import time
+
+    from trainers import prepared
+
+    root = tmp_path / "prepared"
+    root.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    here, day_ago = prepared._machine(), time.time() - prepared.STALE_PARTIAL_S - 60
+    partials = {"live here": (here, live.pid, False), "exited here": (here, int(exited.stdout), False),
+                "other machine": ("elsewhere/1", int(exited.stdout), False),
+                "other machine, a day untouched": ("elsewhere/1", live.pid, True),
+                "no owner": (None, None, False), "no owner, a day untouched": (None, None, True)}
+    try:
+        for n, (name, (machine, pid, old)) in enumerate(partials.items()):
+            partial = root / f".k{n}.partial-{name.replace(' ', '_').replace(',', '')}"
+            partial.mkdir()
+            (partial / "data.arrow").write_bytes(b"half")
+            if machine is not None:
+                (partial / "owner.json").write_text(json.dumps({"machine": machine, "pid": pid}))
+            if old:
+                for path in (*partial.iterdir(), partial):
+                    os.utime(path, (day_ago, day_ago))
+        cfg = make_cfg("data.max_train_rows=20", "data.eval_file=null")
+        data = prepare_embedded(cfg, tokenizer, root)
+        left = sorted(p.name for p in root.iterdir())
+    finally:
+        live.kill()
+        live.wait()
+    assert left == sorted([".k0.partial-live_here", ".k2.partial-other_machine", ".k4.partial-no_owner",
+                           data.train.path.name])
 
 
 def test_a_remote_root_is_uploaded_once_and_read_from_a_local_copy(make_cfg, tokenizer, tmp_path, monkeypatch):
