@@ -324,3 +324,43 @@ def test_packed_and_padding_free_rows_read_only_what_they_build(make_cfg, tokeni
     assert lazy.reads == len(row.source.split(","))
     assert list(packed) == eager_pack(eager, 96, 0) and list(free) == eager_padding_free(eager, 256, "error", 0,
                                                                                        DatasetStats())
+
+
+def test_a_slow_pass_shows_a_progress_bar_of_rows_done_on_a_terminal(make_cfg, write_jsonl, tmp_path, monkeypatch):
+    """The driver's bar (orchestrator/prepare.py), drawn by rich on a real terminal (a pty): with
+    the threshold at 0 the pass shows its source and the rows done; a quick pass shows nothing."""
+    import pty
+    import re
+
+    from orchestrator import prepare
+    from trainers import prepared
+    from trainers.config import to_container
+
+    monkeypatch.setattr(prepared, "TOKENIZE_BATCH", 500)  # a few updates
+    monkeypatch.setenv("COLUMNS", "80")
+    rows = [{"instruction": f"What is {n} plus 1?", "output": str(n + 1)} for n in range(2400)]
+    path = write_jsonl("d.jsonl", rows)
+    shown = {}
+    for threshold in (0.0, prepare.PROGRESS_AFTER_S):
+        monkeypatch.setattr(prepare, "PROGRESS_AFTER_S", threshold)
+        controller, terminal = pty.openpty()
+        with open(terminal, "w") as stream:
+            progress = prepare.PassProgress(stream)
+            result = prepare.prepare_here(to_container(make_cfg(f"data.train_file={path}", "data.eval_file=null",
+                                                                "data.max_train_rows=" + ("2400" if threshold == 0 else "40"))),
+                                          str(tmp_path / "prepared"), progress)
+            progress.close()
+        output = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the terminal side is closed and drained
+                break
+            if not chunk:
+                break
+            output += chunk
+        os.close(controller)
+        assert result["status"] == "built"
+        shown[threshold] = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode(errors="replace"))
+    assert "preparing train /" in shown[0.0] and "2,400 rows" in shown[0.0]  # a long path cut, not the count
+    assert shown[prepare.PROGRESS_AFTER_S] == ""
