@@ -365,9 +365,9 @@ def _complete(directory: Path) -> bool:
 
 # A partial directory is a pass under way, or one that died. Its owner file names its writer's
 # machine (host and pid namespace) and pid: one of this machine is gone when that process no
-# longer runs (a reused pid keeps it, which is the safe side); a partial
-# of another machine (a shared storage path), or one without an owner file, is taken for dead
-# once nothing in it changed for STALE_PARTIAL_S: a live pass writes a batch every few seconds.
+# longer runs (a reused pid keeps it, which is the safe side). One of another machine (a shared
+# storage path), or one without an owner file, is taken for dead once nothing in it changed for
+# STALE_PARTIAL_S: a live pass writes a batch every few seconds.
 OWNER_FILE = "owner.json"
 STALE_PARTIAL_S = 24 * 3600
 
@@ -408,15 +408,13 @@ def _writer_gone(partial: Path, now: float) -> bool:
     return now - changed > STALE_PARTIAL_S
 
 
-def clean_partials(directory: Path) -> list[Path]:
+def clean_partials(directory: Path) -> None:
     """Remove the partial directories in `directory` whose writer is gone (killed passes); a live
-    writer's, here or on another machine, is kept. Returns those removed."""
-    now, removed = time.time(), []
+    writer's, here or on another machine, is kept."""
+    now = time.time()
     for partial in directory.glob(".*.partial-*"):
         if partial.is_dir() and _writer_gone(partial, now):
             shutil.rmtree(partial, ignore_errors=True)
-            removed.append(partial)
-    return removed
 
 
 def _aside(final: Path) -> Path:
