@@ -240,7 +240,8 @@ def index_table(index: dict) -> str:
             ready, before = r["rss_ready"], r["rss_before"]
             lines.append(f"| {rows:,} | {mode} | {r['items']:,} | {before['VmRSS'] * mb:.0f} | "
                          f"{ready['VmRSS'] * mb:.0f} ({ready['RssAnon'] * mb:.0f} / {ready['RssFile'] * mb:.0f}) | "
-                         f"{(ready['VmRSS'] - before['VmRSS']) * mb:.1f} | {(ready['VmHWM'] - before['VmRSS']) * mb:.1f} |")
+                         f"{(ready['VmRSS'] - before['VmRSS']) * mb:.1f} | "
+                         f"{(ready['VmHWM'] - before['VmRSS']) * mb:.1f} |")
     return "\n".join(lines)
 
 

@@ -326,11 +326,24 @@ def test_packed_and_padding_free_rows_read_only_what_they_build(make_cfg, tokeni
                                                                                        DatasetStats())
 
 
+def drain(fd: int, chunks: list[bytes]) -> None:
+    """Read a pty's controller side until its terminal side is closed."""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the terminal side is closed and all was read
+            return
+        if not chunk:
+            return
+        chunks.append(chunk)
+
+
 def test_a_slow_pass_shows_a_progress_bar_of_rows_done_on_a_terminal(make_cfg, write_jsonl, tmp_path, monkeypatch):
     """The driver's bar (orchestrator/prepare.py), drawn by rich on a real terminal (a pty): with
     the threshold at 0 the pass shows its source and the rows done; a quick pass shows nothing."""
     import pty
     import re
+    import threading
 
     from orchestrator import prepare
     from trainers import prepared
@@ -344,23 +357,18 @@ def test_a_slow_pass_shows_a_progress_bar_of_rows_done_on_a_terminal(make_cfg, w
     for threshold in (0.0, prepare.PROGRESS_AFTER_S):
         monkeypatch.setattr(prepare, "PROGRESS_AFTER_S", threshold)
         controller, terminal = pty.openpty()
+        chunks: list[bytes] = []
+        reader = threading.Thread(target=drain, args=(controller, chunks))  # a full terminal would block rich
+        reader.start()
         with open(terminal, "w") as stream:
             progress = prepare.PassProgress(stream)
-            result = prepare.prepare_here(to_container(make_cfg(f"data.train_file={path}", "data.eval_file=null",
-                                                                "data.max_train_rows=" + ("2400" if threshold == 0 else "40"))),
-                                          str(tmp_path / "prepared"), progress)
+            rows_taken = "2400" if threshold == 0 else "40"
+            cfg = make_cfg(f"data.train_file={path}", "data.eval_file=null", f"data.max_train_rows={rows_taken}")
+            result = prepare.prepare_here(to_container(cfg), str(tmp_path / "prepared"), progress)
             progress.close()
-        output = b""
-        while True:
-            try:
-                chunk = os.read(controller, 65536)
-            except OSError:  # the terminal side is closed and drained
-                break
-            if not chunk:
-                break
-            output += chunk
+        reader.join()
         os.close(controller)
         assert result["status"] == "built"
-        shown[threshold] = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode(errors="replace"))
+        shown[threshold] = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
     assert "preparing train /" in shown[0.0] and "2,400 rows" in shown[0.0]  # a long path cut, not the count
     assert shown[prepare.PROGRESS_AFTER_S] == ""
