@@ -1,6 +1,7 @@
-"""The eager packing code as it was before packed rows became lazy (commit 64caef9): every row
-built into a list up front. Kept verbatim (lightly renamed) as the reference the lazy plan must
-reproduce row for row (tests/test_packing.py); not used by the project."""
+"""The eager code as it was before packed rows and the batch stream became lazy (commit
+64caef9): every packed row built into a list up front, the shuffled order a list of ints. Kept
+(lightly renamed) as the reference the lazy code must reproduce row for row and batch for batch
+(tests/test_packing.py, tests/test_prepared.py); not used by the project."""
 
 from __future__ import annotations
 
@@ -90,3 +91,27 @@ def eager_fill_row(room: int, lengths: list[int], by_length: dict[int, list[int]
             chosen += [n] * part
             total -= n * part
     return chosen
+
+
+def list_stream(examples, batch_size: int, seed: int, rank: int, world_size: int, lengths=None, window: int = 8):
+    """trainers.training.micro_batches as it was with Python lists (`lengths`: grouped by length,
+    `window` batches a window)."""
+    per_rank = len(examples) // world_size
+    usable = per_rank - per_rank % batch_size or per_rank
+    epoch = 0
+    while True:
+        order = list(range(len(examples)))
+        rng = random.Random(seed * 100_003 + epoch)
+        rng.shuffle(order)
+        shard = order[:per_rank * world_size][rank::world_size]
+        if lengths is not None:
+            batches = []
+            for start in range(0, len(shard), batch_size * window):
+                by_length = sorted(shard[start:start + batch_size * window], key=lambda i: lengths[i])
+                batches += [by_length[b:b + batch_size] for b in range(0, len(by_length), batch_size)]
+            rng.shuffle(batches)
+            yield from ([examples[i] for i in batch] for batch in batches)
+        else:
+            for start in range(0, usable, batch_size):
+                yield [examples[i] for i in shard[start:start + batch_size]]
+        epoch += 1

@@ -412,3 +412,21 @@ def test_lazy_packed_rows_are_the_rows_the_eager_code_built(case, embedded_examp
         assert len(rows) == len(expected) and list(rows) == expected
         assert rows[-1] == expected[-1] and rows[2:5] == expected[2:5]
         assert [int(n) for n in rows.lengths] == [len(r.input_ids) for r in expected]
+
+
+def test_the_batch_stream_is_the_one_lists_gave():
+    """micro_batches keeps its shuffled order in int32 arrays (4 bytes an example): the stream is
+    the one it drew with lists, for one and two ranks, plain and grouped by length."""
+    from packing_reference import list_stream
+    from trainers.training import LENGTH_GROUP_BATCHES
+
+    examples = random_examples(203, low=5, high=60)
+    lengths = [len(e.input_ids) for e in examples]
+    for world_size in (1, 2):
+        for group in (False, True):
+            for rank in range(world_size):
+                ours = micro_batches(examples, 4, seed=7, dist=DistInfo(rank=rank, world_size=world_size),
+                                     group_by_length=group)
+                theirs = list_stream(examples, 4, 7, rank, world_size, lengths if group else None,
+                                     LENGTH_GROUP_BATCHES)
+                assert [next(ours) for _ in range(150)] == [next(theirs) for _ in range(150)]
