@@ -20,8 +20,9 @@ a small instruct model ships), data.max_seq_len=512. Each measurement is its own
               prepared record batches repeated to that many rows, opened as a trial opens them
               (memory-mapped, the lengths index built), as examples, packed (data.packing=true)
               and padding-free (data.packing=padding_free; the plan built from the lengths), and
-              the first item built; the rows' tokens were measured above, this is what holding
-              N of them costs a worker (RSS after, and the peak while planning)
+              the first micro-batch drawn (16 items; padding-free: one row); the rows' tokens were
+              measured above, this is what holding N of them costs a worker (RSS after, and the
+              peak while planning)
 
 The two first passes alternate (ours first, then datasets) per size, on the same machine in the
 same run; ratios are datasets' seconds / ours (> 1: ours is faster) and ours / datasets for RSS.
@@ -160,12 +161,14 @@ import torch, transformers, pyarrow, numpy
 from pathlib import Path
 from trainers.data import DatasetStats, pack_examples, padding_free_rows
 from trainers.prepared import Prepared
+from trainers.runtime import DistInfo
+from trainers.training import micro_batches
 directory, mode = sys.argv[1:3]
 before = rss()
 examples = Prepared(Path(directory), "instruction", DatasetStats(), "reused").examples()
 rows = {"examples": lambda: examples, "packing": lambda: pack_examples(examples, 512, seed=0),
         "padding_free": lambda: padding_free_rows(examples, 16 * 512, "error", 0, DatasetStats())}[mode]()
-first = rows[0]
+first = next(micro_batches(rows, 1 if mode == "padding_free" else 16, 0, DistInfo()))
 print(json.dumps({"rows": len(examples), "items": len(rows), "rss_before": before, "rss_ready": rss()}))
 """
 
@@ -232,7 +235,7 @@ def table(results: list[dict]) -> str:
 
 def index_table(index: dict) -> str:
     mb = 1 / 2**20
-    lines = ["| rows held (lazy) | rows as | items | worker RSS before MB | after planning + first item MB "
+    lines = ["| rows held (lazy) | rows as | items | worker RSS before MB | after planning + first batch MB "
              "(anon / file) | growth MB | peak growth MB |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for rows, modes in sorted(index.items()):
