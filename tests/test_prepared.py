@@ -354,7 +354,7 @@ def test_a_slow_pass_shows_a_progress_bar_of_rows_done_on_a_terminal(make_cfg, w
     rows = [{"instruction": f"What is {n} plus 1?", "output": str(n + 1)} for n in range(2400)]
     path = write_jsonl("d.jsonl", rows)
     shown = {}
-    for threshold in (0.0, prepare.PROGRESS_AFTER_S):
+    for threshold in (0.0, 60.0):  # 60: a pass quicker than the threshold, even on a loaded machine
         monkeypatch.setattr(prepare, "PROGRESS_AFTER_S", threshold)
         controller, terminal = pty.openpty()
         chunks: list[bytes] = []
@@ -362,7 +362,7 @@ def test_a_slow_pass_shows_a_progress_bar_of_rows_done_on_a_terminal(make_cfg, w
         reader.start()
         with open(terminal, "w") as stream:
             progress = prepare.PassProgress(stream)
-            rows_taken = "2400" if threshold == 0 else "40"
+            rows_taken = 2400 if threshold == 0 else 40
             cfg = make_cfg(f"data.train_file={path}", "data.eval_file=null", f"data.max_train_rows={rows_taken}")
             result = prepare.prepare_here(to_container(cfg), str(tmp_path / "prepared"), progress)
             progress.close()
@@ -371,4 +371,4 @@ def test_a_slow_pass_shows_a_progress_bar_of_rows_done_on_a_terminal(make_cfg, w
         assert result["status"] == "built"
         shown[threshold] = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
     assert "preparing train /" in shown[0.0] and "2,400 rows" in shown[0.0]  # a long path cut, not the count
-    assert shown[prepare.PROGRESS_AFTER_S] == ""
+    assert shown[60.0] == ""
