@@ -116,8 +116,8 @@ def micro_batches(examples: list[Example], batch_size: int, seed: int, dist: Dis
 
 
 def length_grouped(indices, lengths, batch_size: int, rng: random.Random) -> list:
-    """`indices` as batches of similar length (`lengths[i]`: example i's), in shuffled batch
-    order; each index once."""
+    """`indices` as batches (int32 arrays) of similar length (`lengths[i]`: example i's), in
+    shuffled batch order; each index once."""
     window = batch_size * LENGTH_GROUP_BATCHES
     batches = []
     for start in range(0, len(indices), window):
