@@ -18,8 +18,11 @@ a small instruct model ships), data.max_seq_len=512. Each measurement is its own
 
   index      a worker's RSS for the lazy rows at --index-rows (default 1M): the largest size's
               prepared record batches repeated to that many rows, opened as a trial opens them
-              (memory-mapped, the lengths index built, one example read); the rows' tokens were
-              measured above, this is what holding N of them costs a worker
+              (memory-mapped, the lengths index built), as examples, packed (data.packing=true)
+              and padding-free (data.packing=padding_free; the plan built from the lengths), and
+              the first micro-batch drawn (16 items; padding-free: one row); the rows' tokens were
+              measured above, this is what holding N of them costs a worker (RSS after, and the
+              peak while planning)
 
 The two first passes alternate (ours first, then datasets) per size, on the same machine in the
 same run; ratios are datasets' seconds / ours (> 1: ours is faster) and ours / datasets for RSS.
@@ -159,16 +162,25 @@ INDEX = """
 import json, sys
 def rss():
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
-import torch, transformers, pyarrow
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
+import torch, transformers, pyarrow, numpy
 from pathlib import Path
-from trainers.data import DatasetStats
+from trainers.data import DatasetStats, pack_examples, padding_free_rows
 from trainers.prepared import Prepared
+from trainers.runtime import DistInfo
+from trainers.training import micro_batches
+directory, mode = sys.argv[1:3]
 before = rss()
-examples = Prepared(Path(sys.argv[1]), "instruction", DatasetStats(), "reused").examples()
-first = examples[0]
-print(json.dumps({"rows": len(examples), "rss_before": before, "rss_ready": rss()}))
+examples = Prepared(Path(directory), "instruction", DatasetStats(), "reused").examples()
+rows = {"examples": lambda: examples, "packing": lambda: pack_examples(examples, 512, seed=0),
+        "padding_free": lambda: padding_free_rows(examples, 16 * 512, "error", 0, DatasetStats())}[mode]()
+first = next(micro_batches(rows, 1 if mode == "padding_free" else 16, 0, DistInfo()))
+print(json.dumps({"rows": len(examples), "items": len(rows), "rss_before": before, "rss_ready": rss()}))
 """
+
+# What a worker builds of the rows: the examples as they are, data.packing=true (rows of
+# max_seq_len 512) and data.packing=padding_free (one row of the default budget, 16 x 512).
+INDEX_MODES = ("examples", "packing", "padding_free")
 
 
 def repeated(source: Path, target: Path, rows: int) -> None:
@@ -229,13 +241,16 @@ def table(results: list[dict]) -> str:
 
 def index_table(index: dict) -> str:
     mb = 1 / 2**20
-    lines = ["| rows held (lazy) | worker RSS before MB | after opening + first example MB (anon / file) | growth MB |",
-             "| ---: | ---: | ---: | ---: |"]
-    for rows, r in sorted(index.items()):
-        ready, before = r["rss_ready"], r["rss_before"]
-        lines.append(f"| {rows:,} | {before['VmRSS'] * mb:.0f} | {ready['VmRSS'] * mb:.0f} "
-                     f"({ready['RssAnon'] * mb:.0f} / {ready['RssFile'] * mb:.0f}) | "
-                     f"{(ready['VmRSS'] - before['VmRSS']) * mb:.1f} |")
+    lines = ["| rows held (lazy) | rows as | items | worker RSS before MB | after planning + first batch MB "
+             "(anon / file) | growth MB | peak growth MB |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for rows, modes in sorted(index.items()):
+        for mode, r in modes.items():
+            ready, before = r["rss_ready"], r["rss_before"]
+            lines.append(f"| {rows:,} | {mode} | {r['items']:,} | {before['VmRSS'] * mb:.0f} | "
+                         f"{ready['VmRSS'] * mb:.0f} ({ready['RssAnon'] * mb:.0f} / {ready['RssFile'] * mb:.0f}) | "
+                         f"{(ready['VmRSS'] - before['VmRSS']) * mb:.1f} | "
+                         f"{(ready['VmHWM'] - before['VmRSS']) * mb:.1f} |")
     return "\n".join(lines)
 
 
@@ -257,7 +272,7 @@ def main(argv=None) -> int:
         index = {}
         for rows in sorted({sizes[0], args.index_rows}):
             repeated(largest, work / f"index-{rows}", rows)
-            index[rows] = measure(INDEX, str(work / f"index-{rows}"))
+            index[rows] = {mode: measure(INDEX, str(work / f"index-{rows}"), mode) for mode in INDEX_MODES}
         print(index_table(index))
         if args.json:
             Path(args.json).write_text(json.dumps({"sizes": results, "index": index}, indent=2))

@@ -38,10 +38,14 @@ class PassProgress:
         if self.bar is None:
             from rich.console import Console
             from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich.table import Column
 
-            self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+            # A long source name is cut, never the count: the description takes what is left.
+            self.bar = Progress(SpinnerColumn(),
+                                TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True,
+                                                                                     overflow="ellipsis")),
                                 TextColumn("{task.completed:,} rows"), TimeElapsedColumn(),
-                                console=Console(file=self.stream))
+                                console=Console(file=self.stream), expand=True)
             self.bar.start()
         return self.bar
 

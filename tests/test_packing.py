@@ -382,3 +382,51 @@ def test_padding_free_under_ddp_ranks_run_the_same_steps_across_an_epoch(tmp_pat
     lengths = ranks[0]["lengths"]
     assert any(lengths[a[0]] != lengths[b[0]] for a, b in steps)  # unequal tokens per rank, still in step
     assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], abs=1e-6)
+
+
+# --- the plan is lazy: rows built on demand, the same rows as the eager code built
+
+
+@pytest.mark.parametrize("case", ["varied", "embedded", "one_length", "padding_free"])
+def test_lazy_packed_rows_are_the_rows_the_eager_code_built(case, embedded_examples):
+    """pack_examples / padding_free_rows keep a plan and build each row when indexed; row for row
+    they equal what the eager code (tests/packing_reference.py, the code before) returned."""
+    from packing_reference import eager_pack, eager_padding_free
+    from trainers.data import DatasetStats, padding_free_rows
+
+    if case == "padding_free":
+        examples = random_examples(300, low=5, high=60, seed=2)
+        examples[7] = Example(list(range(1, 91)), [IGNORE_INDEX] * 3 + list(range(4, 91)), "long:7")
+        examples[9] = Example(list(range(1, 81)), [IGNORE_INDEX] * 79 + [5], "long:9")  # nothing left if cut
+        for overlength in ("truncate", "drop"):
+            ours, theirs = DatasetStats(), DatasetStats()
+            rows = padding_free_rows(examples, 64, overlength, seed=5, stats=ours)
+            assert list(rows) == eager_padding_free(examples, 64, overlength, 5, theirs) and vars(ours) == vars(theirs)
+        return
+    examples, width = {"varied": (random_examples(500, low=3, high=90, seed=1), 128),
+                       "embedded": (embedded_examples, 96),  # the exact subset sum fills these rows
+                       "one_length": ([Example([1] * 10, [1] * 10, str(i)) for i in range(37)], 64)}[case]
+    for seed in (0, 3):
+        rows = pack_examples(examples, width, seed)
+        expected = eager_pack(examples, width, seed)
+        assert len(rows) == len(expected) and list(rows) == expected
+        assert rows[-1] == expected[-1] and rows[2:5] == expected[2:5]
+        assert [int(n) for n in rows.lengths] == [len(r.input_ids) for r in expected]
+
+
+def test_the_batch_stream_is_the_one_lists_gave():
+    """micro_batches keeps its shuffled order in int32 arrays (4 bytes an example): the stream is
+    the one it drew with lists, for one and two ranks, plain and grouped by length."""
+    from packing_reference import list_stream
+    from trainers.training import LENGTH_GROUP_BATCHES
+
+    examples = random_examples(203, low=5, high=60)
+    lengths = [len(e.input_ids) for e in examples]
+    for world_size in (1, 2):
+        for group in (False, True):
+            for rank in range(world_size):
+                ours = micro_batches(examples, 4, seed=7, dist=DistInfo(rank=rank, world_size=world_size),
+                                     group_by_length=group)
+                theirs = list_stream(examples, 4, 7, rank, world_size, lengths if group else None,
+                                     LENGTH_GROUP_BATCHES)
+                assert [next(ours) for _ in range(150)] == [next(theirs) for _ in range(150)]

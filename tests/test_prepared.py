@@ -151,6 +151,44 @@ def test_a_pass_killed_midway_is_never_taken_for_whole(make_cfg, tokenizer, tmp_
     cfg = make_cfg(f"data.train_file={path}", "data.eval_file=null")
     data = prepare_embedded(cfg, tokenizer, root)
     assert data.status == "built" and len(data.train.examples()) == 3000
+    assert [p.name for p in root.iterdir()] == [data.train.path.name]  # the killed pass's partial is gone
+
+
+def test_a_pass_removes_only_the_partials_whose_writer_is_gone(make_cfg, tokenizer, tmp_path):
+    """Two drivers may prepare on one shared path: a partial is removed when its writer was of
+    this machine and has exited, or when nothing in it changed for STALE_PARTIAL_S (another
+    machine's, or one killed before it named its owner); a live writer's is kept."""
+    import time
+
+    from trainers import prepared
+
+    root = tmp_path / "prepared"
+    root.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    here, day_ago = prepared._machine(), time.time() - prepared.STALE_PARTIAL_S - 60
+    partials = {"live here": (here, live.pid, False), "exited here": (here, int(exited.stdout), False),
+                "other machine": ("elsewhere/1", int(exited.stdout), False),
+                "other machine, a day untouched": ("elsewhere/1", live.pid, True),
+                "no owner": (None, None, False), "no owner, a day untouched": (None, None, True)}
+    try:
+        for n, (name, (machine, pid, old)) in enumerate(partials.items()):
+            partial = root / f".k{n}.partial-{name.replace(' ', '_').replace(',', '')}"
+            partial.mkdir()
+            (partial / "data.arrow").write_bytes(b"half")
+            if machine is not None:
+                (partial / "owner.json").write_text(json.dumps({"machine": machine, "pid": pid}))
+            if old:
+                for path in (*partial.iterdir(), partial):
+                    os.utime(path, (day_ago, day_ago))
+        cfg = make_cfg("data.max_train_rows=20", "data.eval_file=null")
+        data = prepare_embedded(cfg, tokenizer, root)
+        left = sorted(p.name for p in root.iterdir())
+    finally:
+        live.kill()
+        live.wait()
+    assert left == sorted([".k0.partial-live_here", ".k2.partial-other_machine", ".k4.partial-no_owner",
+                           data.train.path.name])
 
 
 def test_a_remote_root_is_uploaded_once_and_read_from_a_local_copy(make_cfg, tokenizer, tmp_path, monkeypatch):
@@ -260,3 +298,77 @@ def test_a_cached_copy_missing_from_the_remote_root_is_uploaded(make_cfg, tokeni
     again = prepare_embedded(cfg, tokenizer, other)
     assert first.status == "built" and again.status == "reused"
     assert storage.exists(storage.join(other, again.train.path.name, "prepared.json"))
+
+
+def test_packed_and_padding_free_rows_read_only_what_they_build(make_cfg, tokenizer, tmp_path):
+    """Planned from the prepared dataset's lengths: packing reads no example, a packed row reads
+    just its own, and the rows equal those packed from a list of the same examples."""
+    from packing_reference import eager_pack, eager_padding_free
+    from trainers.data import DatasetStats, pack_examples, padding_free_rows
+    from trainers.prepared import ExampleRows
+
+    class Counted(ExampleRows):
+        def row(self, b, j):
+            self.reads += 1
+            return super().row(b, j)
+
+    data = prepare_embedded(make_cfg("data.max_train_rows=300"), tokenizer, tmp_path)
+    lazy = Counted(data.train.table())
+    lazy.reads = 0
+    eager = list(lazy)
+    lazy.reads = 0
+    packed = pack_examples(lazy, 96, seed=0)
+    free = padding_free_rows(lazy, 256, "error", seed=0, stats=DatasetStats())
+    assert lazy.reads == 0
+    row = packed[3]
+    assert lazy.reads == len(row.source.split(","))
+    assert list(packed) == eager_pack(eager, 96, 0) and list(free) == eager_padding_free(eager, 256, "error", 0,
+                                                                                       DatasetStats())
+
+
+def drain(fd: int, chunks: list[bytes]) -> None:
+    """Read a pty's controller side until its terminal side is closed."""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the terminal side is closed and all was read
+            return
+        if not chunk:
+            return
+        chunks.append(chunk)
+
+
+def test_a_slow_pass_shows_a_progress_bar_of_rows_done_on_a_terminal(make_cfg, write_jsonl, tmp_path, monkeypatch):
+    """The driver's bar (orchestrator/prepare.py), drawn by rich on a real terminal (a pty): with
+    the threshold at 0 the pass shows its source and the rows done; a quick pass shows nothing."""
+    import pty
+    import re
+    import threading
+
+    from orchestrator import prepare
+    from trainers import prepared
+    from trainers.config import to_container
+
+    monkeypatch.setattr(prepared, "TOKENIZE_BATCH", 500)  # a few updates
+    monkeypatch.setenv("COLUMNS", "80")
+    rows = [{"instruction": f"What is {n} plus 1?", "output": str(n + 1)} for n in range(2400)]
+    path = write_jsonl("d.jsonl", rows)
+    shown = {}
+    for threshold in (0.0, 60.0):  # 60: a pass quicker than the threshold, even on a loaded machine
+        monkeypatch.setattr(prepare, "PROGRESS_AFTER_S", threshold)
+        controller, terminal = pty.openpty()
+        chunks: list[bytes] = []
+        reader = threading.Thread(target=drain, args=(controller, chunks))  # a full terminal would block rich
+        reader.start()
+        with open(terminal, "w") as stream:
+            progress = prepare.PassProgress(stream)
+            rows_taken = 2400 if threshold == 0 else 40
+            cfg = make_cfg(f"data.train_file={path}", "data.eval_file=null", f"data.max_train_rows={rows_taken}")
+            result = prepare.prepare_here(to_container(cfg), str(tmp_path / "prepared"), progress)
+            progress.close()
+        reader.join()
+        os.close(controller)
+        assert result["status"] == "built"
+        shown[threshold] = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert "preparing train /" in shown[0.0] and "2,400 rows" in shown[0.0]  # a long path cut, not the count
+    assert shown[60.0] == ""

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import bisect
 import random
+from array import array
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -355,7 +357,45 @@ class PackedRow(Example):
     position_ids: list[int] = field(default_factory=list)
 
 
-def pack_examples(examples: list[Example], max_seq_len: int, seed: int) -> list[PackedRow]:
+class PackedRows(Sequence):
+    """Packed rows (PackedRow), each built when indexed from the examples it packs: what stays in
+    memory is the plan (the member example ids of all rows end to end, where each row's start,
+    and each row's token count, `lengths`), a few bytes an example. `examples` is a list or a
+    prepared dataset's memory-mapped rows; an example is cut to `cap` tokens (padding-free
+    truncation; no other example is longer)."""
+
+    def __init__(self, examples, members, starts, lengths, cap: int):
+        self.examples, self.members, self.starts, self.lengths, self.cap = examples, members, starts, lengths, cap
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        ids, labels, positions, sources = [], [], [], []
+        for i in self.members[self.starts[index]:self.starts[index + 1]].tolist():
+            e = self.examples[i]
+            n = min(len(e.input_ids), self.cap)
+            ids += e.input_ids[:n]
+            labels += [IGNORE_INDEX] + e.labels[1:n]
+            positions += range(n)
+            sources.append(e.source)
+        return PackedRow(ids, labels, ",".join(sources), positions)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (PackedRows, list)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
+
+def pack_examples(examples, max_seq_len: int, seed: int) -> PackedRows:
     """Examples packed into rows of <= max_seq_len tokens, every example in exactly one row.
 
     Minimum bin slack: each row starts with the longest example left and is filled with the
@@ -364,64 +404,79 @@ def pack_examples(examples: list[Example], max_seq_len: int, seed: int) -> list[
     4 x 20 = 80 has no room for a 16 and stays so) and this 98.9%; on varied lengths both reach
     ~99.7%. Which example of a length goes next follows a seeded shuffle, so the rows are
     deterministic per seed; they come out longest-first and the batch stream shuffles them.
+    Planned from the examples' lengths alone (a prepared dataset's index: no row is read).
     """
-    order = list(range(len(examples)))
+    import numpy as np
+
+    sizes = np.asarray(example_lengths(examples), dtype=np.int64)
+    return _packed(examples, np.arange(len(sizes), dtype=np.int32), sizes, max_seq_len, seed)
+
+
+def _packed(examples, keep, sizes, max_seq_len: int, seed: int) -> PackedRows:
+    """pack_examples of the examples `keep` (ids into `examples`) whose lengths are `sizes`."""
+    import numpy as np
+
+    order = array("i", range(len(keep)))  # shuffled as a list would be: the same swaps
     random.Random(seed).shuffle(order)
-    sizes = example_lengths(examples)
-    by_length: dict[int, list[int]] = {}  # length -> examples left (popped from the end)
-    for i in order:
-        n = int(sizes[i])
-        if n > max_seq_len:
-            raise ValueError(f"{examples[i].source}: {n} tokens do not fit data.max_seq_len={max_seq_len}")
-        by_length.setdefault(n, []).append(i)
-    lengths = sorted(by_length)  # lengths with examples left, ascending
-    rows = []
+    order = np.frombuffer(order, dtype=np.int32)
+    shuffled = sizes[order]
+    overlong = shuffled > max_seq_len
+    if overlong.any():
+        first = int(order[overlong.argmax()])
+        raise ValueError(f"{examples[int(keep[first])].source}: {int(sizes[first])} tokens do not fit "
+                         f"data.max_seq_len={max_seq_len}")
+    by = np.argsort(shuffled, kind="stable")
+    grouped = keep[order[by]]  # example ids by length, each length's in shuffled order
+    distinct, firsts, counts = np.unique(shuffled[by], return_index=True, return_counts=True)
+    lengths = distinct.tolist()  # lengths with examples left, ascending
+    first_of = dict(zip(lengths, firsts.tolist()))
+    left = dict(zip(lengths, counts.tolist()))  # examples left of each length, taken from the end
+    members, starts, row_lengths = array("i"), array("q", [0]), array("i")
     while lengths:
         first = lengths[-1]
-        taken = [first] + fill_row(max_seq_len - first, lengths, by_length, first)
-        members = []
+        taken = [first] + fill_row(max_seq_len - first, lengths, left, first)
         for n in taken:
-            members.append(by_length[n].pop())
-            if not by_length[n]:
-                del by_length[n]
+            left[n] -= 1
+            members.append(int(grouped[first_of[n] + left[n]]))
+            if not left[n]:
+                del left[n]
                 lengths.pop(bisect.bisect_left(lengths, n))
-        ids, labels, positions = [], [], []
-        for i in members:
-            e = examples[i]
-            ids += e.input_ids
-            labels += [IGNORE_INDEX] + e.labels[1:]
-            positions += range(len(e.input_ids))
-        rows.append(PackedRow(ids, labels, ",".join(examples[i].source for i in members), positions))
-    return rows
+        starts.append(len(members))
+        row_lengths.append(sum(taken))
+    return PackedRows(examples, np.frombuffer(members, dtype=np.int32), np.frombuffer(starts, dtype=np.int64),
+                      np.frombuffer(row_lengths, dtype=np.int32), max_seq_len)
 
 
-def padding_free_rows(examples: list[Example], budget: int, overlength: str, seed: int,
-                      stats: DatasetStats) -> list[PackedRow]:
+def padding_free_rows(examples, budget: int, overlength: str, seed: int, stats: DatasetStats) -> PackedRows:
     """data.packing=padding_free: each micro-batch is one PackedRow of at most `budget` tokens
     (data.max_tokens_per_batch), filled as pack_examples fills rows, so no position is padding.
 
     An example longer than the budget follows data.overlength like an overlong row (error names
     data.max_tokens_per_batch; truncate keeps its first `budget` tokens, drop leaves it out), and
     is counted in `stats`. The rows are fixed for the run (a function of the seed); the batch
-    stream shuffles their order each epoch, as it does packed rows'.
+    stream shuffles their order each epoch, as it does packed rows'. Only an example over the
+    budget is read; the others are planned from their lengths.
     """
-    fitting = []
-    for e in examples:
-        if len(e.input_ids) <= budget:
-            fitting.append(e)
-        elif overlength == "error":
+    import numpy as np
+
+    sizes = np.asarray(example_lengths(examples), dtype=np.int64)
+    fits = sizes <= budget
+    for i in np.flatnonzero(~fits).tolist():
+        e = examples[i]
+        if overlength == "error":
             raise DataError(f"{e.source}: {len(e.input_ids)} tokens exceed data.max_tokens_per_batch={budget}, the "
                             "tokens of one padding-free micro-batch (raise it, or set data.overlength=truncate or drop)")
-        elif overlength == "truncate" and any(label != IGNORE_INDEX for label in e.labels[1:budget]):
-            fitting.append(Example(e.input_ids[:budget], e.labels[:budget], e.source))
+        if overlength == "truncate" and any(label != IGNORE_INDEX for label in e.labels[1:budget]):
+            fits[i] = True  # packed cut to `budget` tokens (PackedRows.cap)
             stats.truncated += 1
         else:  # dropped, or truncated to nothing left to learn from
             stats.dropped += 1
-    if not fitting:
+    keep = np.flatnonzero(fits).astype(np.int32)
+    if not len(keep):
         raise DataError(f"no usable rows left after data.overlength={overlength} "
                         f"(data.max_tokens_per_batch={budget})")
-    stats.rows = len(fitting)
-    return pack_examples(fitting, budget, seed)
+    stats.rows = len(keep)
+    return _packed(examples, keep, np.minimum(sizes[keep], budget), budget, seed)
 
 
 def varlen_kwargs(position_ids: list[int]) -> dict:
@@ -438,7 +493,7 @@ def varlen_kwargs(position_ids: list[int]) -> dict:
             "max_length_k": longest}
 
 
-def fill_row(room: int, lengths: list[int], by_length: dict[int, list[int]], reserved: int) -> list[int]:
+def fill_row(room: int, lengths: list[int], left_of: dict[int, int], reserved: int) -> list[int]:
     """Lengths (with repeats, at most as many as there are examples of each, one of `reserved`
     being taken already) that fill `room` as fully as possible.
 
@@ -448,7 +503,7 @@ def fill_row(room: int, lengths: list[int], by_length: dict[int, list[int]], res
     best sum.
     """
     def left(n: int) -> int:
-        return len(by_length[n]) - (n == reserved)
+        return left_of[n] - (n == reserved)
 
     greedy, free = [], room
     top = bisect.bisect_right(lengths, free)
@@ -481,15 +536,20 @@ def fill_row(room: int, lengths: list[int], by_length: dict[int, list[int]], res
     return chosen
 
 
-def non_pad_fraction(rows: list[Example], batch_size: int, max_seq_len: int | None = None) -> float:
+def non_pad_fraction(rows, batch_size: int, max_seq_len: int | None = None) -> float:
     """Share of a padded batch's positions that hold tokens: rows padded to `max_seq_len`, or to
-    the longest of each consecutive `batch_size` rows when it is None."""
-    tokens = sum(len(r.input_ids) for r in rows)
+    the longest of each consecutive `batch_size` rows when it is None. From the rows' lengths
+    (PackedRows.lengths: no row is built)."""
+    import numpy as np
+
+    sizes = np.asarray(example_lengths(rows), dtype=np.int64)
     if max_seq_len is not None:
-        return tokens / (len(rows) * max_seq_len)
-    slots = sum(len(rows[s:s + batch_size]) * max(len(r.input_ids) for r in rows[s:s + batch_size])
-                for s in range(0, len(rows), batch_size))
-    return tokens / slots
+        return float(sizes.sum() / (len(sizes) * max_seq_len))
+    whole = len(sizes) - len(sizes) % batch_size
+    slots = int(sizes[:whole].reshape(-1, batch_size).max(axis=1).sum()) * batch_size
+    if whole < len(sizes):
+        slots += (len(sizes) - whole) * int(sizes[whole:].max())
+    return float(sizes.sum() / slots)
 
 
 # --------------------------------------------------------------------------- preference pairs and prompts

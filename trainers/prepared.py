@@ -24,7 +24,8 @@ data file, template or tokenizer is never read from an older preparation.
                                  not a prepared dataset
 
 Written aside (`.<key>.partial-*`) and renamed into place, so a pass killed midway leaves nothing
-that is taken for whole. On a remote root (s3://...) the pass is written in a local cache
+that is taken for whole; a pass starting removes the partials of killed passes beside it
+(clean_partials: never a live writer's, on this machine or another sharing the path). On a remote root (s3://...) the pass is written in a local cache
 (FTLAB_PREPARED_CACHE, default the temp dir), uploaded with prepared.json last, and a reader
 downloads it into that cache once per machine, then memory-maps the local copy.
 """
@@ -362,16 +363,76 @@ def _complete(directory: Path) -> bool:
     return (directory / META_FILE).is_file()
 
 
+# A partial directory is a pass under way, or one that died. Its owner file names its writer's
+# machine (host and pid namespace) and pid: one of this machine is gone when that process no
+# longer runs (a reused pid keeps it, which is the safe side). One of another machine (a shared
+# storage path), or one without an owner file, is taken for dead once nothing in it changed for
+# STALE_PARTIAL_S: a live pass writes a batch every few seconds.
+OWNER_FILE = "owner.json"
+STALE_PARTIAL_S = 24 * 3600
+
+
+def _machine() -> str:
+    """This machine as its processes see it: the host name and the pid namespace (containers that
+    share a host name but not their pids are different machines to a pid)."""
+    import socket
+
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}/{namespace}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _writer_gone(partial: Path, now: float) -> bool:
+    try:
+        owner = json.loads((partial / OWNER_FILE).read_text())
+        if owner["machine"] == _machine():
+            return not _alive(int(owner["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no owner (killed as it began, or renaming) or another format: its age decides
+    try:
+        changed = max([partial.stat().st_mtime] + [p.stat().st_mtime for p in partial.iterdir()])
+    except OSError:  # gone meanwhile (renamed into place, or another cleaner)
+        return False
+    return now - changed > STALE_PARTIAL_S
+
+
+def clean_partials(directory: Path) -> None:
+    """Remove the partial directories in `directory` whose writer is gone (killed passes); a live
+    writer's, here or on another machine, is kept."""
+    now = time.time()
+    for partial in directory.glob(".*.partial-*"):
+        if partial.is_dir() and _writer_gone(partial, now):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
 def _aside(final: Path) -> Path:
+    """A new partial directory beside `final`, owned by this process; the killed passes' partials
+    there are removed first."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    clean_partials(final.parent)
     partial = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     partial.mkdir()
+    owner = {"machine": _machine(), "pid": os.getpid(), "started": time.time()}
+    (partial / OWNER_FILE).write_text(json.dumps(owner) + "\n")
     return partial
 
 
 def _into_place(partial: Path, final: Path) -> None:
     """Rename a finished directory into place; one already there (another process's pass of the
     same inputs) is kept and ours dropped."""
+    (partial / OWNER_FILE).unlink(missing_ok=True)
     try:
         os.rename(partial, final)
     except OSError:
