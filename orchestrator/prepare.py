@@ -18,17 +18,18 @@ PROGRESS_AFTER_S = 3.0  # a shorter pass shows no bar
 
 
 class PassProgress:
-    """progress(label) -> a rows-done callback that shows a rich bar once the pass is slow."""
+    """progress(label, total) -> a rows-done callback that shows a rich bar once the pass is slow;
+    `total()` (about the rows the pass reads, or None) is asked then, so a quick pass never pays it."""
 
     def __init__(self, stream=sys.stderr):
         self.stream, self.bar = stream, None
 
-    def __call__(self, label: str) -> Callable[[int], None]:
+    def __call__(self, label: str, total: Callable[[], int | None] = lambda: None) -> Callable[[int], None]:
         started, task = time.monotonic(), []
 
         def update(done: int) -> None:
             if not task and time.monotonic() - started > PROGRESS_AFTER_S and self.stream.isatty():
-                task.append(self._bar().add_task(f"preparing {label}", total=None))
+                task.append(self._bar().add_task(f"preparing {label}", total=total()))
             if task:
                 self.bar.update(task[0], completed=done)
 
@@ -37,14 +38,16 @@ class PassProgress:
     def _bar(self):
         if self.bar is None:
             from rich.console import Console
-            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import (BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
             from rich.table import Column
 
             # A long source name is cut, never the count: the description takes what is left.
             self.bar = Progress(SpinnerColumn(),
                                 TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True,
                                                                                      overflow="ellipsis")),
-                                TextColumn("{task.completed:,} rows"), TimeElapsedColumn(),
+                                BarColumn(bar_width=20), TaskProgressColumn(),
+                                TextColumn("{task.completed:,} rows"), TimeElapsedColumn(), TimeRemainingColumn(),
                                 console=Console(file=self.stream), expand=True)
             self.bar.start()
         return self.bar

@@ -371,4 +371,15 @@ def test_a_slow_pass_shows_a_progress_bar_of_rows_done_on_a_terminal(make_cfg, w
         assert result["status"] == "built"
         shown[threshold] = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
     assert "preparing train /" in shown[0.0] and "2,400 rows" in shown[0.0]  # a long path cut, not the count
+    assert "100%" in shown[0.0]  # its total: the file's 2,400 lines
     assert shown[60.0] == ""
+
+
+def test_a_bars_total_is_the_jsonl_files_lines_up_to_the_limit(tmp_path):
+    from trainers.sources import rows_hint
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n{"a": 2}\n' * 3 + b'{"a": 3}')  # no newline at the end
+    assert rows_hint(str(path)) == 10 and rows_hint(str(path), limit=4) == 4
+    (tmp_path / "d.csv").write_text("a\n1\n")
+    assert rows_hint(str(tmp_path / "d.csv")) is None and rows_hint(str(tmp_path / "missing.jsonl")) is None

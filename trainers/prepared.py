@@ -47,6 +47,7 @@ from typing import Callable, Iterator, Sequence
 from trainers import storage
 from trainers.data import (DataError, DatasetStats, EvalPrompt, Example, PairExample, TOKENIZE_BATCH, examples_of,
                            no_rows_left, pairs_of, prompts_of, row_batches, source_fingerprint)
+from trainers.sources import rows_hint
 from trainers.templates import chat_template
 
 PREPARED_VERSION = 1  # bump when rendering or tokenizing rows changes what a row becomes
@@ -520,11 +521,13 @@ class StageData:
         return {"time/data_s": time.perf_counter() - self.started}
 
 
-def stage_data(cfg, tokenizer, root: str | None = None, progress: Callable[[str], Callable[[int], None]] | None = None,
+def stage_data(cfg, tokenizer, root: str | None = None,
+               progress: Callable[[str, Callable[[], int | None]], Callable[[int], None]] | None = None,
                started: float | None = None) -> StageData:
     """The prepared data of the trial's stage (its RecipeSpec.data_kind says which products), under
     `root` (default `<storage.path>/prepared`). A format the stage does not train on is a
-    DataError naming the source; `progress(label)` gives a rows-done callback per pass."""
+    DataError naming the source; `progress(label, total)` gives a rows-done callback per pass
+    (`total()`: about how many rows it will read, or None; asked only if a bar is shown)."""
     from trainers.recipes.base import RECIPES  # filled as trainers.recipes (imported first) registers
 
     started = time.perf_counter() if started is None else started
@@ -542,7 +545,9 @@ def stage_data(cfg, tokenizer, root: str | None = None, progress: Callable[[str]
         return check
 
     def one(split: str, uri: str, limit: int | None, fmt: str, product: str) -> Prepared:
-        report = progress(f"{split} {uri} ({product})") if progress is not None else None
+        report = None
+        if progress is not None:
+            report = progress(f"{split} {uri} ({product})", lambda: rows_hint(uri, limit))
         prepared = prepare(tokenizer, template, data, uri, limit, fmt, product, root, formats(uri), report)
         formats(uri)(prepared.fmt)  # a reused one was checked for another stage, perhaps
         return prepared

@@ -108,6 +108,20 @@ def _raw_rows(uri: str) -> Iterable[Row]:
     raise DataError(f"{uri}: data file not found")
 
 
+def rows_hint(uri: str, limit: int | None = None) -> int | None:
+    """About how many rows a source holds (up to `limit`), for a progress bar's total: a local
+    JSONL file's lines (a byte scan, about a second a GB; blank lines are counted too), else None."""
+    path = local_path(uri)
+    if path is None or not path.is_file() or path.suffix.lower() != ".jsonl":
+        return None
+    lines, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            lines, last = lines + chunk.count(b"\n"), chunk[-1:]
+    lines += last != b"\n"  # a last line without its newline
+    return lines if limit is None else min(lines, limit)
+
+
 def read_jsonl(path: Path) -> Iterator[Row]:
     """Rows of a JSONL file; blank lines are skipped, anything else must be a JSON object."""
     with open(path, encoding="utf-8") as handle:
