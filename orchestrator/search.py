@@ -196,11 +196,13 @@ def check_bounds(space: dict[str, Dimension], raw: dict, where: str) -> None:
                 raise ConfigError([(f"{where}.{key}", f"{dim.kind} value {value!r} gives an invalid trial ({why})")])
 
 
-def make_searcher(alg: str, space: dict[str, Dimension], seed: int):
-    """The Ray Tune searcher of one grid point, or None for `random` (drawn with Dimension.draw)."""
+def make_searcher(alg: str, space, seed: int):
+    """The Ray Tune searcher of one grid point, or None for `random` (drawn with Dimension.draw).
+    `space`: config key -> Dimension, or (optuna only) a define-by-run function of an Optuna trial
+    (orchestrator/method_search.py: a method choice)."""
     if alg == "random":
         return None
-    domains = {key: dim.tune_domain() for key, dim in space.items()}
+    domains = space if callable(space) else {key: dim.tune_domain() for key, dim in space.items()}
     if alg == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
