@@ -81,6 +81,8 @@ def parse_method_spaces(block: Any) -> dict[str, tuple[dict, dict[str, Dimension
         where = f"sweep.method_spaces.{name}"
         if name not in _methods():
             raise ConfigError([(where, f"{name!r} is not a method; known: {', '.join(_methods())}")])
+        if entry is not None and not isinstance(entry, dict):
+            raise ConfigError([(where, f"must map keys to distributions (and fixed: to values), got {entry!r}")])
         entry = dict(entry or {})
         fixed = entry.pop(FIXED, None) or {}
         if not isinstance(fixed, dict):
@@ -302,7 +304,8 @@ def run_tags(group, trial) -> dict[str, str]:
 
 
 def describe_space(group) -> str:
-    """'method~choice[lora, ia3]; lora: r~choice[4, 8], lr~loguniform[...]': the plan's line."""
+    """'method~choice[lora, ia3]' and a line per method ('lora: method.r~choice[4, 8]'), or the
+    space of a plain group: what the plan prints a searched group draws."""
     def dims(space):
         return ", ".join(f"{k}~{d.kind}{list(d.args)}" for k, d in space.items())
 
@@ -312,4 +315,4 @@ def describe_space(group) -> str:
     for b in group.branches.values():
         fixed = f" (fixed {', '.join(f'{k}={v}' for k, v in b.fixed.items())})" if b.fixed else ""
         parts.append(f"{b.method}{fixed}: {dims(b.space) or 'defaults only'}")
-    return "; ".join(parts)
+    return "\n      ".join(parts)  # a line per method under the plan's budget line
