@@ -1,7 +1,8 @@
 """What one Ray Tune run of a whole sweep is driven by: a Tune Searcher that hands Tune the next
 trial whose inputs are FINISHED (no waves: a pipeline stage starts when its own upstream trials
 end, whatever else is running), and draws the searched trials of each grid point; and a
-scheduler that runs one ASHA per searched grid point (each method is compared with itself).
+scheduler that runs one ASHA per searched grid point (each method is compared with itself, or,
+in a method choice, the choice's methods with each other: orchestrator/method_search.py).
 
 Tune asks `suggest` whenever it has room (cluster.max_concurrent_trials, via its
 ConcurrencyLimiter); None means "nothing ready yet, ask again", FINISHED ends the run once the

@@ -4,9 +4,10 @@ hyperparameters, and a plot of the best eval loss against the number of tuning t
 
 Read from the child runs' tags alone: `search_group` (the grid point), `sample` ("default" or the
 drawn values), `early_stopped`, and for a method choice (orchestrator/method_search.py)
-`search_choice`, the method's default-setting trial: each method of a choice gets a row of its
-own (its trials show where the budget went), and a line names the choice's best trial. A trial ASHA stopped never ran its full budget: it counts as a
-trial spent, but not as a candidate for the best (its eval loss is from an earlier step).
+`search_choice`, the label of the trial's method: each method of a choice gets a row of its own
+(its trials show where the budget went), and a line names the choice's best trial. A trial ASHA
+stopped never ran its full budget: it counts as a trial spent, but not as a candidate for the
+best (its eval loss is from an earlier step).
 """
 
 from __future__ import annotations
