@@ -15,6 +15,7 @@ default-setting trial plus num_samples - 1 drawn ones, so each method gets the s
 trials of the same length (the budget the plan prints). A sample replaces values in the grid
 point's composed config before interpolations resolve (`lora_alpha: ${mul:2,${method.r}}` follows
 a drawn r), and is checked like any config. Bounds and choices are checked before Ray starts.
+A space may also choose the method (`method: {choice: [...]}`): orchestrator/method_search.py.
 """
 
 from __future__ import annotations
