@@ -132,7 +132,7 @@ def plan_choice(plan, overrides: list[str], pairs: list, space: dict, method_spa
     if not branches:
         raise ConfigError([("sweep.search.method", "no method of the choice can run here: " +
                             "; ".join(t.reason for t in plan.skipped))])
-    plan.groups.append(choice_group(branches, shared, sweep))
+    plan.groups.append(choice_group(branches, choice, shared, sweep))
 
 
 def plan_branch(plan, overrides: list[str], pairs: list, branch: Branch, seen: dict) -> bool:
@@ -190,7 +190,7 @@ def check_branch_space(branch: Branch) -> None:
                                f"in sweep.method_spaces.NAME)") for k, m in err.problems]) from None
 
 
-def choice_group(branches: dict[str, Branch], shared: dict, sweep):
+def choice_group(branches: dict[str, Branch], choice: Dimension, shared: dict, sweep):
     """The SearchGroup of a method choice: one budget, one searcher, one ASHA bracket."""
     from orchestrator.plan import SearchGroup
 
@@ -213,7 +213,7 @@ def choice_group(branches: dict[str, Branch], shared: dict, sweep):
     key = digest(parts, 12)
     for b in branches.values():
         b.default.group = key
-    space = {METHOD: Dimension(METHOD, "choice", tuple(branches)), **shared}
+    space = {METHOD: choice, **shared}  # the whole choice, methods left out as inapplicable too
     for b in branches.values():
         space.update({k: d for k, d in b.space.items() if k in b.own})  # for the plan's notes on replaced keys
     label = "{" + ",".join(branches) + "}" + first.default.label[len(first.method):]

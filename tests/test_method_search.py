@@ -130,3 +130,13 @@ def test_the_tuning_report_has_a_row_per_method_of_a_choice():
         ("lora", 3, "r1", "r3"), ("ia3", 2, "r2", "r5")]
     line = "method choice {lora,ia3}: best lora (method=lora lr=0.01), eval loss 1.2000; trials per method: lora 3, ia3 2"
     assert line in markdown(found) and line in console(found)
+
+
+def test_a_method_the_model_cannot_take_is_left_out_of_the_choice_or_refuses_it(tmp_path):
+    no_layer = "++sweep.method_spaces={lora:{fixed:{method.target_modules:[no_such_proj]}}}"
+    plan = plan_of(tmp_path, CHOICE, no_layer)
+    assert [t.label for t in plan.trials] == ["ia3"] and list(plan.groups[0].branches) == ["ia3"]
+    assert [t.label for t in plan.skipped] == ["lora"] and "no_such_proj" in plan.skipped[0].reason
+    with pytest.raises(ConfigError) as err:
+        plan_of(tmp_path, CHOICE, no_layer, "sweep.on_inapplicable=error")
+    assert err.value.problems[0][0] == "sweep.search.method" and "no_such_proj" in err.value.problems[0][1]
