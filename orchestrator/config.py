@@ -56,6 +56,10 @@ class SweepConfig:
     # {train.lr: {loguniform: [1.0e-5, 1.0e-1]}, method.r: {choice: [4, 8, 16]}}; uniform: [lo, hi],
     # randint: [lo, hi) too. Every grid point (variant x axes x seed) is searched on its own.
     search: Dict[str, Any] = field(default_factory=dict)
+    # With `search: {method: {choice: [lora, ia3]}}`, each method's own keys and the overrides it
+    # needs (orchestrator/method_search.py): {lora: {method.r: {choice: [4, 8]}}, qlora: {fixed:
+    # {precision: nf4}, method.r: {choice: [4, 8]}}}.
+    method_spaces: Dict[str, Any] = field(default_factory=dict)
     # Trials per searched grid point, its default-setting trial included (the budget's unit).
     num_samples: int = 1
     # Tune searcher: optuna (TPE, the default) | hyperopt (TPE) | random.

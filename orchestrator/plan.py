@@ -85,6 +85,12 @@ class SearchGroup:
     raw: dict  # the grid point's composed config, interpolations unresolved (search.apply_sample)
     space: dict  # config key -> search.Dimension
     num_samples: int
+    branches: dict = field(default_factory=dict)  # a method choice: method -> method_search.Branch
+
+    @property
+    def defaults(self) -> list[Trial]:
+        """Its default-setting trials: one, or one per method of a method choice."""
+        return [b.default for b in self.branches.values()] or [self.default]
 
     @property
     def budget_steps(self) -> int:
@@ -199,8 +205,8 @@ def make_plan(overrides: list[str]) -> Plan:
     sweep_space = search.parse_space(sweep_block.get("search"), "sweep.search")
     experiment = base.tracking.experiment or base.sweep.name
     if sweep_block.get("stages"):
-        if sweep_space or base.sweep.scheduler:
-            raise ConfigError([("sweep.search" if sweep_space else "sweep.scheduler",
+        if sweep_space or base.sweep.scheduler or sweep_block.get("method_spaces"):
+            raise ConfigError([("sweep.search" if sweep_space or not base.sweep.scheduler else "sweep.scheduler",
                                 "search and early stopping apply to a flat sweep, not to sweep.stages")])
         trials = plan_pipeline(overrides, base, sweep_block)
         plan = Plan(sweep=base.sweep.name, experiment=experiment, trials=trials, base=base)
@@ -225,14 +231,18 @@ def check_sweep_block(sweep) -> list[tuple[str, str]]:
 def plan_grid(overrides: list[str], plan: Plan, sweep_block: dict, sweep_space: dict) -> None:
     """Trials (and searched grid points) of a flat sweep into `plan`; inapplicable ones into
     plan.skipped when the sweep skips them and others remain."""
-    from orchestrator import search
+    from orchestrator import method_search, search
 
     base = plan.base
     multi_seed = len(sweep_block.get("seeds") or [0]) > 1
+    method_spaces = method_search.parse_method_spaces(sweep_block.get("method_spaces"))
     seen: dict[str, str] = {}
     for pairs in expand(sweep_block):
         variant_space = search.parse_space(dict(pairs).get("search"), "sweep.variants.search")
         pairs = [(k, v) for k, v in pairs if k != "search"]
+        if method_search.METHOD in {**sweep_space, **variant_space}:
+            method_search.plan_choice(plan, overrides, pairs, {**sweep_space, **variant_space}, method_spaces, seen)
+            continue
         trial_overrides = [override(k, v) for k, v in pairs]
         where = " ".join(trial_overrides)
         try:
@@ -260,6 +270,7 @@ def plan_grid(overrides: list[str], plan: Plan, sweep_block: dict, sweep_space: 
     if plan.skipped and not plan.trials:  # nothing left to compare: refuse, as for a single run
         raise ConfigError([(key, f"{msg} (in sweep trial: {' '.join(t.overrides)})")
                            for t in plan.skipped for key, msg in t.problems])
+    method_search.check_unused(method_spaces, plan.groups)
     check_budgets(plan.groups, base)
 
 
@@ -529,16 +540,20 @@ def format_plan(plan: Plan) -> str:
 
 def format_search(plan: Plan) -> list[str]:
     """What each searched grid point draws and its budget (the same for all: check_budgets)."""
+    from orchestrator import method_search
+
     if not plan.groups:
         return []
     sweep = plan.base.sweep
-    lines = [f"  search: {sweep.search_alg} (seed {sweep.search_seed}), each point's default-setting trial + "
-             f"{plan.groups[0].num_samples - 1} drawn while the sweep runs"
+    first = plan.groups[0]
+    defaults = "default-setting trial per method of its choice" if first.branches else "default-setting trial"
+    lines = [f"  search: {sweep.search_alg} (seed {sweep.search_seed}), each point's {defaults} + "
+             f"{first.num_samples - len(first.defaults)} drawn while the sweep runs"
              + (f"; ASHA on eval/loss (grace {sweep.grace_steps} steps, reduction factor {sweep.reduction_factor})"
                 if sweep.scheduler == "asha" else "")]
     width = max(len(g.label) for g in plan.groups)
     for g in plan.groups:
-        space = ", ".join(f"{k}~{d.kind}{list(d.args)}" for k, d in g.space.items())
+        space = method_search.describe_space(g)
         lines.append(f"  budget {g.label:<{width}}  {g.num_samples} trials x {g.default.cfg.train.max_steps} steps = "
                      f"{g.budget_steps} steps (<= {g.budget_tokens:,} batch tokens)  over {space}")
     return lines

@@ -1,7 +1,8 @@
 """What one Ray Tune run of a whole sweep is driven by: a Tune Searcher that hands Tune the next
 trial whose inputs are FINISHED (no waves: a pipeline stage starts when its own upstream trials
 end, whatever else is running), and draws the searched trials of each grid point; and a
-scheduler that runs one ASHA per searched grid point (each method is compared with itself).
+scheduler that runs one ASHA per searched grid point (each method is compared with itself, or,
+in a method choice, the choice's methods with each other: orchestrator/method_search.py).
 
 Tune asks `suggest` whenever it has room (cluster.max_concurrent_trials, via its
 ConcurrencyLimiter); None means "nothing ready yet, ask again", FINISHED ends the run once the
@@ -18,7 +19,7 @@ from typing import Any, Callable
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from orchestrator import search
+from orchestrator import method_search, search
 from orchestrator.dag import PipelineState
 from orchestrator.plan import Plan, SearchGroup, Trial, trial_key
 from trainers.config import ConfigError
@@ -33,9 +34,9 @@ class GroupDraws:
 
     def __init__(self, group: SearchGroup, sweep, finished: int):
         self.group = group
-        self.left = group.num_samples - 1 - finished  # its default-setting trial is one of the trials
+        self.left = group.num_samples - len(group.defaults) - finished  # its default-setting trials count
         self.number = finished
-        self.searcher = search.make_searcher(sweep.search_alg, group.space, sweep.search_seed)
+        self.searcher = search.make_searcher(sweep.search_alg, method_search.searcher_space(group), sweep.search_seed)
         # The same seed for every point: with equal spaces, each method starts from the same draws.
         self.rng = random.Random(sweep.search_seed)
         self.inner_ids: dict[str, str] = {}  # Tune trial id -> id its searcher knows the draw by
@@ -43,14 +44,14 @@ class GroupDraws:
 
     def draw(self, trial_id: str) -> dict[str, Any] | None:
         if self.searcher is None:
-            return {key: dim.draw(self.rng) for key, dim in self.group.space.items()}
+            return method_search.draw_random(self.group, self.rng)
         self.asked += 1
         inner = f"{trial_id}-{self.asked}"
         sample = self.searcher.suggest(inner)
         if sample in (None, Searcher.FINISHED):
             return None
         self.inner_ids[trial_id] = inner
-        return {key: sample[key] for key in self.group.space}
+        return method_search.sample_of(self.group, sample)
 
     def told(self, trial_id: str, result: dict | None, error: bool) -> None:
         inner = self.inner_ids.pop(trial_id, None)
@@ -140,7 +141,7 @@ class SweepSearcher(Searcher):
             if sample is None:
                 return None
             try:
-                key = trial_key(search.apply_sample(draws.group.raw, sample))
+                key = trial_key(method_search.config_of(draws.group, sample))
             except ConfigError:
                 return sample, ""  # _sampled_trial reports it
             if key not in self.used:
@@ -151,20 +152,21 @@ class SweepSearcher(Searcher):
     def _sampled_trial(self, draws: GroupDraws, drawn: tuple[dict, str]) -> tuple[Trial, str | None]:
         sample, key = drawn
         group = draws.group
-        label = f"{group.label} #{draws.number} {search.describe(sample)}"
+        default = method_search.base_of(group, sample)[0]  # its method's default-setting trial
+        label = method_search.label_of(group, draws.number, sample)
         try:
-            cfg = search.apply_sample(group.raw, sample)
+            cfg = method_search.config_of(group, sample)
             # What `data.template=auto` resolved to: the plan's input check did it for the
             # default-setting trial (orchestrator/__main__.py), and a draw has the same data.
-            cfg.data.template = group.default.cfg.data.template
+            cfg.data.template = default.cfg.data.template
             error = None
         except ConfigError as err:
-            cfg, error = group.default.cfg, "invalid draw: " + "; ".join(f"{k}: {m}" for k, m in err.problems)
+            cfg, error = default.cfg, "invalid draw: " + "; ".join(f"{k}: {m}" for k, m in err.problems)
             key = trial_key(cfg) + f"-draw{draws.number}"
         self.used.add(key)
         trial = Trial(key=key, label=label, overrides=[f"{k}={v}" for k, v in sample.items()], cfg=cfg,
-                      resources=group.default.resources, group=group.key, sample=sample,
-                      estimated_bytes=group.default.estimated_bytes)
+                      resources=default.resources, group=group.key, sample=sample,
+                      estimated_bytes=default.estimated_bytes)
         return trial, error
 
     def child_run(self, trial: Trial) -> str:
@@ -176,7 +178,8 @@ class SweepSearcher(Searcher):
             group = next((g for g in self.plan.groups if g.key == trial.group), None)
             if group is not None:
                 tags = {"search_group": group.label, "search_group_key": group.key,
-                        "sample": search.describe(trial.sample) if trial.sample else "default"}
+                        "sample": search.describe(trial.sample) if trial.sample else "default",
+                        **method_search.run_tags(group, trial)}
             self.run_ids[trial.key] = self.runs.create_child(trial, trial.config, [self.run_ids[k] for k in trial.after],
                                                              tags)
             self.send("created", trial.key, {"run_id": self.run_ids[trial.key], "label": trial.label})

@@ -15,6 +15,7 @@ default-setting trial plus num_samples - 1 drawn ones, so each method gets the s
 trials of the same length (the budget the plan prints). A sample replaces values in the grid
 point's composed config before interpolations resolve (`lora_alpha: ${mul:2,${method.r}}` follows
 a drawn r), and is checked like any config. Bounds and choices are checked before Ray starts.
+A space may also choose the method (`method: {choice: [...]}`): orchestrator/method_search.py.
 """
 
 from __future__ import annotations
@@ -196,11 +197,13 @@ def check_bounds(space: dict[str, Dimension], raw: dict, where: str) -> None:
                 raise ConfigError([(f"{where}.{key}", f"{dim.kind} value {value!r} gives an invalid trial ({why})")])
 
 
-def make_searcher(alg: str, space: dict[str, Dimension], seed: int):
-    """The Ray Tune searcher of one grid point, or None for `random` (drawn with Dimension.draw)."""
+def make_searcher(alg: str, space, seed: int):
+    """The Ray Tune searcher of one grid point, or None for `random` (drawn with Dimension.draw).
+    `space`: config key -> Dimension, or (optuna only) a define-by-run function of an Optuna trial
+    (orchestrator/method_search.py: a method choice)."""
     if alg == "random":
         return None
-    domains = {key: dim.tune_domain() for key, dim in space.items()}
+    domains = space if callable(space) else {key: dim.tune_domain() for key, dim in space.items()}
     if alg == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch

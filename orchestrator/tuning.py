@@ -3,8 +3,11 @@ its default-setting trial beside the best trial its search found, with that tria
 hyperparameters, and a plot of the best eval loss against the number of tuning trials.
 
 Read from the child runs' tags alone: `search_group` (the grid point), `sample` ("default" or the
-drawn values), `early_stopped`. A trial ASHA stopped never ran its full budget: it counts as a
-trial spent, but not as a candidate for the best (its eval loss is from an earlier step).
+drawn values), `early_stopped`, and for a method choice (orchestrator/method_search.py)
+`search_choice`, the label of the trial's method: each method of a choice gets a row of its own
+(its trials show where the budget went), and a line names the choice's best trial. A trial ASHA
+stopped never ran its full budget: it counts as a trial spent, but not as a candidate for the
+best (its eval loss is from an earlier step).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ QUALITY = "eval/loss"  # what the searchers and ASHA minimise
 
 @dataclass
 class Tuning:
-    label: str  # the grid point (method and its fixed settings)
+    label: str  # the grid point (method and its fixed settings), or a method of a choice
     trials: list[TrialRow] = field(default_factory=list)  # in the order they started
+    choice: str = ""  # the method choice (its search_group) this method is one of
 
     @property
     def default(self) -> TrialRow | None:
@@ -54,12 +58,27 @@ class Tuning:
 
 def tunings(rows: list[TrialRow]) -> list[Tuning]:
     """One Tuning per searched grid point, in the order their first trial started."""
-    found: dict[str, Tuning] = {}
+    found: dict[tuple, Tuning] = {}
     for row in sorted(rows, key=lambda r: r.start_time):
-        key = row.tags.get("search_group_key")
+        key, method = row.tags.get("search_group_key"), row.tags.get("search_choice")
         if key:
-            found.setdefault(key, Tuning(row.tags.get("search_group", key))).trials.append(row)
+            group = row.tags.get("search_group", key)
+            tuning = Tuning(method, choice=group) if method else Tuning(group)
+            found.setdefault((key, method), tuning).trials.append(row)
     return list(found.values())
+
+
+def choice_lines(found: list[Tuning]) -> list[str]:
+    """Per method choice: its best trial over all its methods, and the trials each method got."""
+    lines = []
+    for choice in dict.fromkeys(t.choice for t in found if t.choice):
+        methods = [t for t in found if t.choice == choice]
+        best = min((t for t in methods if t.best is not None), key=lambda t: t.best.metric(QUALITY), default=None)
+        spent = ", ".join(f"{t.label} {len(t.trials)}" for t in methods)
+        what = (f"best {best.label} ({best.best.tags.get('sample')}), eval loss {best.best.metric(QUALITY):.4f}"
+                if best else "no finished trial")
+        lines.append(f"method choice {choice}: {what}; trials per method: {spent}")
+    return lines
 
 
 def _value(row: TrialRow | None, name: str, fmt: str) -> str:
@@ -85,7 +104,7 @@ def table_rows(found: list[Tuning]) -> list[list[str]]:
 def markdown(found: list[Tuning]) -> str:
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(found)]
-    return "\n".join(lines)
+    return "\n".join(lines + [f"\n{line}" for line in choice_lines(found)])
 
 
 def console(found: list[Tuning]) -> str:
@@ -93,7 +112,7 @@ def console(found: list[Tuning]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(lines + choice_lines(found))
 
 
 def figure(found: list[Tuning], colors: Colors) -> Figure | str:

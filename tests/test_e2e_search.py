@@ -1,6 +1,6 @@
-"""Search and scheduling on a real local Ray: a searched sweep whose ASHA stops a poor draw (its
-run ends FINISHED, tagged `early_stopped=true` with the step, its checkpoints gone) and a report
-with the tuning table; and a pipeline whose fast branch goes on while its slow branch still runs
+"""Search and scheduling on a real local Ray: a method-choice search whose ASHA stops a poor draw
+of one method behind a better draw of another (its run ends FINISHED, tagged `early_stopped=true`
+with the step, its checkpoints gone) and a report with the tuning table; and a pipeline whose fast branch goes on while its slow branch still runs
 (no waves)."""
 
 from __future__ import annotations
@@ -36,39 +36,52 @@ def _children(work, experiment):
     return client, [r for r in runs if "sweep" in r.data.tags], [r for r in runs if "mlflow.parentRunId" in r.data.tags]
 
 
-def _seed_drawing_good_then_poor() -> int:
-    """A search seed whose first two random draws of lr are the good one, then the poor one: run
-    one at a time, the poor draw then meets ASHA's first rung behind a better trial."""
+def _seed_drawing_lora_good_then_ia3_poor() -> int:
+    """A search seed whose first two random draws are LoRA at the good lr, then IA3 at the poor
+    one: run one at a time, the poor IA3 draw then meets ASHA's first rung behind a better LoRA
+    trial of the same bracket."""
+    from types import SimpleNamespace
+
+    from orchestrator.method_search import Branch, draw_random
     from orchestrator.search import Dimension
 
-    lr = Dimension("train.lr", "choice", (GOOD_LR, POOR_LR))
+    lr = {"train.lr": Dimension("train.lr", "choice", (GOOD_LR, POOR_LR))}
+    group = SimpleNamespace(branches={name: Branch(name, {}, lr) for name in ("lora", "ia3")})
     for seed in range(100):
         rng = random.Random(seed)
-        if [lr.draw(rng), lr.draw(rng)] == [GOOD_LR, POOR_LR]:
+        if [draw_random(group, rng), draw_random(group, rng)] == [{"method": "lora", "train.lr": GOOD_LR},
+                                                                  {"method": "ia3", "train.lr": POOR_LR}]:
             return seed
-    raise AssertionError("no seed in range(100) draws good then poor")
+    raise AssertionError("no seed in range(100) draws lora good then ia3 poor")
 
 
-def test_asha_stops_a_poor_draw_and_the_report_compares_with_the_default(tmp_path):
-    seed = _seed_drawing_good_then_poor()
-    args = ["+sweep=lora_rank", "sweep.name=tuned", "sweep.axes={method.r:[4]}", "train.max_steps=20",
-            "train.log_every=5", "train.eval_every=5", "train.checkpoint_every=5", "data.max_train_rows=200",
-            "data.max_eval_rows=24", "cluster.num_cpus=2", "cluster.max_concurrent_trials=1",
-            f"++sweep.search={{train.lr:{{choice:[{GOOD_LR},{POOR_LR}]}}}}", "sweep.num_samples=3",
+def test_asha_stops_a_poor_draw_across_a_method_choice_and_the_report_compares_with_the_defaults(tmp_path):
+    """One ASHA bracket spans the methods of a choice: the poor IA3 draw is stopped because a LoRA
+    draw did better at the rung."""
+    seed = _seed_drawing_lora_good_then_ia3_poor()
+    args = ["sweep.name=tuned", "train.max_steps=20", "train.log_every=5", "train.eval_every=5",
+            "train.checkpoint_every=5", "data.max_train_rows=200", "data.max_eval_rows=24", "cluster.num_cpus=2",
+            "cluster.max_concurrent_trials=1",
+            f"++sweep.search={{method:{{choice:[lora,ia3]}},train.lr:{{choice:[{GOOD_LR},{POOR_LR}]}}}}",
+            "++sweep.method_spaces={lora:{fixed:{method.r:4}}}", "sweep.num_samples=4",
             "sweep.search_alg=random", f"sweep.search_seed={seed}", "sweep.scheduler=asha", "sweep.grace_steps=10",
             "sweep.reduction_factor=2"]
     proc = _run(args, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "3 trials x 20 steps = 60 steps" in proc.stdout  # the budget, in the plan
+    assert "4 trials x 20 steps = 80 steps" in proc.stdout  # the budget, in the plan
     client, parents, children = _children(tmp_path, "tuned")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert all(c.info.status == "FINISHED" for c in children)
-    by_sample = {c.data.tags["sample"]: c for c in children}
-    assert set(by_sample) == {"default", f"lr={GOOD_LR:.3g}", f"lr={POOR_LR:.3g}"}
-    poor, good, default = by_sample[f"lr={POOR_LR:.3g}"], by_sample[f"lr={GOOD_LR:.3g}"], by_sample["default"]
+    by_sample = {(c.data.tags["method"], c.data.tags["sample"]): c for c in children}
+    assert set(by_sample) == {("lora", "default"), ("ia3", "default"), ("lora", f"method=lora lr={GOOD_LR:.3g}"),
+                              ("ia3", f"method=ia3 lr={POOR_LR:.3g}")}
+    assert {c.data.tags["search_choice"] for c in children} == {"lora", "ia3"}
+    poor, good = by_sample["ia3", f"method=ia3 lr={POOR_LR:.3g}"], by_sample["lora", f"method=lora lr={GOOD_LR:.3g}"]
+    default = by_sample["lora", "default"]
     assert poor.data.tags.get("early_stopped") == "true" and poor.data.tags["stopped_at_step"] == "10"
-    assert "early_stopped" not in good.data.tags and "early_stopped" not in default.data.tags
-    assert float(poor.data.params["train.lr"]) == POOR_LR
+    assert all("early_stopped" not in c.data.tags for c in children if c is not poor)
+    assert float(poor.data.params["train.lr"]) == POOR_LR and poor.data.params["method.name"] == "ia3"
+    assert good.data.params["method.r"] == "4"  # lora's fixed override
     # Evaluated during training (what ASHA decided on at step 10); stopping takes effect a few
     # steps later (reports do not block training), but before the last step.
     assert [m.step for m in client.get_metric_history(poor.info.run_id, "eval/loss")][:2] == [5, 10]
@@ -82,12 +95,13 @@ def test_asha_stops_a_poor_draw_and_the_report_compares_with_the_default(tmp_pat
     report = client.download_artifacts(parents[0].info.run_id, "report/comparison.md", str(tmp_path))
     text = Path(report).read_text()
     tuning = text[text.index("## Tuning"):]
-    row = next(line for line in tuning.splitlines() if line.startswith("| lora r=4"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1:3] == ["3", "1"]  # trials, early stopped
-    assert cells[3] == f"{default.data.metrics['eval/loss']:.4f}"
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in tuning.splitlines() if line.startswith(("| lora", "| ia3"))}
+    assert rows["lora"][1:3] == ["2", "0"] and rows["ia3"][1:3] == ["2", "1"]  # trials, early stopped
+    assert rows["lora"][3] == f"{default.data.metrics['eval/loss']:.4f}"
     best = min((good, default), key=lambda r: r.data.metrics["eval/loss"])
-    assert cells[5] == f"{best.data.metrics['eval/loss']:.4f}"
+    assert rows["lora"][5] == f"{best.data.metrics['eval/loss']:.4f}"
+    assert "method choice {lora,ia3}: best lora" in tuning
     assert "tuning.png" in text
     assert "tuning (best of each method's search" in proc.stdout
 
