@@ -49,14 +49,29 @@ def _seed_drawing_good_then_poor() -> int:
     raise AssertionError("no seed in range(100) draws good then poor")
 
 
+def _flops_budget(args, tmp_path, trials: int, steps: float) -> float:
+    """A FLOPs budget that buys `trials` trials of `steps` steps each (measured on the sweep's
+    prepared data, as the plan measures it)."""
+    from orchestrator.budget import step_cost
+    from orchestrator.plan import make_plan
+
+    steps_unit = [a for a in args if not a.startswith("sweep.budget_unit")]
+    plan = make_plan([*steps_unit, f"storage.path={tmp_path / 'runs'}", "dry_run=true"])
+    return trials * steps * step_cost(plan.trials[0].cfg, "budget").cost.flops
+
+
 def test_asha_stops_a_poor_draw_and_the_report_compares_with_the_default(tmp_path):
+    """With sweep.budget_unit=flops: a budget of 3 trials x 20.5 steps gives each trial 20 steps,
+    and ASHA's first rung is 9 steps' FLOPs (sweep.grace_steps), which the evaluation at step 10
+    has passed."""
     seed = _seed_drawing_good_then_poor()
-    args = ["+sweep=lora_rank", "sweep.name=tuned", "sweep.axes={method.r:[4]}", "train.max_steps=20",
+    args = ["+sweep=lora_rank", "sweep.name=tuned", "sweep.axes={method.r:[4]}",
             "train.log_every=5", "train.eval_every=5", "train.checkpoint_every=5", "data.max_train_rows=200",
             "data.max_eval_rows=24", "cluster.num_cpus=2", "cluster.max_concurrent_trials=1",
             f"++sweep.search={{train.lr:{{choice:[{GOOD_LR},{POOR_LR}]}}}}", "sweep.num_samples=3",
-            "sweep.search_alg=random", f"sweep.search_seed={seed}", "sweep.scheduler=asha", "sweep.grace_steps=10",
-            "sweep.reduction_factor=2"]
+            "sweep.search_alg=random", f"sweep.search_seed={seed}", "sweep.scheduler=asha", "sweep.grace_steps=9",
+            "sweep.reduction_factor=2", "sweep.budget_unit=flops"]
+    args.append(f"sweep.budget={_flops_budget(args, tmp_path, 3, 20.5):.6e}")
     proc = _run(args, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "3 trials x 20 steps = 60 steps" in proc.stdout  # the budget, in the plan
@@ -69,6 +84,10 @@ def test_asha_stops_a_poor_draw_and_the_report_compares_with_the_default(tmp_pat
     assert poor.data.tags.get("early_stopped") == "true" and poor.data.tags["stopped_at_step"] == "10"
     assert "early_stopped" not in good.data.tags and "early_stopped" not in default.data.tags
     assert float(poor.data.params["train.lr"]) == POOR_LR
+    assert all(c.data.params["train.max_steps"] == "20" for c in children)
+    flops = client.get_metric_history(default.info.run_id, "perf/train_flops")
+    assert sorted({m.step for m in flops}) == [0, 5, 10, 15, 20]  # each log step and evaluation; 0: final
+    assert default.data.metrics["perf/train_flops"] == max(m.value for m in flops)
     # Evaluated during training (what ASHA decided on at step 10); stopping takes effect a few
     # steps later (reports do not block training), but before the last step.
     assert [m.step for m in client.get_metric_history(poor.info.run_id, "eval/loss")][:2] == [5, 10]

@@ -247,7 +247,8 @@ def test_eval_every_logs_eval_loss_during_training(tmp_path):
     assert train_steps == [3, 6]
     # cumulative FLOPs and tokens at every logging step and beside every evaluation (ASHA's time
     # axis with sweep.budget_unit=flops), and as a final metric
-    flops = [(step, m["perf/train_flops"]) for step, m in tracker.logged if step is not None and "perf/train_flops" in m]
+    flops = [(step, m["perf/train_flops"]) for step, m in tracker.logged
+             if step is not None and "perf/train_flops" in m]
     assert [step for step, _ in flops] == [2, 3, 4, 6]
     assert all(a < b for (_, a), (_, b) in zip(flops, flops[1:])) and metrics["perf/train_flops"] == flops[-1][1]
     # every step's rows padded to their batch: at least the tokens trained on

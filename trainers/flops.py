@@ -29,28 +29,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from trainers.memory.shapes import ModelShape
-from trainers.memory.terms import MethodTerms
+from trainers.memory.terms import Cost, MethodTerms, Rows
 
 if TYPE_CHECKING:
     from trainers.config import ExperimentConfig
     from trainers.memory.terms import StageTerms
-
-# A micro-batch as the model runs it: one tuple per row, the lengths of the sequences packed in
-# it (one, unless packed); rows are padded to the longest.
-Rows = Sequence[tuple[int, ...]]
-
-
-@dataclass(frozen=True)
-class Cost:
-    """What a step (or a part of one) costs: FLOPs, and the data positions its trained forward
-    runs (rows x padded width; a padding-free row: its tokens; virtual tokens not included)."""
-
-    flops: float = 0.0
-    tokens: int = 0
-
-    def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.flops + other.flops, self.tokens + other.tokens)
-
 
 def matmul(m: float, k: float, n: float) -> float:
     return 2.0 * m * k * n
@@ -170,20 +153,6 @@ class FlopsModel:
             keys = width + self.virtual + t
             total += per_token + shape.layers * 2 * matmul(rows * keys, shape.head_dim, shape.heads)
         return total
-
-
-def rows_of(batch) -> list[tuple[int, ...]]:
-    """The rows of a micro-batch of token rows (Examples or PackedRows): each row's sequence
-    lengths, from where its positions restart."""
-    rows = []
-    for item in batch:
-        positions = getattr(item, "position_ids", None)
-        if not positions:
-            rows.append((len(item.input_ids),))
-            continue
-        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
-        rows.append(tuple(b - a for a, b in zip(starts, starts[1:]) if b > a))
-    return rows
 
 
 def flops_model(cfg: "ExperimentConfig", model_config: Any = None) -> tuple[FlopsModel, "StageTerms"]:

@@ -14,7 +14,7 @@ from trainers.checkpoint import CheckpointManager
 from trainers.config import TrainConfig
 from trainers.data import Example, example_lengths, pad_batch, varlen_kwargs
 from trainers.faults import FaultPlan
-from trainers.flops import Cost
+from trainers.memory.terms import Cost
 from trainers.runtime import DistInfo, PeakMemory
 from trainers.tracking import Tracker
 

@@ -21,12 +21,43 @@ and scoring).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
-    from trainers.flops import Cost, FlopsModel, Rows
+    from trainers.flops import FlopsModel
     from trainers.memory.activations import Step
     from trainers.memory.shapes import ModelShape
+
+
+# A micro-batch as the model runs it: one tuple per row, the lengths of the sequences packed in
+# it (one, unless packed); rows are padded to the longest.
+Rows = Sequence[tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a step (or a part of one) costs: FLOPs, and the data positions its trained forward
+    runs (rows x padded width; a padding-free row: its tokens; virtual tokens not included)."""
+
+    flops: float = 0.0
+    tokens: int = 0
+
+    def __add__(self, other: "Cost") -> Cost:
+        return Cost(self.flops + other.flops, self.tokens + other.tokens)
+
+
+def rows_of(batch) -> list[tuple[int, ...]]:
+    """The rows of a micro-batch of token rows (Examples or PackedRows): each row's sequence
+    lengths, from where its positions restart."""
+    rows = []
+    for item in batch:
+        positions = getattr(item, "position_ids", None)
+        if not positions:
+            rows.append((len(item.input_ids),))
+            continue
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        rows.append(tuple(b - a for a, b in zip(starts, starts[1:]) if b > a))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -108,18 +139,14 @@ class StageTerms:
     # log-probs of each pair)
     reference_forwards: int = 0
 
-    def sequences(self, batch: list) -> "Rows":
+    def sequences(self, batch: list) -> Rows:
         """The rows one micro-batch of the stage's items becomes in its trained forward, each as
         the lengths of the sequences in it (trainers/flops.py); default: token rows (examples,
         packed rows)."""
-        from trainers.flops import rows_of
-
         return rows_of(batch)
 
-    def step_flops(self, model: "FlopsModel", rows: "Rows") -> "Cost":
+    def step_flops(self, model: "FlopsModel", rows: Rows) -> Cost:
         """FLOPs of one micro-batch of `rows` on `model` (the trained one): its forward and
         backward, and the reference forwards."""
-        from trainers.flops import Cost
-
         flops = model.train(rows) + self.reference_forwards * model.forward(rows)
         return Cost(flops, len(rows) * max((sum(row) for row in rows), default=0))

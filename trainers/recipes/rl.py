@@ -28,7 +28,7 @@ from trainers.context import TrialContext
 from trainers.data import EvalPrompt
 from trainers.evaluate import normalise_answer
 from trainers.generation import decode, generate
-from trainers.memory.terms import StageTerms
+from trainers.memory.terms import Cost, StageTerms
 from trainers.methods import METHODS
 from trainers.model import count_parameters
 from trainers.policy import Reference, policy_evaluation, reward_scores, reward_sequence, token_logprobs
@@ -181,8 +181,6 @@ class RolloutTerms(StageTerms):
         rollout has ended), the reward model's forward of prompt + answer, the reference's forward
         (the adapter switched off, or a frozen copy: the base alone either way), and the policy's
         forward and backward of the left-padded rollouts."""
-        from trainers.flops import Cost
-
         prompts, new = [row[0] for row in rows], self.generated_tokens
         rollouts = [(max(prompts) + new,)] * len(rows)
         flops = (model.generate(prompts, new) + model.scorer().forward([(p + new,) for p in prompts])
