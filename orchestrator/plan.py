@@ -49,7 +49,7 @@ class Trial:
     estimated_bytes: int | None = None  # predicted peak memory per worker (trainers.memory)
     group: str = ""  # key of its SearchGroup, if it is one of a searched grid point's trials
     sample: dict[str, Any] = field(default_factory=dict)  # its drawn values (empty: default settings)
-    step_cost: Any = None  # trainers.flops.Cost of one step, with sweep.budget_unit=tokens|flops
+    step_cost: Any = None  # orchestrator.budget.StepCost of one step, with sweep.budget_unit=tokens|flops
 
     @property
     def config(self) -> dict[str, Any]:
