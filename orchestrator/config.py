@@ -69,10 +69,14 @@ class SweepConfig:
     scheduler: Optional[str] = None
     grace_steps: int = 20  # ASHA: optimizer steps every trial gets before it can be stopped
     reduction_factor: int = 3  # ASHA: 1/reduction_factor of the trials go on at each rung
-    # Optimizer steps each searched grid point may spend (trials x train.max_steps); null =
-    # num_samples x max_steps. Set, it fixes num_samples per grid point, and the plan refuses a
-    # comparison whose points would get different budgets.
-    budget: Optional[int] = None
+    # What each searched grid point may spend, in sweep.budget_unit. steps: optimizer steps
+    # (trials x train.max_steps); null = num_samples x max_steps; set, it fixes num_samples per
+    # grid point, and the plan refuses a comparison whose points would get different budgets.
+    budget: Optional[float] = None
+    # steps | tokens | flops. tokens or flops: every grid point (searched or not) gets sweep.budget
+    # of that unit, and its train.max_steps follows from the cost of its step, so every method gets
+    # the same compute; ASHA's rungs are in that unit too (orchestrator/budget.py).
+    budget_unit: str = "steps"
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from orchestrator import dag
+from orchestrator import budget, dag
 from orchestrator.compose import compose
 from trainers.config import ConfigError, ExperimentConfig, InapplicableError, to_container
 from trainers.identity import digest, identity
@@ -49,6 +49,7 @@ class Trial:
     estimated_bytes: int | None = None  # predicted peak memory per worker (trainers.memory)
     group: str = ""  # key of its SearchGroup, if it is one of a searched grid point's trials
     sample: dict[str, Any] = field(default_factory=dict)  # its drawn values (empty: default settings)
+    step_cost: Any = None  # orchestrator.budget.StepCost of one step, with sweep.budget_unit=tokens|flops
 
     @property
     def config(self) -> dict[str, Any]:
@@ -208,12 +209,16 @@ def make_plan(overrides: list[str]) -> Plan:
         if sweep_space or base.sweep.scheduler or sweep_block.get("method_spaces"):
             raise ConfigError([("sweep.search" if sweep_space or not base.sweep.scheduler else "sweep.scheduler",
                                 "search and early stopping apply to a flat sweep, not to sweep.stages")])
+        if base.sweep.budget_unit != "steps":
+            raise ConfigError([("sweep.budget_unit", "a tokens or flops budget applies to a flat sweep, "
+                                                     "not to sweep.stages")])
         trials = plan_pipeline(overrides, base, sweep_block)
         plan = Plan(sweep=base.sweep.name, experiment=experiment, trials=trials, base=base)
     else:
         plan = Plan(sweep=base.sweep.name, experiment=experiment, trials=[], base=base)
         plan_grid(overrides, plan, sweep_block, sweep_space)
     plan.notes += replaced_overrides(overrides, plan) + cluster_notes(base)
+    budget.check_grace(plan)
     return finish_plan(plan)
 
 
@@ -256,15 +261,19 @@ def plan_grid(overrides: list[str], plan: Plan, sweep_block: dict, sweep_space: 
                                      "it out)") for key, msg in err.problems]) from None
         except ConfigError as err:
             raise ConfigError([(key, f"{msg} (in sweep trial: {where})") for key, msg in err.problems]) from None
-        key = trial_key(cfg)
         label = _label(pairs, cfg, multi_seed)
+        space, step_cost = {**sweep_space, **variant_space}, None
+        if base.sweep.budget_unit != "steps":  # its steps follow from its cost and the budget
+            steps, step_cost = budget.steps_within(cfg, bool(space), label)
+            trial_overrides.append(override("train.max_steps", steps))
+            cfg = compose(list(overrides) + trial_overrides)
+        key = trial_key(cfg)
         if key in seen:
             raise ConfigError([("sweep", f"trials '{seen[key]}' and '{label}' resolve to the same config")])
         seen[key] = label
         check_given_inputs(cfg)
         plan.trials.append(Trial(key=key, label=label, overrides=trial_overrides, cfg=cfg,
-                                 resources=worker_resources(cfg)))
-        space = {**sweep_space, **variant_space}
+                                 resources=worker_resources(cfg), step_cost=step_cost))
         if space:
             plan.groups.append(search_group(plan.trials[-1], list(overrides) + trial_overrides, space, base.sweep))
     if plan.skipped and not plan.trials:  # nothing left to compare: refuse, as for a single run
@@ -314,10 +323,10 @@ def search_group(default: Trial, overrides: list[str], space: dict, sweep) -> Se
     if problems:
         raise ConfigError(problems)
     num_samples = sweep.num_samples
-    if sweep.budget is not None:
-        num_samples = sweep.budget // default.cfg.train.max_steps
+    if sweep.budget is not None and sweep.budget_unit == "steps":
+        num_samples = int(sweep.budget // default.cfg.train.max_steps)
         if num_samples < 1:
-            raise ConfigError([("sweep.budget", f"{sweep.budget} steps do not cover one trial of "
+            raise ConfigError([("sweep.budget", f"{sweep.budget:g} steps do not cover one trial of "
                                                 f"train.max_steps={default.cfg.train.max_steps} ({default.label})")])
     parts = [default.key, sorted((k, d.kind, list(d.args)) for k, d in space.items()), sweep.search_alg,
              sweep.search_seed, num_samples, sweep.scheduler, sweep.grace_steps, sweep.reduction_factor]
@@ -330,6 +339,8 @@ def check_budgets(groups: list[SearchGroup], base: ExperimentConfig) -> None:
     """A tuned comparison gives every searched grid point the same steps and batch tokens."""
     if base.sweep.scheduler and not groups:
         raise ConfigError([("sweep.scheduler", "early stopping applies to searched trials: set sweep.search")])
+    if base.sweep.budget_unit != "steps":  # equal in its unit by construction (orchestrator/budget.py)
+        return
     budgets = {(g.budget_steps, g.budget_tokens) for g in groups}
     if len(budgets) > 1:
         each = "; ".join(f"{g.label}: {g.budget_steps} steps, {g.budget_tokens:,} tokens" for g in groups)
@@ -533,7 +544,7 @@ def format_plan(plan: Plan) -> str:
         lines.append("  skipped before Ray, the method cannot work on this model (sweep.on_inapplicable=error "
                      "refuses the sweep instead):")
         lines += [f"    {t.label}: {t.reason}" for t in plan.skipped]
-    lines += format_search(plan)
+    lines += format_search(plan) + budget.format_budget(plan)
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)
 

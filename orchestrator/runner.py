@@ -440,6 +440,7 @@ def run_sweep(plan: Plan, done: set[str], tracker: SweepTracker, run_ids: dict[s
     import ray
     from ray import tune
 
+    from orchestrator.budget import asha_settings
     from orchestrator.scheduling import PerGroupASHA, SweepSearcher
     from trainers.storage import join
 
@@ -450,7 +451,7 @@ def run_sweep(plan: Plan, done: set[str], tracker: SweepTracker, run_ids: dict[s
     send = relay.sender() if relay else events
     searcher = SweepSearcher(plan, done, run_ids, tracker, send, storage, finished_samples)
     sweep = plan.base.sweep
-    scheduler = PerGroupASHA(sweep.grace_steps, sweep.reduction_factor) if sweep.scheduler == "asha" else None
+    scheduler = PerGroupASHA(**asha_settings(plan)) if sweep.scheduler == "asha" else None
 
     def trial_fn(config: dict) -> None:
         # with_resources sets an attribute on the function it gets. A module-level function

@@ -216,12 +216,16 @@ class SweepSearcher(Searcher):
 
 class PerGroupASHA(FIFOScheduler):
     """ASHA on eval/loss among the drawn trials of one grid point at a time; other trials run to
-    the end. The steps are the time axis (`progress/step`), and max_t is one past train.max_steps:
-    a trial is never stopped for having reached its last step (it still evaluates and saves)."""
+    the end. The time axis is `time_attr`: the steps (`progress/step`, sweep.budget_unit=steps),
+    whose horizon (max_t) is one past train.max_steps so that a trial is never stopped for having
+    reached its last step (it still evaluates and saves); or the cumulative tokens or FLOPs the
+    worker reports (orchestrator/budget.py), whose `horizon` is a trial's budget, which its planned
+    steps do not pass."""
 
-    def __init__(self, grace_steps: int, reduction_factor: int):
+    def __init__(self, grace: float, reduction_factor: int, time_attr: str = "progress/step",
+                 horizon: float | None = None):
         super().__init__()
-        self.grace_steps, self.reduction_factor = grace_steps, reduction_factor
+        self.grace, self.reduction_factor, self.time_attr, self.horizon = grace, reduction_factor, time_attr, horizon
         self.groups: dict[str, AsyncHyperBandScheduler] = {}
 
     def _asha(self, trial) -> AsyncHyperBandScheduler | None:
@@ -230,8 +234,8 @@ class PerGroupASHA(FIFOScheduler):
             return None
         if spec["group"] not in self.groups:
             self.groups[spec["group"]] = AsyncHyperBandScheduler(
-                time_attr="progress/step", metric=search.METRIC, mode=search.MODE,
-                max_t=spec["cfg"]["train"]["max_steps"] + 1, grace_period=self.grace_steps,
+                time_attr=self.time_attr, metric=search.METRIC, mode=search.MODE,
+                max_t=self.horizon or spec["cfg"]["train"]["max_steps"] + 1, grace_period=self.grace,
                 reduction_factor=self.reduction_factor, brackets=1)
         return self.groups[spec["group"]]
 

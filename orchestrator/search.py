@@ -127,9 +127,9 @@ def check_sweep(sweep) -> list[tuple[str, str]]:
         problems.append(("sweep.grace_steps", f"must be >= 1, got {sweep.grace_steps}"))
     if sweep.reduction_factor < 2:
         problems.append(("sweep.reduction_factor", f"must be >= 2, got {sweep.reduction_factor}"))
-    if sweep.budget is not None and sweep.budget < 1:
-        problems.append(("sweep.budget", f"must be >= 1 optimizer steps or null, got {sweep.budget}"))
-    return problems
+    from orchestrator.budget import check_unit
+
+    return problems + check_unit(sweep)
 
 
 def check_search(sweep, cfg, label: str) -> list[tuple[str, str]]:

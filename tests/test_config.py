@@ -44,8 +44,9 @@ def test_every_config_option_composes(group, option):
 
 
 @pytest.mark.parametrize("sweep", available_sweeps())
-def test_every_sweep_plans(sweep):
-    plan = make_plan([f"+sweep={sweep}"])
+def test_every_sweep_plans(sweep, tmp_path):
+    # in tmp_path: a FLOPs budget (peft_tuned) measures step costs on the prepared data
+    plan = make_plan([f"+sweep={sweep}", f"storage.path={tmp_path}"])
     assert plan.trials, f"sweep {sweep} has no trials"
     assert len({t.key for t in plan.trials}) == len(plan.trials)
     assert plan.sweep == sweep

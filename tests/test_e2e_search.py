@@ -55,6 +55,17 @@ def _seed_drawing_lora_good_then_ia3_poor() -> int:
     raise AssertionError("no seed in range(100) draws lora good then ia3 poor")
 
 
+def _flops_budget(args, tmp_path, trials: int, steps: float) -> float:
+    """A FLOPs budget that buys `trials` trials of `steps` steps each (measured on the sweep's
+    prepared data, as the plan measures it)."""
+    from orchestrator.budget import step_cost
+    from orchestrator.plan import make_plan
+
+    steps_unit = [a for a in args if not a.startswith("sweep.budget_unit")]
+    plan = make_plan([*steps_unit, f"storage.path={tmp_path / 'runs'}", "dry_run=true"])
+    return trials * steps * step_cost(plan.trials[0].cfg, "budget").cost.flops
+
+
 def test_asha_stops_a_poor_draw_across_a_method_choice_and_the_report_compares_with_the_defaults(tmp_path):
     """One ASHA bracket spans the methods of a choice: the poor IA3 draw is stopped because a LoRA
     draw did better at the rung."""

@@ -35,6 +35,9 @@ def test_crash_then_rerun_resumes_to_the_same_result(make_cfg, tmp_path, faults,
     # Same data order, RNG (dropout) and optimizer state: the resumed run is the uninterrupted one.
     assert resumed["eval/loss"] == pytest.approx(reference["eval/loss"], abs=1e-6)
     assert resumed["train/final_loss"] == pytest.approx(reference["train/final_loss"], abs=1e-6)
+    # the cumulative compute counts the steps before the checkpoint too (replayed from the stream)
+    assert resumed["perf/train_flops"] == pytest.approx(reference["perf/train_flops"], rel=1e-12)
+    assert resumed["perf/train_tokens"] == reference["perf/train_tokens"]
 
 
 def test_half_written_or_corrupted_checkpoints_are_never_restored(make_cfg, tmp_path):

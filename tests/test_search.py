@@ -65,6 +65,63 @@ def test_a_step_budget_sets_the_trials_and_unequal_budgets_are_refused(tmp_path)
     assert err.value.problems[0][0] == "sweep.budget" and "equal budgets" in err.value.problems[0][1]
 
 
+FLOPS = ["sweep.budget_unit=flops", "++sweep.variants=[{method:lora},{method:full},{method:prompt}]"]
+
+
+@pytest.mark.parametrize("extra,key,fragment", [
+    (["sweep.budget_unit=joules", "sweep.budget=10"], "sweep.budget_unit", "steps, tokens, flops"),
+    (["sweep.budget_unit=flops"], "sweep.budget", "needs sweep.budget"),
+    (["sweep.budget_unit=flops", "sweep.budget=1.0e6"], "sweep.budget", "do not cover one step"),
+    (["sweep.budget_unit=tokens", "sweep.budget=100"], "sweep.budget", "do not cover one step"),
+    (["+sweep=rlhf", "sweep.budget_unit=flops", "sweep.budget=1.0e15"], "sweep.budget_unit", "flat sweep"),
+    ([LR, "sweep.num_samples=3", "sweep.budget_unit=flops", "sweep.budget=1.0e12", "sweep.scheduler=asha",
+      "train.eval_every=5", "sweep.grace_steps=500"], "sweep.grace_steps", "no ASHA rung"),
+])
+def test_bad_budget_input_is_refused_naming_the_key(tmp_path, extra, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        plan_of(tmp_path, *extra)
+    assert any(k == key and fragment in msg for k, msg in err.value.problems), err.value.problems
+
+
+def test_a_flops_budget_gives_every_method_the_same_compute(tmp_path):
+    """Full fine-tuning (every weight's gradient) and prompt tuning (longer rows) cost more a step
+    than LoRA, so they get fewer steps; each spends the budget within one of its steps. Costs are
+    measured on the prepared data (the driver's data pass then finds it built)."""
+    from trainers.flops import planned_step
+
+    plan = plan_of(tmp_path, *FLOPS, "sweep.budget=2.0e11")
+    steps = {t.cfg.method.name: t.cfg.train.max_steps for t in plan.trials}
+    assert steps["full"] < steps["lora"] and steps["prompt"] < steps["lora"]
+    for t in plan.trials:
+        per_step = t.step_cost.cost.flops
+        assert t.step_cost.source == "data" and 2.0e11 - per_step < t.cfg.train.max_steps * per_step <= 2.0e11
+        assert per_step < planned_step(t.cfg).flops  # real rows are shorter than data.max_seq_len
+        assert f"train.max_steps={t.cfg.train.max_steps}" in t.overrides  # in the trial's config and key
+    assert (tmp_path / "prepared").is_dir()
+    text = format_plan(plan)
+    assert "cost from data" in text and f"{steps['full']:>6} steps x" in text
+
+
+def test_a_tokens_budget_is_equal_data_and_a_flops_budget_divides_over_searched_trials(tmp_path):
+    """tokens count data positions (not prompt tuning's virtual tokens): lora and prompt get the
+    same steps. A searched grid point splits its budget over sweep.num_samples trials, and ASHA's
+    rungs go in the budget's unit from the cheapest point's grace_steps."""
+    from orchestrator.budget import asha_settings
+
+    plan = plan_of(tmp_path, *FLOPS, "sweep.budget_unit=tokens", "sweep.budget=20000")
+    steps = {t.cfg.method.name: t.cfg.train.max_steps for t in plan.trials}
+    assert steps["lora"] == steps["prompt"] == steps["full"]
+    plan = plan_of(tmp_path, *FLOPS, LR, "sweep.budget=3.0e11", "sweep.num_samples=3", "sweep.scheduler=asha",
+                   "train.eval_every=5", "sweep.grace_steps=5")
+    alone = plan_of(tmp_path, *FLOPS, "sweep.budget=1.0e11")
+    assert [t.cfg.train.max_steps for t in plan.trials] == [t.cfg.train.max_steps for t in alone.trials]
+    assert all(g.num_samples == 3 for g in plan.groups)
+    settings = asha_settings(plan)
+    cheapest = min(t.step_cost.cost.flops for t in plan.trials)
+    assert settings["time_attr"] == "perf/train_flops" and settings["grace"] == 5 * cheapest
+    assert settings["horizon"] == pytest.approx(1.0e11)
+
+
 def test_search_is_refused_on_a_pipeline(tmp_path):
     with pytest.raises(ConfigError) as err:
         make_plan(["+sweep=rlhf", f"storage.path={tmp_path}", LR])
@@ -188,3 +245,11 @@ def test_eval_every_logs_eval_loss_during_training(tmp_path):
     assert during[0][1] != during[1][1] and math.isfinite(metrics["eval/loss"])
     train_steps = [step for step, m in tracker.logged if step is not None and "train/loss" in m]
     assert train_steps == [3, 6]
+    # cumulative FLOPs and tokens at every logging step and beside every evaluation (ASHA's time
+    # axis with sweep.budget_unit=flops), and as a final metric
+    flops = [(step, m["perf/train_flops"]) for step, m in tracker.logged
+             if step is not None and "perf/train_flops" in m]
+    assert [step for step, _ in flops] == [2, 3, 4, 6]
+    assert all(a < b for (_, a), (_, b) in zip(flops, flops[1:])) and metrics["perf/train_flops"] == flops[-1][1]
+    # every step's rows padded to their batch: at least the tokens trained on
+    assert metrics["perf/train_tokens"] >= metrics["perf/tokens_per_s"] * metrics["time/train_s"] * 0.999

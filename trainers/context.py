@@ -110,6 +110,17 @@ class TrialContext:
         except (ValueError, OSError):
             return None
 
+    def step_cost(self, model):
+        """What one micro-batch of this trial costs (trainers.flops.StepCounter), from the loaded
+        model's own config; None for a model the FLOPs model does not know (no perf/train_flops)."""
+        from trainers.flops import StepCounter
+        from trainers.parallel import unwrap
+
+        try:
+            return StepCounter(self.cfg, unwrap(model).config)
+        except (ValueError, AttributeError):
+            return None
+
     @staticmethod
     def artifact_bytes(directory: Path) -> int:
         return sum(p.stat().st_size for p in directory.glob("*.safetensors"))

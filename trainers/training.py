@@ -15,6 +15,7 @@ from trainers.checkpoint import CheckpointManager
 from trainers.config import TrainConfig
 from trainers.data import Example, example_lengths, pad_batch, varlen_kwargs
 from trainers.faults import FaultPlan
+from trainers.memory.terms import Cost
 from trainers.runtime import DistInfo, PeakMemory
 from trainers.tracking import Tracker
 
@@ -174,6 +175,16 @@ def step_shapes(examples, train: TrainConfig, dist: DistInfo, group_by_length: b
     return [batch_shape([next(stream) for _ in range(train.grad_accum)]) for _ in range(start, train.max_steps)]
 
 
+def cost_before(examples, train: TrainConfig, dist: DistInfo, group_by_length: bool, start: int,
+                step_cost: Callable[[list], Cost] | None) -> Cost:
+    """This rank's cost of steps 1..start (a resumed run's cumulative FLOPs go on from there),
+    from the same seeded stream the steps ran on."""
+    if not (step_cost and start):
+        return Cost()
+    stream = data_stream(examples, train, dist, group_by_length, 0)
+    return sum((step_cost(next(stream)) for _ in range(start * train.grad_accum)), Cost())
+
+
 @dataclass
 class LoopStats:
     steps: int = 0
@@ -182,12 +193,23 @@ class LoopStats:
     last_loss: float = float("nan")
     resumed_from: int = 0  # step of the checkpoint this run continued from (0: fresh start)
     last_extras: dict = field(default_factory=dict)  # the loss_fn's extra metrics, last logged window
+    # Cumulative over all ranks, from step 1 (a resumed run counts the steps before it): FLOPs
+    # and data positions run (trainers/flops.py); None when the loop has no step_cost.
+    flops: float | None = None
+    positions: int = 0
 
     def as_metrics(self, trainable: int, total: int) -> dict[str, float]:
         """The final metrics every recipe reports about its training run."""
         return {"model/trainable_params": trainable, "model/total_params": total,
                 "perf/tokens_per_s": self.tokens_per_s, "time/train_s": self.train_s,
-                "train/final_loss": self.last_loss, "train/resumed_from_step": self.resumed_from}
+                "train/final_loss": self.last_loss, "train/resumed_from_step": self.resumed_from,
+                **self.compute()}
+
+    def compute(self) -> dict[str, float]:
+        """perf/train_flops and perf/train_tokens so far (nothing without a step_cost)."""
+        if self.flops is None:
+            return {}
+        return {"perf/train_flops": self.flops, "perf/train_tokens": self.positions}
 
     @property
     def tokens_per_s(self) -> float:
@@ -202,11 +224,28 @@ class _LogWindow:
     tokens: int = 0
     extras: dict[str, float] = field(default_factory=dict)
     start: float = field(default_factory=time.perf_counter)
+    cost: Cost = field(default_factory=Cost)  # this rank's FLOPs and positions since the last log
 
-    def add_micro(self, n_tokens: int, extras: dict[str, float], grad_accum: int) -> None:
+    def add_micro(self, n_tokens: int, extras: dict[str, float], grad_accum: int, cost: Cost | None) -> None:
         self.tokens += n_tokens
+        self.cost = self.cost + cost if cost is not None else self.cost
         for name, value in extras.items():
             self.extras[name] = self.extras.get(name, 0.0) + value / grad_accum
+
+    def settle_cost(self, dist: DistInfo, stats: "LoopStats") -> dict[str, float]:
+        """Adds the window's cost, summed over ranks (a collective: every rank calls it at the same
+        step), to `stats`; returns the cumulative perf/train_flops and perf/train_tokens."""
+        import torch
+        import torch.distributed as torch_dist
+
+        if stats.flops is None:
+            return {}
+        sums = torch.tensor([self.cost.flops, self.cost.tokens], dtype=torch.float64)
+        if dist.world_size > 1:
+            torch_dist.all_reduce(sums)
+        stats.flops, stats.positions = stats.flops + float(sums[0]), stats.positions + int(sums[1])
+        self.cost = Cost()
+        return stats.compute()
 
     def log(self, step: int, n_steps: int, lr: float, dist: DistInfo, tracker: Tracker, stats: "LoopStats") -> None:
         """Hands the window's per-step means (averaged over ranks, tokens summed) to the tracker at
@@ -227,6 +266,7 @@ class _LogWindow:
             "train/lr": lr,
             "train/tokens_per_s": float(sums[0]) / max(elapsed, 1e-9),
             **stats.last_extras,
+            **self.settle_cost(dist, stats),
         }, step=step)
 
 
@@ -246,9 +286,11 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
                tracker: Tracker, checkpoints: CheckpointManager | None = None,
                faults: FaultPlan | None = None, loss_fn: LossFn | None = None,
                group_by_length: bool = False, evaluate: Callable[[Any], dict] | None = None,
-               memory: PeakMemory | None = None) -> LoopStats:
+               memory: PeakMemory | None = None, step_cost: Callable[[list], Cost] | None = None) -> LoopStats:
     """Runs train.max_steps optimizer steps; logs train/loss, train/lr, train/tokens_per_s (and
-    the extra metrics of `loss_fn`, which defaults to the causal-LM loss on `examples`).
+    the extra metrics of `loss_fn`, which defaults to the causal-LM loss on `examples`), and with
+    `step_cost` (a micro-batch's Cost: trainers.flops.StepCounter) the cumulative
+    perf/train_flops and perf/train_tokens, also beside each periodic evaluation.
     `examples` may be PackedRows (data.pack_examples); `group_by_length` is data.group_by_length.
     `memory` (the trial's started PeakMemory) is told each step's batch shape, so that on CPU it
     watches only the steps that can raise the peak.
@@ -262,11 +304,12 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
 
     optimizer = build_optimizer(model.parameters(), train)
     scheduler = build_scheduler(optimizer, train)
-    stats = LoopStats()
+    stats = LoopStats(flops=0.0 if step_cost else None)
     restored = checkpoints.restore(model, optimizer, scheduler) if checkpoints else None
     start = restored.step if restored else 0
     stats.resumed_from = start
     stream = data_stream(examples, train, dist, group_by_length, start)
+    window = _LogWindow(cost=cost_before(examples, train, dist, group_by_length, start, step_cost))
     loss_fn = loss_fn or causal_lm_loss(pad_id, device)
     # Compiled forward and backward; checkpoints, no_sync and the caller keep the plain module.
     forward_model = torch.compile(model) if train.compile else model
@@ -274,7 +317,6 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
     memory = memory or PeakMemory(device)  # one never started does nothing
     if memory.watches_steps:  # the shapes of the steps to come, from a second copy of the seeded stream
         memory.plan(step_shapes(examples, train, dist, group_by_length, start))
-    window = _LogWindow()
     started, eval_s = time.perf_counter(), 0.0
     model.train()
     for step in range(start + 1, train.max_steps + 1):
@@ -292,7 +334,7 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
             with no_sync(model) if micro < train.grad_accum - 1 else contextlib.nullcontext():
                 loss.backward()
             step_loss += loss.item()
-            window.add_micro(n_tokens, extras, train.grad_accum)
+            window.add_micro(n_tokens, extras, train.grad_accum, step_cost(batch) if step_cost else None)
         if not math.isfinite(step_loss):
             raise NonFiniteLossError(f"non-finite loss at step {step}")
         if train.max_grad_norm > 0:
@@ -317,7 +359,7 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
             results = evaluate(model)
             spent = time.perf_counter() - evaluated_at
             eval_s, window.start = eval_s + spent, window.start + spent  # evaluating is not training
-            tracker.log_metrics(results, step=step)
+            tracker.log_metrics({**results, **window.settle_cost(dist, stats)}, step=step)
     timeline.mark("last_step")
     # The loop's wall time, logging included (it only queues), periodic evaluation excluded.
     stats.train_s = time.perf_counter() - started - eval_s

@@ -114,6 +114,12 @@ class BottleneckTerms(MethodTerms):
     def block_bytes(self, step) -> float:
         return step.T * step.shape.hidden * 4 + step.T * self.size * 4  # its fp32 input and activation
 
+    def block_flops(self, shape, tokens: int, input_grad: bool) -> tuple[float, float, bool]:
+        """down and up forward; backward both weight gradients, up's input gradient, down's where
+        the block's output wants one."""
+        one = 2.0 * tokens * shape.hidden * self.size
+        return 2 * one, 3 * one + (one if input_grad else 0.0), True
+
 
 def memory_terms(shape, method) -> BottleneckTerms:
     return BottleneckTerms(size=method.bottleneck_size)

@@ -94,6 +94,9 @@ class IA3Terms(MethodTerms):
     def adapts(self, target: str) -> bool:
         return target in self.targets
 
+    def scales_input(self, target: str) -> bool:
+        return target in self.feedforward
+
     def keeps_input(self, step, target: str) -> bool:
         return target in self.feedforward and step.act == 4  # scaling an fp32 input keeps it
 

@@ -142,6 +142,18 @@ class LoraTerms(MethodTerms):
         return widest + (tokens * shape.hidden * 4 if act != 4 else 0)
 
 
+    def branch_flops(self, shape, target: str, tokens: int, input_grad: bool) -> tuple[float, float]:
+        """x -> A -> B: two rank-r matmuls forward; backward both weight gradients, B's input
+        gradient (A trains), A's where the layer's input wants one. DoRA also runs the identity
+        through the branch each forward for the weight norm (detached: no backward)."""
+        if target not in self.targets:
+            return 0.0, 0.0
+        fan_in, fan_out, _ = shape.linears()[target]
+        a, b = 2.0 * tokens * fan_in * self.rank, 2.0 * tokens * self.rank * fan_out
+        norm = 2.0 * fan_in * self.rank * (fan_in + fan_out) if self.dora else 0.0
+        return a + b + norm, a + 2 * b + (a if input_grad else 0.0)
+
+
 def memory_terms(shape, method) -> LoraTerms:
     return LoraTerms(targets=tuple(lora_targets(shape, method)), rank=method.r, dropout=method.dropout,
                      dora=method.use_dora)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainers.memory.terms import MethodTerms
 from trainers.methods.base import register
 from trainers.methods.base import MethodConfig, MethodSpec, positive, prepare_quantized_base
 
@@ -45,10 +46,26 @@ def trainable_sizes(shape, method) -> list[int]:
     return [n * 2 * L * kv]
 
 
-def memory_terms(shape, method):
-    from trainers.memory.terms import MethodTerms
+@dataclass(frozen=True)
+class PrefixTerms(MethodTerms):
+    """A trained key/value prefix in every attention; with prefix_projection, made per row by an MLP."""
 
-    return MethodTerms(attention_grad=True)
+    tokens: int = 0  # num_virtual_tokens
+    projection: int = 0  # encoder_hidden_size with prefix_projection, else 0
+
+    def prompt_flops(self, shape, rows: int) -> tuple[float, float]:
+        """The projection (kv width -> e -> layers x 2 x kv width) runs on each row's copy of the
+        prefix embeddings; every weight and the embeddings train: backward twice the forward."""
+        if not self.projection:
+            return 0.0, 0.0
+        kv, e = shape.kv_dim, self.projection
+        forward = 2.0 * rows * self.tokens * (kv * e + e * 2 * shape.layers * kv)
+        return forward, 2 * forward
+
+
+def memory_terms(shape, method) -> PrefixTerms:
+    return PrefixTerms(attention_grad=True, tokens=method.num_virtual_tokens,
+                       projection=method.encoder_hidden_size if method.prefix_projection else 0)
 
 
 register(MethodSpec(name="prefix", config_cls=PrefixConfig, apply=apply, saves="adapter", mergeable=False,

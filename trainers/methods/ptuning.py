@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainers.memory.terms import MethodTerms
 from trainers.methods.base import register
 from trainers.methods.base import MethodConfig, MethodSpec, positive, prepare_quantized_base
 
@@ -55,12 +56,31 @@ def trainable_sizes(shape, method) -> list[int]:
     return [n * h, h * e, e, e * e, e, e * h, h]
 
 
+@dataclass(frozen=True)
+class PromptEncoderTerms(MethodTerms):
+    """The prompt encoder makes the virtual tokens of every row from trained embeddings."""
+
+    tokens: int = 0  # num_virtual_tokens
+    width: int = 0  # encoder_hidden_size
+    lstm: bool = False
+
+    def prompt_flops(self, shape, rows: int) -> tuple[float, float]:
+        """PEFT runs the encoder once per forward, for one row, whatever the batch: MLP hidden ->
+        e -> e -> hidden (lstm: a 2-layer bidirectional LSTM of width e, then 2e -> 2e -> hidden).
+        Every weight trains and so do its input embeddings: backward is twice the forward."""
+        n, e, h = self.tokens, self.width, shape.hidden
+        if self.lstm:
+            forward = 2 * 4 * 2.0 * n * e * ((h + e) + (2 * e + e)) + 2.0 * n * 2 * e * (2 * e + h)
+        else:
+            forward = 2.0 * n * (h * e + e * e + e * h)
+        return forward, 2 * forward
+
+
 def memory_terms(shape, method):
     """The prompt encoder runs once per step, for batch 1."""
-    from trainers.memory.terms import MethodTerms
-
     encoder = method.num_virtual_tokens * (shape.hidden + 2 * method.encoder_hidden_size) * 4
-    return MethodTerms(input_grad=True, per_step_bytes=encoder)
+    return PromptEncoderTerms(input_grad=True, per_step_bytes=encoder, tokens=method.num_virtual_tokens,
+                              width=method.encoder_hidden_size, lstm=method.encoder_type == "lstm")
 
 
 register(MethodSpec(name="ptuning", config_cls=PTuningConfig, apply=apply, saves="adapter", mergeable=False,

@@ -14,13 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from trainers.memory.terms import StageTerms
+
 if TYPE_CHECKING:
     import torch
 
     from trainers.config import ExperimentConfig
     from trainers.context import TrialContext
     from trainers.data import DatasetStats, EvalPrompt, PairExample
-    from trainers.memory.terms import MethodTerms, StageTerms
+    from trainers.memory.terms import MethodTerms
 
 # Data formats each `RecipeSpec.data_kind` trains on (trainers/data.py formats).
 DATA_FORMATS_OF_KIND = {
@@ -48,20 +50,26 @@ def no_combination_limits(cfg: "ExperimentConfig") -> list[tuple[str, str]]:
     return []
 
 
-def no_stage_terms(cfg: "ExperimentConfig", method_terms: "MethodTerms") -> "StageTerms":
-    from trainers.memory.terms import StageTerms
-
+def no_stage_terms(cfg: "ExperimentConfig", method_terms: "MethodTerms") -> StageTerms:
     return StageTerms()
 
 
-def scores_pairs(cfg: "ExperimentConfig", method_terms: "MethodTerms") -> "StageTerms":
+@dataclass(frozen=True)
+class PairTerms(StageTerms):
+    """A stage whose micro-batch is preference pairs, both sides padded together in one forward
+    (pair_logprobs, the reward model's pair_scores)."""
+
+    def sequences(self, batch: list):
+        pairs = [getattr(item, "pair", item) for item in batch]  # DPO's items carry reference log-probs
+        return [(len(p.chosen.input_ids),) for p in pairs] + [(len(p.rejected.input_ids),) for p in pairs]
+
+
+def scores_pairs(cfg: "ExperimentConfig", method_terms: "MethodTerms") -> StageTerms:
     """memory_terms of a stage that scores each preference pair's chosen and rejected answers in
     one forward, in training and in evaluation."""
-    from trainers.memory.terms import StageTerms
-
-    return StageTerms(sequences_per_row=2, eval_sequences_per_row=2,
-                      note=f"stage {cfg.stage.name}: chosen + rejected = {2 * cfg.train.batch_size} sequences "
-                           "per micro-batch")
+    return PairTerms(sequences_per_row=2, eval_sequences_per_row=2,
+                     note=f"stage {cfg.stage.name}: chosen + rejected = {2 * cfg.train.batch_size} sequences "
+                          "per micro-batch")
 
 
 @dataclass

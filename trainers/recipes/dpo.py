@@ -21,6 +21,7 @@ reward model's mean score of the answers before and after (`eval/reward_mean[_in
 
 from __future__ import annotations
 
+import dataclasses
 from array import array
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -147,7 +148,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
     # --- train
     loss_fn = dpo_loss(stage.beta, stage.nll_weight, pad_id, device)
     stats = train_loop(ctx.wrap_parallel(model), scored, cfg.train, pad_id, device, ctx.dist, ctx.tracker,
-                       checkpoints=ctx.checkpoints, faults=ctx.faults, loss_fn=loss_fn)
+                       checkpoints=ctx.checkpoints, faults=ctx.faults, loss_fn=loss_fn, step_cost=ctx.step_cost(model))
     metrics.update(stats.as_metrics(start.trainable, start.total))
 
     # --- evaluate and save (rank 0; the others wait at the barrier)
@@ -158,8 +159,15 @@ def run(ctx: TrialContext) -> dict[str, float]:
     return ctx.finish(start.method, model, tokenizer, metrics, evaluate)
 
 
+def memory_terms(cfg, method_terms):
+    """Both sides of a pair in one forward; the reference's log-probs of each pair, one no-grad
+    forward of the untrained policy computed before the first step, charged to the steps that use
+    them (an epoch of steps pays the whole reference pass)."""
+    return dataclasses.replace(scores_pairs(cfg, method_terms), reference_forwards=1)
+
+
 register(RecipeSpec(name="dpo", config_cls=DpoConfig, run=run, data_kind="preference",
                     inputs={"init_from": "policy", "reward_from": "reward_model"},
-                    check_combination=needs_mergeable_method("dpo"), memory_terms=scores_pairs,
+                    check_combination=needs_mergeable_method("dpo"), memory_terms=memory_terms,
                     metric_prefixes=("dpo/",),
                     summary="direct preference optimisation against the frozen starting policy"))

@@ -100,7 +100,8 @@ def run(ctx: TrialContext) -> dict[str, float]:
 
     # --- train
     stats = train_loop(ctx.wrap_parallel(model), data.train, cfg.train, pad_id, device, ctx.dist, ctx.tracker,
-                       checkpoints=ctx.checkpoints, faults=ctx.faults, loss_fn=pairwise_loss(pad_id, eos_id, device))
+                       checkpoints=ctx.checkpoints, faults=ctx.faults, loss_fn=pairwise_loss(pad_id, eos_id, device),
+                       step_cost=ctx.step_cost(model))
     metrics.update(stats.as_metrics(trainable, total))
 
     # --- evaluate and save (rank 0; the others wait at the barrier)

@@ -28,6 +28,7 @@ from trainers.context import TrialContext
 from trainers.data import EvalPrompt
 from trainers.evaluate import normalise_answer
 from trainers.generation import decode, generate
+from trainers.memory.terms import Cost, StageTerms
 from trainers.methods import METHODS
 from trainers.model import count_parameters
 from trainers.policy import Reference, policy_evaluation, reward_scores, reward_sequence, token_logprobs
@@ -160,25 +161,43 @@ def run(ctx: TrialContext) -> dict[str, float]:
     # --- train
     loss_fn = grpo_loss(stage, reference, reward_model, tokenizer, cfg.data.max_new_tokens, device)
     stats = train_loop(ctx.wrap_parallel(model), prompts, cfg.train, tokenizer.pad_token_id, device, ctx.dist, ctx.tracker,
-                       checkpoints=ctx.checkpoints, faults=ctx.faults, loss_fn=loss_fn)
+                       checkpoints=ctx.checkpoints, faults=ctx.faults, loss_fn=loss_fn, step_cost=ctx.step_cost(model))
     metrics.update(stats.as_metrics(trainable, total))
 
     # --- evaluate and save (rank 0; the others wait at the barrier)
     return ctx.finish(spec, model, tokenizer, metrics, answers)
 
 
+@dataclass(frozen=True)
+class RolloutTerms(StageTerms):
+    """Each prompt of a micro-batch sampled num_generations times, the rollouts scored by a reward
+    model and by the reference, then trained on."""
+
+    def sequences(self, batch: list):
+        return [(len(p.prompt_ids),) for p in batch for _ in range(self.sequences_per_row)]
+
+    def step_flops(self, model, rows):
+        """Sampling up to data.max_new_tokens (an upper bound: a batch stops early only once every
+        rollout has ended), the reward model's forward of prompt + answer, the reference's forward
+        (the adapter switched off, or a frozen copy: the base alone either way), and the policy's
+        forward and backward of the left-padded rollouts."""
+        prompts, new = [row[0] for row in rows], self.generated_tokens
+        rollouts = [(max(prompts) + new,)] * len(rows)
+        flops = (model.generate(prompts, new) + model.scorer().forward([(p + new,) for p in prompts])
+                 + model.frozen().forward(rollouts) + model.train(rollouts))
+        return Cost(flops, len(rows) * rollouts[0][0])
+
+
 def memory_terms(cfg, method_terms):
     """Each prompt becomes stage.num_generations answers of up to data.max_new_tokens; a reward
     model as large as the policy scores them, and when the method trains the base's own tensors
     (no adapter to switch off for the reference) a frozen copy of the start is the KL reference."""
-    from trainers.memory.terms import StageTerms
-
     own_tensors = method_terms.storage == "base"
     n, new = cfg.stage.num_generations, cfg.data.max_new_tokens
-    return StageTerms(sequences_per_row=n, generated_tokens=new, model_copies=3 if own_tensors else 2,
-                      note=f"stage {cfg.stage.name}: {cfg.train.batch_size * n} rollouts of prompt + {new} new "
-                           "tokens per micro-batch, and a reward model as large as the policy"
-                           + (" and a frozen reference copy" if own_tensors else ""))
+    return RolloutTerms(sequences_per_row=n, generated_tokens=new, model_copies=3 if own_tensors else 2,
+                        note=f"stage {cfg.stage.name}: {cfg.train.batch_size * n} rollouts of prompt + {new} new "
+                             "tokens per micro-batch, and a reward model as large as the policy"
+                             + (" and a frozen reference copy" if own_tensors else ""))
 
 
 register(RecipeSpec(name="rl", config_cls=RlConfig, run=run, data_kind="prompts",

@@ -66,7 +66,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
     stats = train_loop(ctx.wrap_parallel(model), batches, loop_cfg, tokenizer.pad_token_id, device, ctx.dist,
                        ctx.tracker, checkpoints=ctx.checkpoints, faults=ctx.faults,
                        loss_fn=causal_lm_loss(tokenizer.pad_token_id, device, varlen=varlen),
-                       group_by_length=cfg.data.group_by_length, memory=ctx.memory,
+                       group_by_length=cfg.data.group_by_length, memory=ctx.memory, step_cost=ctx.step_cost(model),
                        evaluate=periodic_eval if evaluation is not None and cfg.train.eval_every else None)
     metrics = stats.as_metrics(trainable, total)
 
