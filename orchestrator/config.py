@@ -69,6 +69,10 @@ class SweepConfig:
     # num_samples x max_steps. Set, it fixes num_samples per grid point, and the plan refuses a
     # comparison whose points would get different budgets.
     budget: Optional[int] = None
+    # Memory of one device (24GiB, 512MiB, 8GB, bytes; null = no cap): a trial whose estimate
+    # (peak + runtime overhead, as dry_run prints it) exceeds it is left out before Ray and listed
+    # in the plan with its estimate (orchestrator/memcap.py); promote=true picks within it.
+    memory_limit: Optional[str] = None
 
 
 @dataclass

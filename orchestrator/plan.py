@@ -58,12 +58,15 @@ class Trial:
 @dataclass
 class SkippedTrial:
     """A trial of a comparison left out before Ray: its method cannot work on the model's
-    architecture. Recorded on the sweep's parent run (orchestrator/tracking.py: record_skipped)."""
+    architecture (INAPPLICABLE), or its estimate exceeds sweep.memory_limit (OVER_MEMORY_LIMIT,
+    orchestrator/memcap.py). Recorded on the sweep's parent run (orchestrator/tracking.py:
+    record_skipped)."""
 
     label: str
     overrides: list[str]
     problems: list[tuple[str, str]]
     cfg: ExperimentConfig  # the composed config that was refused
+    state: str = "INAPPLICABLE"  # a key of orchestrator.tracking.SKIP_STATES
 
     @property
     def reason(self) -> str:
@@ -489,10 +492,15 @@ def resolve_cpus(plan: Plan) -> None:
 
 
 def finish_plan(plan: Plan) -> Plan:
-    """Threads, memory estimates and resources of every trial, the fit check, and the concurrency."""
-    resolve_cpus(plan)
+    """Memory estimates, the memory cap, threads and resources of every trial, the fit check, and
+    the concurrency."""
+    from orchestrator import memcap
+
     for t in plan.trials:
         t.estimated_bytes = estimate_bytes(t.cfg)
+    memcap.apply_limit(plan)
+    resolve_cpus(plan)
+    for t in plan.trials:
         t.resources = worker_resources(t.cfg, t.estimated_bytes)
     if plan.base.cluster.address is None:
         check_fit(plan.trials, node_memory_bytes(), "node (this machine)")
@@ -504,8 +512,16 @@ def _amount(name: str, value: float) -> str:
     return f"{value / 2**20:,.0f}MiB" if name == "memory" else f"{value:g}"
 
 
+SKIPPED_HEADINGS = {"INAPPLICABLE": "the method cannot work on this model (sweep.on_inapplicable=error refuses "
+                                    "the sweep instead)",
+                    "OVER_MEMORY_LIMIT": "estimated over sweep.memory_limit (python -m trainers.memory fit MODEL "
+                                         "--memory SIZE: the largest micro-batch that fits)"}
+
+
 def format_plan(plan: Plan) -> str:
-    skipped = f" (+{len(plan.skipped)} skipped as inapplicable)" if plan.skipped else ""
+    from orchestrator.tracking import skipped_summary
+
+    skipped = f" (+{skipped_summary(plan.skipped)})" if plan.skipped else ""
     lines = [f"sweep {plan.sweep}: {len(plan.trials)} trial(s){skipped}, experiment '{plan.experiment}', "
              f"at most {plan.max_concurrent or 'cluster-limited'} at once"]
     width = max((len(t.label) for t in plan.trials), default=5)
@@ -518,10 +534,11 @@ def format_plan(plan: Plan) -> str:
         after = f"  after: {', '.join(labels[k] for k in t.after)}" if t.after else ""
         lines.append(f"  {t.label:<{width}}  {t.key:<12}  {t.cfg.stage.name:<6}  {t.cfg.train.num_workers:>7}  "
                      f"{mem:>9}  {res}{after}")
-    if plan.skipped:
-        lines.append("  skipped before Ray, the method cannot work on this model (sweep.on_inapplicable=error "
-                     "refuses the sweep instead):")
-        lines += [f"    {t.label}: {t.reason}" for t in plan.skipped]
+    for state, heading in SKIPPED_HEADINGS.items():
+        left_out = [t for t in plan.skipped if t.state == state]
+        if left_out:
+            lines.append(f"  skipped before Ray, {heading}:")
+            lines += [f"    {t.label}: {t.reason}" for t in left_out]
     lines += format_search(plan)
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)
