@@ -5,7 +5,7 @@
   (`perf/train_flops`), measured peak memory (`mem/peak_bytes`) and adapter bytes
   (`model/adapter_bytes`: what is stored and shipped per task). A cost no trial logged (runs
   from before `perf/train_flops` existed) is left out, not guessed.
-- The figure `pareto_budget`: the same frontiers drawn (orchestrator/plots.py: pareto_panels).
+- The figure `pareto_budget`: the same frontiers drawn (orchestrator/plots.py: budget_figure).
 - Best under each memory limit: for 4 / 8 / 16 / 24 / 80 GiB (and the sweep's own
   sweep.memory_limit), the best finished trial whose *estimated* memory fits it: the logged
   `mem/estimated_peak_bytes` plus the runtime overhead (orchestrator/memcap.py), the quantity the
@@ -20,14 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from orchestrator import memcap, plots
-from orchestrator.cells import Cell
+from orchestrator.cells import Cell, format_bytes, ran_budget
 
 GIB = 2**30
 MEMORY_LIMITS = tuple(n * GIB for n in (4, 8, 16, 24, 80))
-# metric, name, unit, scale, format: as plots.pareto_panels takes them
-COSTS = (("perf/train_flops", "training FLOPs", "", 1.0, "{:.3g}"),
-         ("mem/peak_bytes", "peak memory", "MiB", plots.MIB, "{:,.1f}"),
-         ("model/adapter_bytes", "adapter bytes", "MiB", plots.MIB, "{:,.2f}"))
+COSTS = plots.BUDGET_COSTS
 SHORT = {"eval/loss": "loss", "eval/accuracy": "accuracy", "perf/train_flops": "FLOPs",
          "mem/peak_bytes": "memory", "model/adapter_bytes": "adapter"}
 
@@ -46,14 +43,7 @@ class Table:
         return lines + [""] + [f"{note}" for note in self.notes] + ([""] if self.notes else [])
 
 
-def candidates(cells: list[Cell]) -> list[Cell]:
-    """Cells with a finished trial that ran its whole budget (not stopped early by ASHA)."""
-    return [c for c in cells if any(r.tags.get("early_stopped") != "true" for r in c.finished)]
-
-
 def _metric_text(cell: Cell, metric: str) -> str:
-    from orchestrator.report import format_bytes
-
     stat = cell.metric(metric)
     if stat is None:
         return "-"
@@ -75,7 +65,7 @@ def frontier_of(cells: list[Cell], quality: str, cost: str) -> set[int]:
 def pareto_table(cells: list[Cell]) -> Table | None:
     """The cells on some quality x cost frontier, with every cost and quality; None when no cost
     varies."""
-    cells = candidates(cells)
+    cells = ran_budget(cells)
     qualities = [q for q, _, _ in plots.QUALITIES if any(c.metric(q) is not None for c in cells)]
     costs = [metric for metric, *_ in COSTS if any(c.metric(metric) is not None for c in cells)]
     on = {i: [] for i in range(len(cells))}
@@ -124,9 +114,7 @@ def _trainable(cell: Cell) -> float:
 def best_under_memory(cells: list[Cell], sweep_limit: int | None) -> Table | None:
     """Per memory limit, the best cell by the headline metric whose estimate fits (a tie goes to
     fewer trainable parameters, as in promote); None when no trial logged an estimate."""
-    from orchestrator.report import format_bytes
-
-    cells = [c for c in candidates(cells) if cell_estimate(c) is not None]
+    cells = [c for c in ran_budget(cells) if cell_estimate(c) is not None]
     metric, mode = headline(cells)
     cells = [c for c in cells if c.metric(metric) is not None]
     if not cells:
@@ -166,12 +154,3 @@ def tables(cells: list[Cell]) -> list[Table]:
                     table.title += f" ({stage} stage)"
                 out.append(table)
     return out
-
-
-def figure(cells: list[Cell], colors: plots.Colors) -> plots.Figure | str:
-    """Quality against training FLOPs, peak memory and adapter bytes, with the frontiers."""
-    panels = plots.pareto_panels(candidates(cells), colors, list(COSTS))
-    if not panels:
-        return "fewer than two finished trials with eval metrics and differing FLOPs, memory or adapter bytes"
-    return plots.Figure("pareto_budget", "Which method for my budget? Quality vs FLOPs, memory, adapter bytes",
-                        panels)

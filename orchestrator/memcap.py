@@ -5,11 +5,12 @@ One quantity throughout: a trial's estimated total, the estimator's peak of live
 (trainers.memory) plus the runtime overhead (CUDA context, or the Python/torch process), the
 number `dry_run=true` prints per trial and `python -m trainers.memory fit` fills.
 
-- Plan (`apply_limit`): a trial whose estimate exceeds the limit is left out before Ray, as a
-  SkippedTrial in state OVER_MEMORY_LIMIT with its estimate and the limit (recorded on the parent
-  run, rows of the report), and so are the pipeline trials that start from it; a searched grid
-  point whose default-setting trial exceeds it is left out whole. A limit that leaves nothing to
-  run refuses the sweep, naming the smallest estimate.
+- Plan (`over_limit`; orchestrator/plan.py: leave_out_over_limit): a trial whose estimate
+  (`estimate_bytes`) exceeds the limit is left out before Ray, as a SkippedTrial in state
+  OVER_MEMORY_LIMIT with its estimate and the limit (recorded on the parent run, rows of the
+  report), and so are the pipeline trials that start from it; a searched grid point whose
+  default-setting trial exceeds it is left out whole. A limit that leaves nothing to run refuses
+  the sweep, naming the smallest estimate.
 - Draws (`draw_refusal`): a drawn trial over the limit (a larger drawn rank or batch) fails as a
   trial of its own, with its estimate, and the next one is drawn; the plan notes each searched
   bound that alone goes over the limit.
@@ -19,13 +20,8 @@ number `dry_run=true` prints per trial and `python -m trainers.memory fit` fills
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from trainers.config import ConfigError
 from trainers.memory.fit import format_size, parse_size
-
-if TYPE_CHECKING:
-    from orchestrator.plan import Plan
 
 KEY = "sweep.memory_limit"
 OVER_MEMORY_LIMIT = "OVER_MEMORY_LIMIT"  # a SkippedTrial's state, and its rows' status in the report
@@ -41,69 +37,55 @@ def limit_bytes(value) -> int | None:
         raise ConfigError([(KEY, str(err))]) from None
 
 
-def apply_limit(plan: "Plan") -> None:
-    """Move the plan's trials over sweep.memory_limit (and those downstream of them) into
-    plan.skipped, with their searched grid points; see the module doc."""
-    from orchestrator.plan import SkippedTrial
-
-    limit = limit_bytes(plan.base.sweep.memory_limit)
-    if limit is None:
-        return
-    over, reasons, labels = set(), {}, {t.key: t.label for t in plan.trials}
-    for t in plan.trials:  # upstream before downstream (plan_pipeline's order)
+def over_limit(trials: list, limit: int) -> list[tuple[object, str]]:
+    """(trial, reason) of each planned trial (orchestrator.plan.Trial) over `limit`, and of each
+    one downstream of those; ConfigError naming the smallest estimate when that is all of them."""
+    over: dict[str, str] = {}
+    labels = {t.key: t.label for t in trials}
+    for t in trials:  # upstream before downstream (plan_pipeline's order)
         upstream = [k for k in t.after if k in over]
         if upstream:
-            reasons[t.key] = f"starts from '{labels[upstream[0]]}', left out over the limit"
+            over[t.key] = f"starts from '{labels[upstream[0]]}', left out over the limit"
         elif t.estimated_bytes is not None and t.estimated_bytes > limit:
-            reasons[t.key] = (f"estimated {format_size(t.estimated_bytes)} per worker (peak + runtime overhead) "
-                              f"> limit {format_size(limit)}")
-        else:
-            continue
-        over.add(t.key)
-    if not over:
-        plan.notes += unchecked_notes(plan)
-        return
-    if len(over) == len(plan.trials):
-        smallest = min((t for t in plan.trials if t.estimated_bytes is not None), key=lambda t: t.estimated_bytes)
+            over[t.key] = (f"estimated {format_size(t.estimated_bytes)} per worker (peak + runtime overhead) "
+                           f"> limit {format_size(limit)}")
+    if trials and len(over) == len(trials):
+        smallest = min((t for t in trials if t.estimated_bytes is not None), key=lambda t: t.estimated_bytes)
         raise ConfigError([(KEY, f"{format_size(limit)} leaves no trial to run: the smallest estimate is "
                                  f"{format_size(smallest.estimated_bytes)} (trial '{smallest.label}')")])
-    plan.skipped += [SkippedTrial(t.label, t.overrides, [(KEY, reasons[t.key])], t.cfg, state=OVER_MEMORY_LIMIT)
-                     for t in plan.trials if t.key in over]
-    plan.trials = [t for t in plan.trials if t.key not in over]
-    plan.groups = [g for g in plan.groups if g.default.key not in over]
-    plan.notes += unchecked_notes(plan)
+    return [(t, over[t.key]) for t in trials if t.key in over]
 
 
-def unchecked_notes(plan: "Plan") -> list[str]:
-    """The trials the estimator cannot size (an unknown architecture): run, but not checked; and
-    the searched bounds that alone put a grid point over the limit."""
-    notes = [f"trial '{t.label}': no memory estimate, not checked against {KEY}"
-             for t in plan.trials if t.estimated_bytes is None]
-    return notes + bound_notes(plan)
-
-
-def bound_notes(plan: "Plan") -> list[str]:
-    """A note per searched bound (each choice, each end of a range) whose draw alone exceeds the
-    limit: such draws will fail as trials of their own."""
+def notes(trials: list, groups: list, limit: int) -> list[str]:
+    """What the plan says about the limit: the trials the estimator cannot size (an unknown
+    architecture), run but not checked; and each searched bound (each choice, each end of a
+    range) whose draw alone exceeds the limit: such draws will fail as trials of their own."""
     from orchestrator import search
-    from orchestrator.plan import estimate_bytes
 
-    limit = limit_bytes(plan.base.sweep.memory_limit)
-    notes = []
-    for group in plan.groups:
+    lines = [f"trial '{t.label}': no memory estimate, not checked against {KEY}"
+             for t in trials if t.estimated_bytes is None]
+    for group in groups:
         for key, dim in group.space.items():
             for value in dim.bounds():
                 estimated = estimate_bytes(search.apply_sample(group.raw, {key: value}))
                 if estimated is not None and estimated > limit:
-                    notes.append(f"search of '{group.label}': {key}={value!r} is estimated at {format_size(estimated)}"
+                    lines.append(f"search of '{group.label}': {key}={value!r} is estimated at {format_size(estimated)}"
                                  f" > {KEY}={format_size(limit)}; draws over the limit fail as trials of their own")
-    return notes
+    return lines
+
+
+def estimate_bytes(cfg) -> int | None:
+    """Per-worker memory to reserve (peak + runtime overhead), or None if the estimator cannot tell."""
+    from trainers.memory import estimate
+
+    try:
+        return int(estimate(cfg, device="cuda" if cfg.train.use_gpu else "cpu").total_bytes)
+    except (ValueError, OSError):
+        return None
 
 
 def draw_refusal(cfg, sweep) -> str | None:
     """Why a drawn trial may not run under sweep.memory_limit (its failure reason), or None."""
-    from orchestrator.plan import estimate_bytes
-
     limit = limit_bytes(sweep.memory_limit)
     if limit is None:
         return None

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.cells import Cell, Stat
+from orchestrator.cells import Cell, Stat, ran_budget
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
@@ -220,6 +220,22 @@ def pareto_panels(cells: list[Cell], colors: Colors, costs: list[tuple[str, str,
     return panels
 
 
+# What a user pays, for "Which method for my budget?" (orchestrator/budget.py): metric, name,
+# unit, scale, format, as pareto_panels takes them.
+BUDGET_COSTS = [("perf/train_flops", "training FLOPs", "", 1.0, "{:.3g}"),
+                ("mem/peak_bytes", "peak memory", "MiB", MIB, "{:,.1f}"),
+                ("model/adapter_bytes", "adapter bytes", "MiB", MIB, "{:,.2f}")]
+
+
+def budget_figure(cells: list[Cell], colors: Colors) -> Figure | str:
+    """Quality against training FLOPs, peak memory and adapter bytes, with the frontiers, of the
+    trials that ran their whole budget; a cost no trial logged has no panel."""
+    panels = pareto_panels(ran_budget(cells), colors, BUDGET_COSTS)
+    if not panels:
+        return "fewer than two finished trials with eval metrics and differing FLOPs, memory or adapter bytes"
+    return Figure("pareto_budget", "Which method for my budget? Quality vs FLOPs, memory, adapter bytes", panels)
+
+
 def loss_curve_figure(cells: list[Cell], histories: dict[str, list[tuple[int, float]]],
                       colors: Colors) -> Figure | str:
     import statistics
@@ -273,8 +289,6 @@ def figures(cells: list[Cell], histories: dict[str, list[tuple[int, float]]]
             ) -> tuple[list[Figure], list[tuple[str, str]]]:
     """The figures that apply to these cells, and (name, why) for those that do not. Stages of a
     pipeline (sft, reward, dpo...) are plotted apart: their losses are not the same quantity."""
-    from orchestrator import budget
-
     colors = Colors()
     for c in cells:  # methods first, so a method keeps its colour in every figure
         colors(c.method)
@@ -285,7 +299,7 @@ def figures(cells: list[Cell], histories: dict[str, list[tuple[int, float]]]
         built = [("loss_accuracy_vs_rank", rank_figure(group, colors)),
                  ("memory_vs_precision", memory_figure(group, colors)),
                  ("pareto", pareto_figure(group, colors)),
-                 ("pareto_budget", budget.figure(group, colors)),
+                 ("pareto_budget", budget_figure(group, colors)),
                  ("train_loss", loss_curve_figure(group, histories, colors)),
                  ("throughput", throughput_figure(group, colors))]
         for name, figure in built:

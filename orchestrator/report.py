@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.cells import Cell, Stat, TrialRow, group_cells
+from orchestrator.cells import Cell, Stat, TrialRow, format_bytes, group_cells
 
 log = logging.getLogger("orchestrator")
 
@@ -60,19 +60,6 @@ def default_stage() -> str:
 
 def _plain(spec: str) -> Callable[[float], str]:
     return lambda value: spec.format(value)
-
-
-BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
-
-
-def format_bytes(mean: float, std: float | None = None) -> str:
-    """One unit for the mean and its spread: '12.3 ± 0.4 MiB'."""
-    name, size = next(((n, s) for n, s in BYTE_UNITS if abs(mean) >= s), ("B", 1))
-    digits = 0 if size == 1 else 1
-    text = f"{mean / size:,.{digits}f}"
-    if std is not None:
-        text += f" ± {std / size:,.{digits}f}"
-    return f"{text} {name}"
 
 
 @dataclass

@@ -109,7 +109,7 @@ def test_the_budget_plot_and_the_page_show_the_same(budget_report):
 
 
 def test_runs_without_training_flops_leave_that_axis_out(store_uri, tmp_path):
-    from orchestrator import budget, plots
+    from orchestrator import plots
 
     cells, out = report_of(store_uri, tmp_path / "out", "no_flops", flops=False)
     md = (out / "comparison.md").read_text()
@@ -117,7 +117,7 @@ def test_runs_without_training_flops_leave_that_axis_out(store_uri, tmp_path):
     assert "training FLOPs" not in next(iter(rows.values()))
     assert "Not logged by these runs, left out: training FLOPs." in md
     assert rows["lora r=4"]["Pareto-optimal on (quality/cost)"] == "loss/adapter, accuracy/memory, accuracy/adapter"
-    figure = budget.figure(cells, plots.Colors())
+    figure = plots.budget_figure(cells, plots.Colors())
     assert figure.panels and not any("FLOPs" in panel.title for panel in figure.panels)
     best = section(md, "Best under each memory limit (estimated)")
     assert best["8.0 GiB"]["best trial"] == "lora r=2" and best["8.0 GiB"]["training FLOPs"] == "-"

@@ -66,7 +66,7 @@ def test_a_trial_over_the_limit_is_left_out_and_listed_with_its_estimate(tmp_pat
     estimate_mib, limit_mib = f"{estimates[64] / MIB:,.1f} MiB", f"{limit / MIB:,.1f} MiB"
     assert estimate_mib in skipped.reason and limit_mib in skipped.reason
     text = format_plan(plan)
-    assert "1 trial(s) (+1 over sweep.memory_limit)" in text
+    assert "1 trial(s) (+1 skipped as over sweep.memory_limit)" in text
     assert "estimated over sweep.memory_limit" in text and f"{skipped.label}: {skipped.reason}" in text
     # At the estimate exactly, it fits: the limit is inclusive.
     assert len(plan_of(tmp_path, BATCHES, f"sweep.memory_limit={estimates[64]}").trials) == 2

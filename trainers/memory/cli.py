@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 from trainers.memory.counts import FLOAT_BYTES, GIB
 from trainers.memory.estimate import RUNTIME_OVERHEAD, estimate
+from trainers.memory.fit import MAX_BATCH, fit_batch, format_size, parse_size
 from trainers.memory.shapes import KNOWN_MODELS, UnknownModelError, load_shape
 
 if TYPE_CHECKING:
@@ -104,8 +105,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["fit"]:
-        from trainers.memory.fit import main as fit_main
-
         return fit_main(argv[1:])
     args = _parser().parse_args(argv)
     checked = check_common(args)
@@ -145,4 +144,66 @@ def main(argv: Optional[list[str]] = None) -> int:
         for est in estimates:
             print()
             print(est.table())
+    return 0
+
+
+def _fit_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m trainers.memory fit",
+        description="Per method and base precision: the largest micro-batch whose estimated memory (peak + "
+                    "runtime overhead) fits --memory, and the gradient accumulation reaching --global-batch.")
+    parser.add_argument("model", metavar="MODEL", help="as for python -m trainers.memory MODEL")
+    parser.add_argument("--memory", required=True, help="per device: 24GiB, 512MiB, 8GB (decimal) or bytes")
+    parser.add_argument("--global-batch", type=int, default=None,
+                        help="rows per optimizer step (per worker); default: no accumulation")
+    add_common_arguments(parser)
+    return parser
+
+
+def fit_main(argv: list[str]) -> int:
+    """python -m trainers.memory fit MODEL --memory SIZE: see trainers/memory/fit.py."""
+    from trainers.methods import METHODS
+
+    args = _fit_parser().parse_args(argv)
+    try:
+        limit = parse_size(args.memory)
+    except ValueError as err:
+        print(f"error: --memory: {err}", file=sys.stderr)
+        return 2
+    if args.global_batch is not None and args.global_batch < 1:
+        print(f"error: --global-batch must be >= 1, got {args.global_batch}", file=sys.stderr)
+        return 2
+    args.batch_size = 1
+    checked = check_common(args)
+    if isinstance(checked, int):
+        return checked
+    shape, methods, precisions = checked
+    print_model(shape)
+    print(f"memory limit {format_size(limit)} per device (estimate: peak + runtime overhead)"
+          + (f", global batch {args.global_batch} rows" if args.global_batch else "") + "\n")
+    rows = [("method", "precision", "micro-batch", "grad accum", "global", "estimate")]
+    refusals = []
+    for method in methods:
+        for precision in precisions:
+            cfg = experiment(args.model, method, precision, args)
+            problems = METHODS[method].combination_problems(cfg)
+            if problems:
+                rows.append((method, precision, "n/a", "", "", ""))
+                refusals.append(f"n/a {method} on {precision}: {problems[0][1]}")
+                continue
+            fit = fit_batch(cfg, limit, args.global_batch, shape, args.device)
+            if not fit.fits:
+                rows.append((method, precision, "does not fit", "", "", f"{format_size(fit.total_bytes)} at batch 1"))
+                continue
+            capped = "+" if not args.global_batch and fit.micro_batch == MAX_BATCH else ""
+            rows.append((method, precision, f"{fit.micro_batch}{capped}", str(fit.grad_accum),
+                         str(fit.micro_batch * fit.grad_accum), format_size(fit.total_bytes)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(text.ljust(w) if i < 2 else text.rjust(w) if i < 5 else text
+                        for i, (text, w) in enumerate(zip(row, widths))).rstrip())
+    for line in refusals:
+        print(line)
     return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -117,67 +116,3 @@ def fit_batch(cfg: "ExperimentConfig", limit: int, global_batch: Optional[int] =
     if batch == 0:
         return Fit(0, 0, total(1))
     return Fit(batch, math.ceil(global_batch / batch) if global_batch else 1, total(batch))
-
-
-def _parser():
-    from trainers.memory.cli import add_common_arguments
-
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m trainers.memory fit",
-        description="Per method and base precision: the largest micro-batch whose estimated memory (peak + "
-                    "runtime overhead) fits --memory, and the gradient accumulation reaching --global-batch.")
-    parser.add_argument("model", metavar="MODEL", help="as for python -m trainers.memory MODEL")
-    parser.add_argument("--memory", required=True, help="per device: 24GiB, 512MiB, 8GB (decimal) or bytes")
-    parser.add_argument("--global-batch", type=int, default=None,
-                        help="rows per optimizer step (per worker); default: no accumulation")
-    add_common_arguments(parser)
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    from trainers.memory.cli import check_common, experiment, print_model
-    from trainers.methods import METHODS
-
-    args = _parser().parse_args(argv)
-    try:
-        limit = parse_size(args.memory)
-    except ValueError as err:
-        print(f"error: --memory: {err}", file=sys.stderr)
-        return 2
-    if args.global_batch is not None and args.global_batch < 1:
-        print(f"error: --global-batch must be >= 1, got {args.global_batch}", file=sys.stderr)
-        return 2
-    args.batch_size = 1
-    checked = check_common(args)
-    if isinstance(checked, int):
-        return checked
-    shape, methods, precisions = checked
-    print_model(shape)
-    print(f"memory limit {format_size(limit)} per device (estimate: peak + runtime overhead)"
-          + (f", global batch {args.global_batch} rows" if args.global_batch else "") + "\n")
-    rows = [("method", "precision", "micro-batch", "grad accum", "global", "estimate")]
-    refusals = []
-    for method in methods:
-        for precision in precisions:
-            cfg = experiment(args.model, method, precision, args)
-            problems = METHODS[method].combination_problems(cfg)
-            if problems:
-                rows.append((method, precision, "n/a", "", "", ""))
-                refusals.append(f"n/a {method} on {precision}: {problems[0][1]}")
-                continue
-            fit = fit_batch(cfg, limit, args.global_batch, shape, args.device)
-            if not fit.fits:
-                rows.append((method, precision, "does not fit", "", "", f"{format_size(fit.total_bytes)} at batch 1"))
-                continue
-            capped = "+" if not args.global_batch and fit.micro_batch == MAX_BATCH else ""
-            rows.append((method, precision, f"{fit.micro_batch}{capped}", str(fit.grad_accum),
-                         str(fit.micro_batch * fit.grad_accum), format_size(fit.total_bytes)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(text.ljust(w) if i < 2 else text.rjust(w) if i < 5 else text
-                        for i, (text, w) in enumerate(zip(row, widths))).rstrip())
-    for line in refusals:
-        print(line)
-    return 0
