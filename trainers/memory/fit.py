@@ -1,6 +1,6 @@
 """What fits a memory limit: sizes as users type them, and the largest micro-batch per method.
 
-    python -m trainers.memory fit smollm2-135m --memory 24GiB --seq-len 2048 --global-batch 64
+    python -m trainers.memory fit llama-3-8b --memory 24GiB --seq-len 2048 --global-batch 64
 
 A trial fits a limit when its estimate's total does: the peak of live tensors plus the runtime
 overhead (CUDA context, or the Python/torch process), the same number `dry_run=true` prints and
