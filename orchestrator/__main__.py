@@ -30,7 +30,8 @@ USAGE = """usage: python -m orchestrator [+sweep=NAME] [KEY=VALUE ...]
   sweep.seeds=[0,1,2]    one trial per seed for every grid point (default: [train.seed])
   sweep.on_inapplicable= skip (default: a comparison leaves out, with its reason, a method the
                          model cannot take) | error (refuse the sweep)
-  promote=true           at the end, register the best trial in the MLflow Model Registry
+  sweep.memory_limit=24GiB  per device: leave out trials estimated over it (listed in the plan)
+  promote=true           at the end, register the best trial (within sweep.memory_limit) in the MLflow Model Registry
                          (python -m orchestrator.promote SWEEP_NAME for other metrics and options)
   GROUP=OPTION           config groups: {groups}
 """

@@ -77,6 +77,10 @@ class SweepConfig:
     # of that unit, and its train.max_steps follows from the cost of its step, so every method gets
     # the same compute; ASHA's rungs are in that unit too (orchestrator/budget.py).
     budget_unit: str = "steps"
+    # Memory of one device (24GiB, 512MiB, 8GB, bytes; null = no cap): a trial whose estimate
+    # (peak + runtime overhead, as dry_run prints it) exceeds it is left out before Ray and listed
+    # in the plan with its estimate (orchestrator/memcap.py); promote=true picks within it.
+    memory_limit: Optional[str] = None
 
 
 @dataclass

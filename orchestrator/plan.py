@@ -9,8 +9,9 @@ finished work.
 A trial whose method the model's architecture cannot take (trainers.config.InapplicableError:
 BitFit on a model without biases) is left out of a comparison with its reason
 (`sweep.on_inapplicable=skip`, the default) and the rest is planned; a sweep left with no trial,
-`sweep.on_inapplicable=error` or a pipeline refuses it. A command-line value that a sweep's own
-overrides replace in some trial is named in the plan's notes.
+`sweep.on_inapplicable=error` or a pipeline refuses it. A trial estimated over
+`sweep.memory_limit` is left out the same way (orchestrator/memcap.py). A command-line value
+that a sweep's own overrides replace in some trial is named in the plan's notes.
 
 A pipeline (`sweep.stages`, orchestrator/dag.py) expands stage by stage: a downstream trial's
 `stage.init_from` / `stage.reward_from` is its upstream trial's output directory,
@@ -23,12 +24,14 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from orchestrator import budget, dag
+from orchestrator import budget, dag, memcap
+from orchestrator.memcap import estimate_bytes
 from orchestrator.compose import compose
 from trainers.config import ConfigError, ExperimentConfig, InapplicableError, to_container
 from trainers.identity import digest, identity
@@ -59,12 +62,15 @@ class Trial:
 @dataclass
 class SkippedTrial:
     """A trial of a comparison left out before Ray: its method cannot work on the model's
-    architecture. Recorded on the sweep's parent run (orchestrator/tracking.py: record_skipped)."""
+    architecture (INAPPLICABLE), or its estimate exceeds sweep.memory_limit (OVER_MEMORY_LIMIT,
+    orchestrator/memcap.py). Recorded on the sweep's parent run (orchestrator/tracking.py:
+    record_skipped)."""
 
     label: str
     overrides: list[str]
     problems: list[tuple[str, str]]
     cfg: ExperimentConfig  # the composed config that was refused
+    state: str = "INAPPLICABLE"  # a key of orchestrator.tracking.SKIP_STATES
 
     @property
     def reason(self) -> str:
@@ -429,16 +435,6 @@ def plan_pipeline(overrides: list[str], base: ExperimentConfig, sweep_block: dic
 GiB = 2**30
 
 
-def estimate_bytes(cfg: ExperimentConfig) -> int | None:
-    """Per-worker memory to reserve (peak + runtime overhead), or None if the estimator cannot tell."""
-    from trainers.memory import estimate
-
-    try:
-        return int(estimate(cfg, device="cuda" if cfg.train.use_gpu else "cpu").total_bytes)
-    except (ValueError, OSError):
-        return None
-
-
 def worker_resources(cfg: ExperimentConfig, estimated: int | None = None) -> dict[str, float]:
     """Ray resources of one worker: CPUs; on GPU nodes the GPU fraction the estimate needs (so
     small trials share a GPU); on CPU nodes the estimate as Ray `memory` (so trials that fit share
@@ -510,11 +506,29 @@ def resolve_cpus(plan: Plan) -> None:
                           "cluster, whose nodes this plan does not see; set it to use more")
 
 
+def leave_out_over_limit(plan: Plan) -> None:
+    """The trials estimated over sweep.memory_limit into plan.skipped (and those downstream of
+    them), with their searched grid points (orchestrator/memcap.py)."""
+    limit = memcap.limit_bytes(plan.base.sweep.memory_limit)
+    if limit is None:
+        return
+    over = memcap.over_limit(plan.trials, limit)
+    plan.skipped += [SkippedTrial(t.label, t.overrides, [(memcap.KEY, reason)], t.cfg, state=memcap.OVER_MEMORY_LIMIT)
+                     for t, reason in over]
+    left_out = {t.key for t, _ in over}
+    plan.trials = [t for t in plan.trials if t.key not in left_out]
+    plan.groups = [g for g in plan.groups if g.default.key not in left_out]
+    plan.notes += memcap.notes(plan.trials, plan.groups, limit)
+
+
 def finish_plan(plan: Plan) -> Plan:
-    """Threads, memory estimates and resources of every trial, the fit check, and the concurrency."""
-    resolve_cpus(plan)
+    """Memory estimates, the memory cap, threads and resources of every trial, the fit check, and
+    the concurrency."""
     for t in plan.trials:
         t.estimated_bytes = estimate_bytes(t.cfg)
+    leave_out_over_limit(plan)
+    resolve_cpus(plan)
+    for t in plan.trials:
         t.resources = worker_resources(t.cfg, t.estimated_bytes)
     if plan.base.cluster.address is None:
         check_fit(plan.trials, node_memory_bytes(), "node (this machine)")
@@ -526,8 +540,17 @@ def _amount(name: str, value: float) -> str:
     return f"{value / 2**20:,.0f}MiB" if name == "memory" else f"{value:g}"
 
 
+# SkippedTrial.state -> how the plan counts and lists those trials
+SKIPPED = {"INAPPLICABLE": ("inapplicable", "the method cannot work on this model (sweep.on_inapplicable=error "
+                                            "refuses the sweep instead)"),
+           "OVER_MEMORY_LIMIT": ("over sweep.memory_limit", "estimated over sweep.memory_limit (python -m "
+                                 "trainers.memory fit MODEL --memory SIZE: the largest micro-batch that fits)")}
+
+
 def format_plan(plan: Plan) -> str:
-    skipped = f" (+{len(plan.skipped)} skipped as inapplicable)" if plan.skipped else ""
+    counts = Counter(t.state for t in plan.skipped)
+    skipped = "".join(f" (+{counts[state]} skipped as {short})" for state, (short, _) in SKIPPED.items()
+                      if counts[state])
     lines = [f"sweep {plan.sweep}: {len(plan.trials)} trial(s){skipped}, experiment '{plan.experiment}', "
              f"at most {plan.max_concurrent or 'cluster-limited'} at once"]
     width = max((len(t.label) for t in plan.trials), default=5)
@@ -540,10 +563,11 @@ def format_plan(plan: Plan) -> str:
         after = f"  after: {', '.join(labels[k] for k in t.after)}" if t.after else ""
         lines.append(f"  {t.label:<{width}}  {t.key:<12}  {t.cfg.stage.name:<6}  {t.cfg.train.num_workers:>7}  "
                      f"{mem:>9}  {res}{after}")
-    if plan.skipped:
-        lines.append("  skipped before Ray, the method cannot work on this model (sweep.on_inapplicable=error "
-                     "refuses the sweep instead):")
-        lines += [f"    {t.label}: {t.reason}" for t in plan.skipped]
+    for state, (_, heading) in SKIPPED.items():
+        left_out = [t for t in plan.skipped if t.state == state]
+        if left_out:
+            lines.append(f"  skipped before Ray, {heading}:")
+            lines += [f"    {t.label}: {t.reason}" for t in left_out]
     lines += format_search(plan) + budget.format_budget(plan)
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)

@@ -8,6 +8,8 @@ those skipped and why (a rank plot needs ranks that vary, a precision plot preci
     memory_vs_precision     measured (and estimated) peak memory per precision
     pareto                  quality against trainable parameters and against peak memory, with
                             the Pareto frontier (no other trial is better on both axes)
+    pareto_budget           quality against training FLOPs, peak memory and adapter bytes, with
+                            the frontier (orchestrator/answer.py: "Which method for my budget?")
     train_loss              training-loss curves overlaid (mean ± std band over seeds)
     throughput              training tokens/s per trial, coloured by method
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.cells import Cell, Stat
+from orchestrator.cells import Cell, Stat, ran_budget
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
@@ -185,6 +187,15 @@ def pareto_frontier(points: list[Point], maximize: bool) -> list[Point]:
 def pareto_figure(cells: list[Cell], colors: Colors) -> Figure | str:
     costs = [("model/trainable_params", "trainable parameters", "", 1.0, "{:,.0f}"),
              ("mem/peak_bytes", "peak memory", "MiB", MIB, "{:,.1f}")]
+    panels = pareto_panels(cells, colors, costs)
+    if not panels:
+        return "fewer than two finished trials with eval metrics and differing parameters or memory"
+    return Figure("pareto", "Quality vs cost, with the Pareto frontier", panels)
+
+
+def pareto_panels(cells: list[Cell], colors: Colors, costs: list[tuple[str, str, str, float, str]]) -> list[Panel]:
+    """A panel per quality x cost (metric, name, unit, scale, format) that at least two cells
+    differ on: every cell a point coloured by method, and the Pareto frontier."""
     panels = []
     for q_metric, q_name, q_fmt in QUALITIES:
         maximize = q_metric == "eval/accuracy"
@@ -206,9 +217,23 @@ def pareto_figure(cells: list[Cell], colors: Colors) -> Figure | str:
                                 if unit or log_x else "")
             panels.append(Panel(f"{q_name} vs {x_name}", x_label, f"{q_name} ({better} is better)", series,
                                 x_log=log_x, note=f"frontier: no trial has less {x_name} and {better} {q_name}"))
+    return panels
+
+
+# What a user pays, for "Which method for my budget?" (orchestrator/answer.py): metric, name,
+# unit, scale, format, as pareto_panels takes them.
+BUDGET_COSTS = [("perf/train_flops", "training FLOPs", "", 1.0, "{:.3g}"),
+                ("mem/peak_bytes", "peak memory", "MiB", MIB, "{:,.1f}"),
+                ("model/adapter_bytes", "adapter bytes", "MiB", MIB, "{:,.2f}")]
+
+
+def budget_figure(cells: list[Cell], colors: Colors) -> Figure | str:
+    """Quality against training FLOPs, peak memory and adapter bytes, with the frontiers, of the
+    trials that ran their whole budget; a cost no trial logged has no panel."""
+    panels = pareto_panels(ran_budget(cells), colors, BUDGET_COSTS)
     if not panels:
-        return "fewer than two finished trials with eval metrics and differing parameters or memory"
-    return Figure("pareto", "Quality vs cost, with the Pareto frontier", panels)
+        return "fewer than two finished trials with eval metrics and differing FLOPs, memory or adapter bytes"
+    return Figure("pareto_budget", "Which method for my budget? Quality vs FLOPs, memory, adapter bytes", panels)
 
 
 def loss_curve_figure(cells: list[Cell], histories: dict[str, list[tuple[int, float]]],
@@ -274,6 +299,7 @@ def figures(cells: list[Cell], histories: dict[str, list[tuple[int, float]]]
         built = [("loss_accuracy_vs_rank", rank_figure(group, colors)),
                  ("memory_vs_precision", memory_figure(group, colors)),
                  ("pareto", pareto_figure(group, colors)),
+                 ("pareto_budget", budget_figure(group, colors)),
                  ("train_loss", loss_curve_figure(group, histories, colors)),
                  ("throughput", throughput_figure(group, colors))]
         for name, figure in built:

@@ -1,14 +1,17 @@
 """Register a sweep's best trial in the MLflow Model Registry, ready to serve:
 
     python -m orchestrator.promote SWEEP_NAME [metric=eval/accuracy] [mode=max] [tracking.uri=...]
-                                              [name=SWEEP_NAME-best] [merge=true]
+                                              [name=SWEEP_NAME-best] [merge=true] [memory_limit=24GiB]
 
 metric and mode default to the headline metric of the candidates' stage (RecipeSpec.headline:
 eval/accuracy, max, for every stage that produces a text-generation model today).
 
 Reads the newest parent run of the sweep (tag `sweep`) and its trials the way the report does
 (orchestrator/cells.py: trials differing only by seed are one cell, scored by their mean over the
-finished seeds; trials ASHA stopped early are not candidates). The best cell by `metric` wins,
+finished seeds; trials ASHA stopped early are not candidates). Under a memory limit (the sweep's
+own sweep.memory_limit, as its trials logged it, or memory_limit=SIZE; memory_limit=none: no cap)
+only trials whose estimated memory fits it are candidates (orchestrator/memcap.py: the logged
+mem/estimated_peak_bytes plus the runtime overhead). The best cell by `metric` wins,
 ties going to fewer trainable parameters; of its seeds, the one with the best own value is
 registered. The registered model is an MLflow
 `transformers` text-generation model logged into that trial's run: the base with the trial's
@@ -31,7 +34,9 @@ from importlib import metadata
 from pathlib import Path
 
 # metric and mode "": the candidates' stage's headline (RecipeSpec.headline); mode alone defaults to max.
-DEFAULTS = {"metric": "", "mode": "", "tracking.uri": "sqlite:///mlflow.db", "name": "", "merge": "true"}
+# memory_limit "": the sweep's own sweep.memory_limit (none when it had none); "none": no cap.
+DEFAULTS = {"metric": "", "mode": "", "tracking.uri": "sqlite:///mlflow.db", "name": "", "merge": "true",
+            "memory_limit": ""}
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 MODEL_ARTIFACT = "registered_models"  # where in the trial's run each promotion logs its served model
 SERVING_PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "tokenizers")
@@ -51,6 +56,7 @@ class Winner:
     seeds: int
     trainable: float | None
     metric: str = ""  # what it won by
+    memory_note: str = ""  # the memory limit it was chosen within, and what that left out
 
 
 @dataclass
@@ -71,7 +77,7 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
     positional = [a for a in argv if "=" not in a]
     if len(positional) != 1:
         raise PromoteError("usage: python -m orchestrator.promote SWEEP_NAME [metric=...] [mode=max|min] "
-                           "[tracking.uri=...] [name=...] [merge=true|false]")
+                           "[tracking.uri=...] [name=...] [merge=true|false] [memory_limit=SIZE|none]")
     options = dict(DEFAULTS)
     for arg in argv:
         if "=" in arg:
@@ -83,7 +89,36 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
         raise PromoteError(f"mode: must be max or min, got {options['mode']!r}")
     if options["merge"].lower() not in TRUE + FALSE:
         raise PromoteError(f"merge: must be true or false, got {options['merge']!r}")
+    if options["memory_limit"].lower() not in ("", "none", "null"):
+        memory_limit(options["memory_limit"])
     return positional[0], options
+
+
+def memory_limit(text: str) -> int:
+    from trainers.memory.fit import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise PromoteError(f"memory_limit: {err}") from None
+
+
+def within_limit(candidates, limit: int | None) -> tuple[list, str]:
+    """The candidates whose estimated memory fits `limit`, and a note saying what it left out."""
+    from orchestrator.memcap import within
+    from trainers.memory.fit import format_size
+
+    if limit is None:
+        return candidates, ""
+    kept = [r for r in candidates if within(r, limit)]
+    note = (f"within memory limit {format_size(limit)} (estimated: mem/estimated_peak_bytes + runtime overhead); "
+            f"{len(candidates) - len(kept)} of {len(candidates)} finished trial(s) over it or without an estimate "
+            "were not candidates")
+    if not kept:
+        raise PromoteError(f"no FINISHED trial is estimated within memory limit {format_size(limit)}: "
+                           f"{len(candidates)} finished trial(s) over it or without an estimate (memory_limit=none "
+                           "promotes without the cap)")
+    return kept, note
 
 
 def latest_parent(client, sweep: str):
@@ -96,8 +131,9 @@ def latest_parent(client, sweep: str):
     return runs[0]
 
 
-def pick_winner(rows, metric: str, mode: str) -> Winner:
-    """The best finished trial of causal-LM stages by `metric` (seed cells averaged); see module doc."""
+def pick_winner(rows, metric: str, mode: str, limit: int | None = None) -> Winner:
+    """The best finished trial of causal-LM stages by `metric` (seed cells averaged), within the
+    memory `limit` (bytes) if one; see module doc."""
     from orchestrator.cells import group_cells
     from trainers.recipes import RECIPES
 
@@ -107,6 +143,7 @@ def pick_winner(rows, metric: str, mode: str) -> Winner:
     if not candidates:
         raise PromoteError("no FINISHED trial (that ran its whole budget) of a stage that produces a "
                            "text-generation model")
+    candidates, memory_note = within_limit(candidates, limit)
     metric, mode = ranking(candidates, metric, mode)
     cells = [c for c in group_cells(candidates) if c.metric(metric) is not None]
     if not cells:
@@ -124,7 +161,7 @@ def pick_winner(rows, metric: str, mode: str) -> Winner:
     stat = best.metric(metric)
     return Winner(run_id=trial.run_id, label=trial.label, trial_key=trial.tags.get("trial_key", ""),
                   value=stat.mean, trial_value=trial.metric(metric), seeds=stat.n,
-                  trainable=trial.metric("model/trainable_params"), metric=metric)
+                  trainable=trial.metric("model/trainable_params"), metric=metric, memory_note=memory_note)
 
 
 def ranking(candidates, metric: str, mode: str) -> tuple[str, str]:
@@ -221,6 +258,8 @@ def register(client, sweep: str, winner: Winner, name: str, merge: bool) -> Prom
             "trainable_params": "" if winner.trainable is None else f"{winner.trainable:.0f}"}
     if served.note:
         tags["note"] = served.note
+    if winner.memory_note:
+        tags["memory_limit"] = winner.memory_note
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -233,9 +272,11 @@ def register(client, sweep: str, winner: Winner, name: str, merge: bool) -> Prom
 
 
 def promote(uri: str, sweep: str, metric: str = DEFAULTS["metric"], mode: str = DEFAULTS["mode"],
-            name: str = "", merge: bool = True, parent_id: str | None = None) -> Promotion:
-    """Register the best trial of the newest run of `sweep` (or of parent run `parent_id`); tags
-    that parent run `promoted_model`."""
+            name: str = "", merge: bool = True, parent_id: str | None = None,
+            limit: str = DEFAULTS["memory_limit"]) -> Promotion:
+    """Register the best trial of the newest run of `sweep` (or of parent run `parent_id`) within
+    the memory `limit` ("": the sweep's own, "none": no cap); tags that parent run `promoted_model`."""
+    from orchestrator.memcap import sweep_limit
     from orchestrator.report import collect
     from orchestrator.tracking import client as make_client
 
@@ -243,7 +284,12 @@ def promote(uri: str, sweep: str, metric: str = DEFAULTS["metric"], mode: str = 
         raise PromoteError(f"tracking.uri: no MLflow store at {uri}")
     client = make_client(uri)
     parent = client.get_run(parent_id) if parent_id else latest_parent(client, sweep)
-    winner = pick_winner(collect(client, parent), metric, mode)
+    rows = collect(client, parent)
+    if limit.lower() in ("none", "null"):
+        cap = None
+    else:
+        cap = memory_limit(limit) if limit else sweep_limit(rows)
+    winner = pick_winner(rows, metric, mode, cap)
     name = name or f"{sweep}-best"
     promotion = register(client, sweep, winner, name, merge)
     client.set_tag(parent.info.run_id, "promoted_model", f"{promotion.name} version {promotion.version}")
@@ -255,7 +301,7 @@ def describe(promotion: Promotion) -> str:
     text = (f"promoted {w.label} (run {w.run_id}, {w.seeds} seed(s): mean {w.value:.4g}, this seed "
             f"{w.trial_value:.4g}) as {promotion.uri} "
             f"({'merged' if promotion.merged else 'base + adapter'})")
-    return text + (f"; {promotion.note}" if promotion.note else "")
+    return text + "".join(f"; {note}" for note in (w.memory_note, promotion.note) if note)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep, options = parse_args(argv)
         promotion = promote(absolute_uri(options["tracking.uri"]), sweep, options["metric"], options["mode"],
-                            options["name"], options["merge"].lower() in TRUE)
+                            options["name"], options["merge"].lower() in TRUE, limit=options["memory_limit"])
     except PromoteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,8 +13,10 @@ deviation over its n finished seeds. Writes, and logs under the parent run's `re
                                      self-contained interactive page (no network needed)
 
 Failed, killed and skipped trials are rows too, with their reason; never silently missing. So are
-the trials the sweep left out before Ray as inapplicable to the model (state INAPPLICABLE; read
-from the parent run's skipped_trials.json).
+the trials the sweep left out before Ray as inapplicable to the model (state INAPPLICABLE) or over
+sweep.memory_limit (state OVER_MEMORY_LIMIT), read from the parent run's skipped_trials.json.
+"Which method for my budget?" (orchestrator/answer.py): a Pareto table of quality against training
+FLOPs, peak memory and adapter bytes, and the best trial under each memory limit.
 The console table printed at the end of a sweep is the same rows and values, fewer columns.
 """
 
@@ -33,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.cells import Cell, Stat, TrialRow, group_cells
+from orchestrator.cells import Cell, Stat, TrialRow, format_bytes, group_cells
 
 log = logging.getLogger("orchestrator")
 
@@ -58,19 +60,6 @@ def default_stage() -> str:
 
 def _plain(spec: str) -> Callable[[float], str]:
     return lambda value: spec.format(value)
-
-
-BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
-
-
-def format_bytes(mean: float, std: float | None = None) -> str:
-    """One unit for the mean and its spread: '12.3 ± 0.4 MiB'."""
-    name, size = next(((n, s) for n, s in BYTE_UNITS if abs(mean) >= s), ("B", 1))
-    digits = 0 if size == 1 else 1
-    text = f"{mean / size:,.{digits}f}"
-    if std is not None:
-        text += f" ± {std / size:,.{digits}f}"
-    return f"{text} {name}"
 
 
 @dataclass
@@ -222,14 +211,15 @@ AFTER_EVERY_RUN = 2**62  # start time that sorts a trial that never ran after th
 
 
 def skipped_rows(client, parent) -> list[TrialRow]:
-    """Rows of the trials the plan skipped as inapplicable (tracking.SweepTracker.record_skipped)."""
+    """Rows of the trials the plan left out (tracking.SweepTracker.record_skipped), in the state it
+    gave them (tracking.SKIP_STATES; a record from before states were recorded was inapplicable)."""
     from orchestrator.tracking import SKIPPED_FILE, SKIPPED_TAG
 
     if not parent.data.tags.get(SKIPPED_TAG):
         return []
     with tempfile.TemporaryDirectory() as tmp:
         records = json.loads(Path(client.download_artifacts(parent.info.run_id, SKIPPED_FILE, tmp)).read_text())
-    return [TrialRow(run_id="", label=r["label"], method=r["method"], stage=r["stage"], status=INAPPLICABLE,
+    return [TrialRow(run_id="", label=r["label"], method=r["method"], stage=r["stage"], status=r.get("state", INAPPLICABLE),
                      params=r["params"], metrics={}, tags={"skip_reason": r["reason"], "overrides": r["overrides"]},
                      start_time=AFTER_EVERY_RUN) for r in records]
 
@@ -346,7 +336,8 @@ def environment_summary(cells: list[Cell]) -> list[str]:
 
 def build_report(client, parent, out_dir: Path | None = None) -> tuple[list[Cell], Path]:
     """Write the report files, log them under the parent run's `report/`; returns cells and dir."""
-    from orchestrator import plots, report_html, tuning
+    from orchestrator import answer, plots, report_html, tuning
+    from orchestrator.tracking import SKIP_STATES
 
     rows = collect(client, parent) + skipped_rows(client, parent)
     cells = group_cells(rows)
@@ -369,11 +360,14 @@ def build_report(client, parent, out_dir: Path | None = None) -> tuple[list[Cell
             skipped.append((figure.name, f"drawing failed: {err}"))
 
     environment = environment_summary(cells)
-    inapplicable = sum(r.status == INAPPLICABLE for r in rows)
-    counts = f"{len(rows) - inapplicable} trial(s)" + (f" (+{inapplicable} skipped as inapplicable to the model)"
-                                                       if inapplicable else "")
+    left_out = Counter(r.status for r in rows if r.status in SKIP_STATES)
+    counts = f"{len(rows) - sum(left_out.values())} trial(s)" + "".join(
+        f" (+{left_out[state]} skipped as {what})" for state, what in SKIP_STATES.items() if left_out[state])
     markdown = [f"# {sweep}", "", f"Parent run `{parent.info.run_id}`, {counts} in {len(cells)} cell(s).",
                 "", markdown_table(cells)]
+    answers = answer.tables(cells)
+    if answers:
+        markdown += ["## Which method for my budget?", ""] + [line for t in answers for line in t.markdown()]
     if parent.data.tags.get("promoted_model"):  # set by orchestrator.promote
         markdown += [f"Promoted to the MLflow Model Registry: {parent.data.tags['promoted_model']}", ""]
     if tuned:
@@ -394,6 +388,7 @@ def build_report(client, parent, out_dir: Path | None = None) -> tuple[list[Cell
         title=f"{sweep}: comparison", subtitle=f"parent run {parent.info.run_id}",
         headers=[c.header for c in columns], rows=[[c.text(cell) for c in columns] for cell in cells],
         figures=drawn, skipped=skipped, not_finished=not_finished(cells), environment=environment,
+        tables=answers,
     ))
     client.log_artifacts(parent.info.run_id, str(out_dir), "report")
     return cells, out_dir

@@ -322,14 +322,22 @@ def _json_for_script(value) -> str:
     return json.dumps(value, allow_nan=False).replace("</", "<\\/")
 
 
-def render(title: str, subtitle: str, headers: list[str], rows: list[list[str]], figures: list,
-           skipped: list[tuple[str, str]], not_finished: list[str], environment: list[str]) -> str:
+def _table(headers: list[str], rows: list[list[str]], table_id: str = "") -> list[str]:
     esc = html.escape
-    table = ["<div class=\"table-wrap\"><table id=\"comparison\"><thead><tr>",
-             *[f"<th>{esc(h)}</th>" for h in headers], "</tr></thead><tbody>"]
-    for row in rows:
-        table.append("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>")
-    table.append("</tbody></table></div>")
+    attribute = f" id=\"{table_id}\"" if table_id else ""
+    out = [f"<div class=\"table-wrap\"><table{attribute}><thead><tr>", *[f"<th>{esc(h)}</th>" for h in headers],
+           "</tr></thead><tbody>"]
+    out += ["<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>" for row in rows]
+    return out + ["</tbody></table></div>"]
+
+
+def render(title: str, subtitle: str, headers: list[str], rows: list[list[str]], figures: list,
+           skipped: list[tuple[str, str]], not_finished: list[str], environment: list[str],
+           tables: list = ()) -> str:
+    """The page; `tables`: further tables (orchestrator.answer.Table: title, headers, rows, notes)
+    under "Which method for my budget?"."""
+    esc = html.escape
+    table = _table(headers, rows, "comparison")
     parts = [
         "<!doctype html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
         f"<title>{esc(title)}</title>", f"<style>{STYLE}</style></head><body>",
@@ -340,6 +348,11 @@ def render(title: str, subtitle: str, headers: list[str], rows: list[list[str]],
     ]
     if not_finished:
         parts += ["<h3>Not finished</h3><ul>", *[f"<li>{esc(line)}</li>" for line in not_finished], "</ul>"]
+    if tables:
+        parts.append("<h2>Which method for my budget?</h2>")
+    for extra in tables:
+        parts += [f"<h3>{esc(extra.title)}</h3>", *_table(extra.headers, extra.rows),
+                  *[f"<p class=\"note\">{esc(note)}</p>" for note in extra.notes]]
     parts += ["<h2>Plots</h2>", ("<p class=\"note\">Hover a point or bar for its trial and values; click a legend "
                                  "entry to hide or show that series.</p>"), "<div id=\"figures\"></div>"]
     if skipped:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from orchestrator import method_search, search
+from orchestrator import memcap, method_search, search
 from orchestrator.dag import PipelineState
 from orchestrator.plan import Plan, SearchGroup, Trial, trial_key
 from trainers.config import ConfigError
@@ -116,7 +116,8 @@ class SweepSearcher(Searcher):
 
     def _draw(self, trial_id: str) -> Trial | None:
         """The next drawn trial of the first grid point with draws left; a draw whose config is
-        invalid fails as a trial of its own (its child run says why) and the next one is drawn."""
+        invalid, or estimated over sweep.memory_limit, fails as a trial of its own (its child run
+        says why) and the next one is drawn."""
         for draws in self.draws:
             while draws.left > 0:
                 drawn = self._new_sample(draws, trial_id)
@@ -159,7 +160,7 @@ class SweepSearcher(Searcher):
             # What `data.template=auto` resolved to: the plan's input check did it for the
             # default-setting trial (orchestrator/__main__.py), and a draw has the same data.
             cfg.data.template = default.cfg.data.template
-            error = None
+            error = memcap.draw_refusal(cfg, self.plan.base.sweep)  # a larger drawn rank or batch
         except ConfigError as err:
             cfg, error = default.cfg, "invalid draw: " + "; ".join(f"{k}: {m}" for k, m in err.problems)
             key = trial_key(cfg) + f"-draw{draws.number}"

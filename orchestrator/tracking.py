@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,14 @@ URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IG
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 # Parent run: the trials a comparison left out as inapplicable to the model (orchestrator/plan.py).
 SKIPPED_TAG, SKIPPED_FILE = "skipped_trials", "skipped_trials.json"
+# Why the plan left a trial out (orchestrator.plan.SkippedTrial.state): its row's status in the report.
+SKIP_STATES = {"INAPPLICABLE": "inapplicable to the model", "OVER_MEMORY_LIMIT": "over sweep.memory_limit"}
+
+
+def skipped_summary(skipped) -> str:
+    """'1 inapplicable to the model, 2 over sweep.memory_limit' of SkippedTrials (or report rows)."""
+    counts = Counter(getattr(t, "state", None) or getattr(t, "status") for t in skipped)
+    return ", ".join(f"{counts[state]} {what}" for state, what in SKIP_STATES.items() if counts[state])
 
 
 def absolute_uri(uri: str) -> str:
@@ -143,9 +152,10 @@ class SweepTracker:
         if not skipped:
             return
         records = [{"label": t.label, "method": t.cfg.method.name, "stage": t.cfg.stage.name, "reason": t.reason,
-                    "overrides": " ".join(t.overrides), "params": config_params(t.config)} for t in skipped]
+                    "state": t.state, "overrides": " ".join(t.overrides), "params": config_params(t.config)}
+                   for t in skipped]
         self.client.log_dict(run_id, records, SKIPPED_FILE)
-        summary = f"{len(skipped)} inapplicable to the model, see {SKIPPED_FILE}: " + "; ".join(t.label for t in skipped)
+        summary = f"{skipped_summary(skipped)}, see {SKIPPED_FILE}: " + "; ".join(t.label for t in skipped)
         self.client.set_tag(run_id, SKIPPED_TAG, summary[:5000])
 
     def find_unfinished_parent(self, plan_key: str):

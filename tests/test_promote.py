@@ -333,3 +333,50 @@ def test_a_model_chat_template_is_served_as_evaluated(tmp_path, make_cfg):
     answers = [out[0]["generated_text"] for out in pipeline(
         [served.prompt_template.format(prompt=r) for r in requests], return_full_text=False, **served.generate)]
     assert [a.strip() for a in answers] == [e.strip() for e in expected]
+
+
+# --------------------------------------------------------------------------- within sweep.memory_limit
+
+
+@pytest.fixture(scope="module")
+def capped_sweep(fake_store):
+    """r=4 is the more accurate but is estimated at 5 GiB (+ 0.5 GiB CPU runtime overhead); r=1 at
+    1 GiB; the sweep ran with sweep.memory_limit=4GiB (its trials log it as a param)."""
+    uri, log_sweep = fake_store
+    peak = {1: 1 * 2**30, 4: 5 * 2**30}
+    parent = log_sweep("capped", ["+sweep=lora_rank", "sweep.axes={method.r:[1,4]}", "sweep.memory_limit=4GiB"],
+                       lambda t: {"eval/accuracy": 0.9 if t.cfg.method.r == 4 else 0.4,
+                                  "mem/estimated_peak_bytes": peak[t.cfg.method.r],
+                                  "model/trainable_params": 1000.0 * t.cfg.method.r})
+    return uri, parent
+
+
+def test_the_best_trial_within_the_sweeps_memory_limit_wins_and_the_output_says_so(capped_sweep):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.memcap import sweep_limit
+    from orchestrator.promote import Promotion, describe
+
+    uri, parent = capped_sweep
+    client = MlflowClient(tracking_uri=uri)
+    rows = collect(client, client.get_run(parent))
+    assert sweep_limit(rows) == 4 * 2**30
+    uncapped = pick_winner(rows, "eval/accuracy", "max")
+    capped = pick_winner(rows, "eval/accuracy", "max", sweep_limit(rows))
+    assert client.get_run(uncapped.run_id).data.params["method.r"] == "4" and not uncapped.memory_note
+    assert client.get_run(capped.run_id).data.params["method.r"] == "1"
+    # under a limit given by hand: r=4's 5 GiB + 0.5 GiB runtime overhead fits 6 GiB
+    assert client.get_run(pick_winner(rows, "eval/accuracy", "max", 6 * 2**30).run_id).data.params["method.r"] == "4"
+    text = describe(Promotion("capped-best", "1", capped, merged=True))
+    assert "within memory limit 4.00 GiB (estimated" in text and "1 of 2 finished trial(s) over it" in text
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["memory_limit=lots"], "memory_limit: 'lots' is not a size"),
+    (["memory_limit=512MiB"], "no FINISHED trial is estimated within memory limit 512.0 MiB"),
+])
+def test_a_bad_or_too_small_memory_limit_exits_2_and_registers_nothing(capped_sweep, capsys, args, reason):
+    uri, _ = capped_sweep
+    assert main(["capped", *args, f"tracking.uri={uri}"]) == 2
+    assert reason in capsys.readouterr().err
+    assert "capped-best" not in registered_names(uri)

@@ -2,6 +2,7 @@
 
     python -m trainers.memory llama-2-7b --seq-len 1024 --batch-size 4
     python -m trainers.memory path/to/config.json --methods full,lora --precisions bf16 --breakdown
+    python -m trainers.memory fit llama-3-8b --memory 24GiB --seq-len 2048 --global-batch 64
 
 `estimate(cfg)` predicts the peak bytes of live tensors in one trial, the quantity that
 `trainers.runtime.PeakMemory` measures (and `mem/peak_bytes` records): base weights at their
@@ -24,7 +25,8 @@ row, models held, output head), so adding a method or a stage touches its own fi
     counts.py       tensor sizes a target list selects, weight bytes (bitsandbytes formats), optimizer states
     activations.py  bytes saved for backward, eval pass
     estimate.py     estimate(cfg) -> MemoryEstimate, by component (reads the registries)
-    cli.py          python -m trainers.memory
+    fit.py          sizes (24GiB, 8GB), the largest micro-batch that fits a memory limit
+    cli.py          python -m trainers.memory [fit]
 
 Accuracy against measurements: tests/test_architectures.py (each family), tests/test_memory.py
 (sft, dpo, rl), benchmarks/estimator_accuracy.py (every method x precision).

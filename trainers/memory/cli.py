@@ -1,4 +1,5 @@
-"""python -m trainers.memory MODEL: estimated peak memory per method and base precision."""
+"""python -m trainers.memory MODEL: estimated peak memory per method and base precision.
+python -m trainers.memory fit MODEL --memory 24GiB: the largest micro-batch that fits (fit.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ from typing import TYPE_CHECKING, Optional
 
 from trainers.memory.counts import FLOAT_BYTES, GIB
 from trainers.memory.estimate import RUNTIME_OVERHEAD, estimate
+from trainers.memory.fit import MAX_BATCH, fit_batch, format_size, parse_size
 from trainers.memory.shapes import KNOWN_MODELS, UnknownModelError, load_shape
 
 if TYPE_CHECKING:
     from trainers.config import ExperimentConfig
 
 
-def _experiment(model: str, method: str, precision: str, args) -> "ExperimentConfig":
+def experiment(model: str, method: str, precision: str, args) -> "ExperimentConfig":
     from trainers.config import DataConfig, ExperimentConfig, ModelConfig, PrecisionConfig, TrainConfig
     from trainers.methods import METHODS
     from trainers.recipes import RECIPES
@@ -38,16 +40,24 @@ def _experiment(model: str, method: str, precision: str, args) -> "ExperimentCon
 def _parser():
     import argparse
 
+    parser = argparse.ArgumentParser(
+        prog="python -m trainers.memory",
+        description="Estimated peak memory (GiB) of fine-tuning MODEL, per method and base precision. "
+                    "`python -m trainers.memory fit MODEL --memory SIZE`: the largest micro-batch that fits.")
+    parser.add_argument("model", metavar="MODEL",
+                        help=f"config.json, model directory, embedded:base or a known name ({', '.join(KNOWN_MODELS)})")
+    parser.add_argument("--batch-size", type=int, default=1, help="rows per micro-batch (default 1)")
+    add_common_arguments(parser)
+    parser.add_argument("--breakdown", action="store_true", help="print every estimate's components")
+    return parser
+
+
+def add_common_arguments(parser) -> None:
+    """The options of both commands: what the trial is, apart from its batch."""
     from trainers.config import OPTIMIZERS, PRECISIONS, default_choice
     from trainers.recipes import RECIPES
 
-    parser = argparse.ArgumentParser(
-        prog="python -m trainers.memory",
-        description="Estimated peak memory (GiB) of fine-tuning MODEL, per method and base precision.")
-    parser.add_argument("model", metavar="MODEL",
-                        help=f"config.json, model directory, embedded:base or a known name ({', '.join(KNOWN_MODELS)})")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
-    parser.add_argument("--batch-size", type=int, default=1, help="rows per micro-batch (default 1)")
     parser.add_argument("--methods", default="full,lora,qlora", help="comma-separated (default full,lora,qlora)")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated (default all)")
     parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
@@ -61,15 +71,12 @@ def _parser():
                         help="also count the eval pass at this batch size (default 0: training only)")
     parser.add_argument("--device", default="cuda", choices=sorted(RUNTIME_OVERHEAD),
                         help="whose runtime overhead to add (default cuda)")
-    parser.add_argument("--breakdown", action="store_true", help="print every estimate's components")
-    return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def check_common(args):
+    """(shape, methods, precisions) of valid arguments, or the exit code 2 after saying what is wrong."""
     from trainers.config import PRECISIONS
     from trainers.methods import METHODS
-
-    args = _parser().parse_args(argv)
 
     methods = [m for m in args.methods.split(",") if m]
     precisions = [p for p in args.precisions.split(",") if p]
@@ -82,20 +89,36 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("error: --seq-len, --batch-size and --rank must be >= 1", file=sys.stderr)
         return 2
     try:
-        shape = load_shape(args.model)
+        return load_shape(args.model), methods, precisions
     except UnknownModelError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+
+def print_model(shape) -> None:
     print(f"{shape.name}: {shape.total_params() / 1e9:.3g}B params (hidden {shape.hidden}, {shape.layers} layers, "
           f"{shape.heads} heads / {shape.kv_heads} kv, vocab {shape.vocab})")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from trainers.methods import METHODS
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fit"]:
+        return fit_main(argv[1:])
+    args = _parser().parse_args(argv)
+    checked = check_common(args)
+    if isinstance(checked, int):
+        return checked
+    shape, methods, precisions = checked
+    print_model(shape)
     print(f"batch {args.batch_size} x seq {args.seq_len}, {args.optimizer}, LoRA r={args.rank}"
           f"{', eval batch ' + str(args.eval_batch_size) if args.eval_batch_size else ''}; "
           f"GiB including {RUNTIME_OVERHEAD[args.device] / GIB:g} GiB {args.device} runtime overhead\n")
     estimates, cells, refusals = [], {}, {}
     for method in methods:
         for precision in precisions:
-            cfg = _experiment(args.model, method, precision, args)
+            cfg = experiment(args.model, method, precision, args)
             problems = METHODS[method].combination_problems(cfg)
             if problems:
                 cells[method, precision] = "n/a"
@@ -121,4 +144,66 @@ def main(argv: Optional[list[str]] = None) -> int:
         for est in estimates:
             print()
             print(est.table())
+    return 0
+
+
+def _fit_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m trainers.memory fit",
+        description="Per method and base precision: the largest micro-batch whose estimated memory (peak + "
+                    "runtime overhead) fits --memory, and the gradient accumulation reaching --global-batch.")
+    parser.add_argument("model", metavar="MODEL", help="as for python -m trainers.memory MODEL")
+    parser.add_argument("--memory", required=True, help="per device: 24GiB, 512MiB, 8GB (decimal) or bytes")
+    parser.add_argument("--global-batch", type=int, default=None,
+                        help="rows per optimizer step (per worker); default: no accumulation")
+    add_common_arguments(parser)
+    return parser
+
+
+def fit_main(argv: list[str]) -> int:
+    """python -m trainers.memory fit MODEL --memory SIZE: see trainers/memory/fit.py."""
+    from trainers.methods import METHODS
+
+    args = _fit_parser().parse_args(argv)
+    try:
+        limit = parse_size(args.memory)
+    except ValueError as err:
+        print(f"error: --memory: {err}", file=sys.stderr)
+        return 2
+    if args.global_batch is not None and args.global_batch < 1:
+        print(f"error: --global-batch must be >= 1, got {args.global_batch}", file=sys.stderr)
+        return 2
+    args.batch_size = 1
+    checked = check_common(args)
+    if isinstance(checked, int):
+        return checked
+    shape, methods, precisions = checked
+    print_model(shape)
+    print(f"memory limit {format_size(limit)} per device (estimate: peak + runtime overhead)"
+          + (f", global batch {args.global_batch} rows" if args.global_batch else "") + "\n")
+    rows = [("method", "precision", "micro-batch", "grad accum", "global", "estimate")]
+    refusals = []
+    for method in methods:
+        for precision in precisions:
+            cfg = experiment(args.model, method, precision, args)
+            problems = METHODS[method].combination_problems(cfg)
+            if problems:
+                rows.append((method, precision, "n/a", "", "", ""))
+                refusals.append(f"n/a {method} on {precision}: {problems[0][1]}")
+                continue
+            fit = fit_batch(cfg, limit, args.global_batch, shape, args.device)
+            if not fit.fits:
+                rows.append((method, precision, "does not fit", "", "", f"{format_size(fit.total_bytes)} at batch 1"))
+                continue
+            capped = "+" if not args.global_batch and fit.micro_batch == MAX_BATCH else ""
+            rows.append((method, precision, f"{fit.micro_batch}{capped}", str(fit.grad_accum),
+                         str(fit.micro_batch * fit.grad_accum), format_size(fit.total_bytes)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(text.ljust(w) if i < 2 else text.rjust(w) if i < 5 else text
+                        for i, (text, w) in enumerate(zip(row, widths))).rstrip())
+    for line in refusals:
+        print(line)
     return 0
