@@ -565,6 +565,5 @@ def format_search(plan: Plan) -> list[str]:
     width = max(len(g.label) for g in plan.groups)
     for g in plan.groups:
         space = method_search.describe_space(g)
-        lines.append(f"  budget {g.label:<{width}}  {g.num_samples} trials x {g.default.cfg.train.max_steps} steps = "
-                     f"{g.budget_steps} steps (<= {g.budget_tokens:,} batch tokens)  over {space}")
+        lines.append(f"  budget {g.label:<{width}}  {budget.format_group(g, sweep)}  over {space}")
     return lines
