@@ -146,6 +146,16 @@ def asha_settings(plan: "Plan") -> dict:
             "horizon": sweep.budget / sweep.num_samples, "reduction_factor": sweep.reduction_factor}
 
 
+def check_searched(plan: "Plan") -> None:
+    """Under tokens or FLOPs the budget sets every trial's steps: a searched train.max_steps would
+    be replaced in every draw."""
+    sweep = plan.base.sweep
+    if sweep.budget_unit != "steps" and any("train.max_steps" in g.space for g in plan.groups):
+        raise ConfigError([("sweep.budget_unit", f"sweep.budget_unit={sweep.budget_unit} sets each trial's "
+                                                 "train.max_steps from sweep.budget: do not search it (sweep.search "
+                                                 "or sweep.method_spaces)")])
+
+
 def check_grace(plan: "Plan") -> None:
     """The first ASHA rung must come before a trial's budget is spent."""
     sweep = plan.base.sweep

@@ -53,6 +53,8 @@ SPACES = "++sweep.method_spaces={lora:{method.r:{choice:[2,4]}},ia3:{train.lr:{l
      "sweep.budget", "do not cover one step of 'prompt'"),
     ([CHOICE, "sweep.budget_unit=flops", "sweep.budget=2.0e11", "sweep.scheduler=asha", "train.eval_every=5",
       "sweep.grace_steps=40"], "sweep.grace_steps", "no ASHA rung"),
+    ([CHOICE, "sweep.budget_unit=flops", "sweep.budget=2.0e11",
+      "++sweep.method_spaces={ia3:{train.max_steps:{choice:[10,20]}}}"], "sweep.budget_unit", "do not search it"),
 ])
 def test_bad_method_choice_is_refused_naming_the_key(tmp_path, extra, key, fragment):
     with pytest.raises(ConfigError) as err:
