@@ -1,8 +1,8 @@
 """Search and scheduling on a real local Ray: a method-choice search under a FLOPs budget (each
 method's own steps, the same FLOPs a trial) whose ASHA stops a poor draw of one method behind a
 better draw of another (its run ends FINISHED, tagged `early_stopped=true` with the step, its
-checkpoints gone) and a report with the tuning table; and a pipeline whose fast branch goes on while its slow branch still runs
-(no waves)."""
+checkpoints gone) and a report with the tuning table; and a pipeline whose fast branch goes on
+while its slow branch still runs (no waves)."""
 
 from __future__ import annotations
 

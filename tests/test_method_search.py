@@ -100,7 +100,8 @@ def test_under_a_flops_budget_each_method_and_each_draw_gets_its_own_steps(tmp_p
 
     budget = 4.0e11
     plan = plan_of(tmp_path, CHOICE, "++sweep.method_spaces={lora:{method.r:{choice:[2,64]}}}",
-                   "sweep.budget_unit=flops", f"sweep.budget={budget}", "sweep.num_samples=8", "sweep.search_alg=random",
+                   "sweep.budget_unit=flops", f"sweep.budget={budget}", "sweep.num_samples=8",
+                   "sweep.search_alg=random",
                    "sweep.scheduler=asha", "train.eval_every=5", "sweep.grace_steps=5")
     per_trial = budget / 8
     steps = {t.cfg.method.name: t.cfg.train.max_steps for t in plan.trials}
