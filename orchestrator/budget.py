@@ -20,11 +20,16 @@ tuning's longer rows cost more FLOPs (not more tokens). The per-step cost is, in
   spend at most the budget;
 
 either way x train.grad_accum x train.num_workers. perf/train_flops and perf/train_tokens log what
-trials spent. Drawn trials run the step count of their grid point's default-setting trial.
+trials spent. A method choice (orchestrator/method_search.py) is one grid point whose trials are
+its methods' default-setting trials and its draws: each method's steps follow from its own step
+cost, and a drawn trial's from its drawn config's (method_search.config_of: a drawn rank or batch
+changes what a step costs), so every trial of the choice spends the same sweep.budget / trials.
 
 ASHA's time axis is the same unit: the worker's cumulative perf/train_tokens or perf/train_flops
 (logged beside every periodic eval/loss), and its grace period is sweep.grace_steps steps of the
-cheapest searched grid point: every trial gets at least grace_steps steps before it can be stopped.
+cheapest default-setting trial of a searched grid point (of a choice: its cheapest method): every
+trial gets at least grace_steps steps before it can be stopped, and a choice's one bracket compares
+its methods' draws at equal compute.
 """
 
 from __future__ import annotations
@@ -136,9 +141,19 @@ def asha_settings(plan: "Plan") -> dict:
     if sweep.budget_unit == "steps":
         return {"time_attr": TIME_ATTR["steps"], "grace": sweep.grace_steps, "horizon": None,
                 "reduction_factor": sweep.reduction_factor}
-    per_step = min(in_unit(g.default.step_cost.cost, sweep.budget_unit) for g in plan.groups)
+    per_step = min(in_unit(t.step_cost.cost, sweep.budget_unit) for g in plan.groups for t in g.defaults)
     return {"time_attr": TIME_ATTR[sweep.budget_unit], "grace": sweep.grace_steps * per_step,
             "horizon": sweep.budget / sweep.num_samples, "reduction_factor": sweep.reduction_factor}
+
+
+def check_searched(plan: "Plan") -> None:
+    """Under tokens or FLOPs the budget sets every trial's steps: a searched train.max_steps would
+    be replaced in every draw."""
+    sweep = plan.base.sweep
+    if sweep.budget_unit != "steps" and any("train.max_steps" in g.space for g in plan.groups):
+        raise ConfigError([("sweep.budget_unit", f"sweep.budget_unit={sweep.budget_unit} sets each trial's "
+                                                 "train.max_steps from sweep.budget: do not search it (sweep.search "
+                                                 "or sweep.method_spaces)")])
 
 
 def check_grace(plan: "Plan") -> None:
@@ -172,5 +187,19 @@ def format_budget(plan: "Plan") -> list[str]:
     if sweep.scheduler == "asha" and plan.groups:
         settings = asha_settings(plan)
         lines.append(f"    ASHA rungs in {sweep.budget_unit} ({settings['time_attr']}): grace {settings['grace']:.4g} "
-                     f"= sweep.grace_steps={sweep.grace_steps} steps of the cheapest grid point")
+                     f"= sweep.grace_steps={sweep.grace_steps} steps of the cheapest searched trial, horizon "
+                     f"{settings['horizon']:.4g} a trial")
     return lines
+
+
+def format_group(group, sweep) -> str:
+    """A searched grid point's budget line: its trials and what each may spend; in tokens or FLOPs
+    also the steps of its default-setting trial (of each method of a choice)."""
+    if sweep.budget_unit == "steps":
+        return (f"{group.num_samples} trials x {group.default.cfg.train.max_steps} steps = {group.budget_steps} steps "
+                f"(<= {group.budget_tokens:,} batch tokens)")
+    steps = ", ".join(f"{name} {b.default.cfg.train.max_steps}" for name, b in group.branches.items()) or \
+        str(group.default.cfg.train.max_steps)
+    drawn = "; a draw: as many as its own step cost buys" if group.branches else ""
+    return (f"{group.num_samples} trials x {sweep.budget / group.num_samples:.4g} {sweep.budget_unit} = "
+            f"{sweep.budget:.4g} {sweep.budget_unit} (steps at the defaults: {steps}{drawn})")

@@ -22,6 +22,12 @@ space (Ray Tune's OptunaSearch(space=callable)), in which a method's own keys ar
 their own ("lora:train.lr"), or the same order with `random`. hyperopt is refused for a method
 choice. ASHA runs one bracket over all the group's draws, whatever their method, so the budget
 goes to the methods whose draws do well.
+
+The budget of a choice is sweep.budget for the whole group. In steps (the default) every method
+takes the same train.max_steps of the same batches. In tokens or FLOPs (orchestrator/budget.py)
+each method gets as many steps as its own step cost buys of sweep.budget / trials, and each draw
+as many as its drawn config's cost buys; ASHA's rungs are then in that unit, so the bracket
+compares draws of different methods at equal compute.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator import search
+from orchestrator import budget, search
 from orchestrator.search import Dimension
 from trainers.config import ConfigError, InapplicableError, to_container
 from trainers.identity import digest
@@ -158,12 +164,17 @@ def plan_branch(plan, overrides: list[str], pairs: list, branch: Branch, seen: d
         raise ConfigError([("sweep.search.method", f"choice {branch.method} gives an invalid trial ({k}: {m}); the "
                             f"overrides a method needs go in sweep.method_spaces.{branch.method}.{FIXED}")
                            for k, m in err.problems]) from None
-    key, label = trial_key(cfg), _label(label_pairs, cfg, multi_seed)
+    label, step_cost = _label(label_pairs, cfg, multi_seed), None
+    if plan.base.sweep.budget_unit != "steps":  # this method's steps: what its own step cost buys
+        steps, step_cost = budget.steps_within(cfg, True, label)
+        trial_overrides.append(override("train.max_steps", steps))
+        cfg = compose(list(overrides) + trial_overrides)
+    key = trial_key(cfg)
     if key in seen:
         raise ConfigError([("sweep", f"trials '{seen[key]}' and '{label}' resolve to the same config")])
     seen[key] = label
     check_given_inputs(cfg)
-    branch.default = Trial(key=key, label=label, overrides=trial_overrides, cfg=cfg)
+    branch.default = Trial(key=key, label=label, overrides=trial_overrides, cfg=cfg, step_cost=step_cost)
     branch.raw = OmegaConf.to_container(compose_raw(list(overrides) + trial_overrides), resolve=False)
     check_branch_space(branch)
     problems = search.check_search(plan.base.sweep, cfg, label)
@@ -191,18 +202,21 @@ def check_branch_space(branch: Branch) -> None:
 
 
 def choice_group(branches: dict[str, Branch], choice: Dimension, shared: dict, sweep):
-    """The SearchGroup of a method choice: one budget, one searcher, one ASHA bracket."""
+    """The SearchGroup of a method choice: one budget, one searcher, one ASHA bracket. In steps its
+    methods must take equal steps of equal batches; in tokens or FLOPs each took its own steps
+    (plan_branch), and their trials spend the same."""
     from orchestrator.plan import SearchGroup
 
     first = next(iter(branches.values()))
     sizes = {b.method: (b.default.cfg.train.max_steps, b.default.cfg.train.batch_size, b.default.cfg.train.grad_accum,
                         b.default.cfg.train.num_workers, b.default.cfg.data.max_seq_len) for b in branches.values()}
-    if len(set(sizes.values())) > 1:
+    if sweep.budget_unit == "steps" and len(set(sizes.values())) > 1:
         raise ConfigError([("sweep.budget", "the methods of a choice must get equal budgets (train.max_steps, batch, "
-                                            f"data.max_seq_len), got {sizes}; check sweep.method_spaces.NAME.{FIXED}")])
+                                            f"data.max_seq_len), got {sizes}; check sweep.method_spaces.NAME.{FIXED}, "
+                                            "or give each the same compute: sweep.budget_unit=flops")])
     num_samples = sweep.num_samples
-    if sweep.budget is not None:
-        num_samples = sweep.budget // first.default.cfg.train.max_steps
+    if sweep.budget is not None and sweep.budget_unit == "steps":
+        num_samples = int(sweep.budget // first.default.cfg.train.max_steps)
     if num_samples < len(branches):
         key = "sweep.budget" if sweep.budget is not None else "sweep.num_samples"
         raise ConfigError([(key, f"a choice of {len(branches)} methods runs each at its defaults first: it needs at "
@@ -284,9 +298,16 @@ def base_of(group, sample: dict):
 
 
 def config_of(group, sample: dict):
-    """The typed config of a drawn sample; ConfigError if the config rejects it."""
+    """The typed config of a drawn sample; ConfigError if the config rejects it. Under
+    sweep.budget_unit=tokens|flops its train.max_steps is what its own step cost buys of a trial's
+    budget: a drawn key that changes the cost (a rank, a batch, virtual tokens) changes its steps,
+    so every trial of the group spends the same."""
     _, raw, values = base_of(group, sample)
-    return search.apply_sample(raw, values)
+    cfg = search.apply_sample(raw, values)
+    if cfg.sweep.budget_unit == "steps":
+        return cfg
+    steps, _ = budget.steps_within(cfg, True, f"{group.label} draw {search.describe(values)}")
+    return search.apply_sample(raw, {**values, "train.max_steps": steps})
 
 
 def label_of(group, number: int, sample: dict) -> str:

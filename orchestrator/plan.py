@@ -224,6 +224,7 @@ def make_plan(overrides: list[str]) -> Plan:
         plan = Plan(sweep=base.sweep.name, experiment=experiment, trials=[], base=base)
         plan_grid(overrides, plan, sweep_block, sweep_space)
     plan.notes += replaced_overrides(overrides, plan) + cluster_notes(base)
+    budget.check_searched(plan)
     budget.check_grace(plan)
     return finish_plan(plan)
 
@@ -589,6 +590,5 @@ def format_search(plan: Plan) -> list[str]:
     width = max(len(g.label) for g in plan.groups)
     for g in plan.groups:
         space = method_search.describe_space(g)
-        lines.append(f"  budget {g.label:<{width}}  {g.num_samples} trials x {g.default.cfg.train.max_steps} steps = "
-                     f"{g.budget_steps} steps (<= {g.budget_tokens:,} batch tokens)  over {space}")
+        lines.append(f"  budget {g.label:<{width}}  {budget.format_group(g, sweep)}  over {space}")
     return lines

@@ -1,11 +1,13 @@
-"""Search and scheduling on a real local Ray: a method-choice search whose ASHA stops a poor draw
-of one method behind a better draw of another (its run ends FINISHED, tagged `early_stopped=true`
-with the step, its checkpoints gone) and a report with the tuning table; and a pipeline whose fast branch goes on while its slow branch still runs
-(no waves)."""
+"""Search and scheduling on a real local Ray: a method-choice search under a FLOPs budget (each
+method's own steps, the same FLOPs a trial) whose ASHA stops a poor draw of one method behind a
+better draw of another (its run ends FINISHED, tagged `early_stopped=true` with the step, its
+checkpoints gone) and a report with the tuning table; and a pipeline whose fast branch goes on
+while its slow branch still runs (no waves)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -55,31 +57,38 @@ def _seed_drawing_lora_good_then_ia3_poor() -> int:
     raise AssertionError("no seed in range(100) draws lora good then ia3 poor")
 
 
-def _flops_budget(args, tmp_path, trials: int, steps: float) -> float:
-    """A FLOPs budget that buys `trials` trials of `steps` steps each (measured on the sweep's
-    prepared data, as the plan measures it)."""
+def _flops_budget(args, tmp_path, trials: int, steps: float) -> tuple[float, dict[str, float]]:
+    """A FLOPs budget that buys `trials` trials of `steps` steps of the first method each, and the
+    FLOPs a step of each method (measured on the sweep's prepared data, as the plan measures it)."""
     from orchestrator.budget import step_cost
     from orchestrator.plan import make_plan
 
     steps_unit = [a for a in args if not a.startswith("sweep.budget_unit")]
     plan = make_plan([*steps_unit, f"storage.path={tmp_path / 'runs'}", "dry_run=true"])
-    return trials * steps * step_cost(plan.trials[0].cfg, "budget").cost.flops
+    per_step = {t.cfg.method.name: step_cost(t.cfg, "budget").cost.flops for t in plan.trials}
+    return trials * steps * per_step[plan.trials[0].cfg.method.name], per_step
 
 
 def test_asha_stops_a_poor_draw_across_a_method_choice_and_the_report_compares_with_the_defaults(tmp_path):
     """One ASHA bracket spans the methods of a choice: the poor IA3 draw is stopped because a LoRA
-    draw did better at the rung."""
+    draw did better at the rung. With sweep.budget_unit=flops a budget of 4 trials x 20.5 LoRA
+    steps gives LoRA's trials 20 steps and IA3's (a cheaper step) more, the same FLOPs each; ASHA's
+    first rung is 9 IA3 steps' FLOPs (sweep.grace_steps of the cheapest method), which the
+    evaluation at step 10 of either method has passed."""
     seed = _seed_drawing_lora_good_then_ia3_poor()
     args = ["sweep.name=tuned", "train.max_steps=20", "train.log_every=5", "train.eval_every=5",
             "train.checkpoint_every=5", "data.max_train_rows=200", "data.max_eval_rows=24", "cluster.num_cpus=2",
             "cluster.max_concurrent_trials=1",
             f"++sweep.search={{method:{{choice:[lora,ia3]}},train.lr:{{choice:[{GOOD_LR},{POOR_LR}]}}}}",
             "++sweep.method_spaces={lora:{fixed:{method.r:4}}}", "sweep.num_samples=4",
-            "sweep.search_alg=random", f"sweep.search_seed={seed}", "sweep.scheduler=asha", "sweep.grace_steps=10",
-            "sweep.reduction_factor=2"]
-    proc = _run(args, tmp_path)
+            "sweep.search_alg=random", f"sweep.search_seed={seed}", "sweep.scheduler=asha", "sweep.grace_steps=9",
+            "sweep.reduction_factor=2", "sweep.budget_unit=flops"]
+    budget, per_step = _flops_budget(args, tmp_path, 4, 20.5)
+    steps = {method: math.floor(budget / 4 / flops) for method, flops in per_step.items()}
+    assert steps["lora"] == 20 and steps["ia3"] > 20  # an IA3 step costs less than a LoRA step
+    proc = _run([*args, f"sweep.budget={budget:.6e}"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "4 trials x 20 steps = 80 steps" in proc.stdout  # the budget, in the plan
+    assert f"steps at the defaults: lora 20, ia3 {steps['ia3']}" in proc.stdout  # the budget, in the plan
     client, parents, children = _children(tmp_path, "tuned")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert all(c.info.status == "FINISHED" for c in children)
@@ -93,6 +102,14 @@ def test_asha_stops_a_poor_draw_across_a_method_choice_and_the_report_compares_w
     assert all("early_stopped" not in c.data.tags for c in children if c is not poor)
     assert float(poor.data.params["train.lr"]) == POOR_LR and poor.data.params["method.name"] == "ia3"
     assert good.data.params["method.r"] == "4"  # lora's fixed override
+    assert all(c.data.params["train.max_steps"] == str(steps[c.data.params["method.name"]]) for c in children)
+    flops = client.get_metric_history(default.info.run_id, "perf/train_flops")
+    assert sorted({m.step for m in flops}) == [0, 5, 10, 15, 20]  # each log step and evaluation; 0: final
+    # Every trial that ran its whole budget spent its own steps' FLOPs (a quarter of the budget,
+    # less than one of its steps).
+    for finished in (c for c in children if c is not poor):
+        method = finished.data.params["method.name"]
+        assert finished.data.metrics["perf/train_flops"] == pytest.approx(steps[method] * per_step[method], rel=0.03)
     # Evaluated during training (what ASHA decided on at step 10); stopping takes effect a few
     # steps later (reports do not block training), but before the last step.
     assert [m.step for m in client.get_metric_history(poor.info.run_id, "eval/loss")][:2] == [5, 10]

@@ -46,6 +46,15 @@ SPACES = "++sweep.method_spaces={lora:{method.r:{choice:[2,4]}},ia3:{train.lr:{l
     ([CHOICE, "++sweep.variants=[{method:lora}]"], "sweep.search.method", "sets the method too"),
     ([CHOICE, "sweep.num_samples=1"], "sweep.num_samples", "at least 2 trials"),
     ([CHOICE, "stage=dpo", "data=embedded_pref"], "sweep.search", "stage dpo does not"),
+    # In steps every method of a choice takes the same steps; in FLOPs each takes its own.
+    ([CHOICE, "++sweep.method_spaces={ia3:{fixed:{train.max_steps:20}}}"], "sweep.budget", "sweep.budget_unit=flops"),
+    # 2e9 FLOPs a trial buy an IA3 step (1.5e9), not a prompt-tuning step (longer rows: 2.6e9)
+    (["++sweep.search={method:{choice:[ia3,prompt]}}", "sweep.budget_unit=flops", "sweep.budget=8.0e9"],
+     "sweep.budget", "do not cover one step of 'prompt'"),
+    ([CHOICE, "sweep.budget_unit=flops", "sweep.budget=2.0e11", "sweep.scheduler=asha", "train.eval_every=5",
+      "sweep.grace_steps=40"], "sweep.grace_steps", "no ASHA rung"),
+    ([CHOICE, "sweep.budget_unit=flops", "sweep.budget=2.0e11",
+      "++sweep.method_spaces={ia3:{train.max_steps:{choice:[10,20]}}}"], "sweep.budget_unit", "do not search it"),
 ])
 def test_bad_method_choice_is_refused_naming_the_key(tmp_path, extra, key, fragment):
     with pytest.raises(ConfigError) as err:
@@ -81,6 +90,48 @@ def test_a_choice_plans_one_default_trial_per_method_with_its_fixed_overrides(tm
     text = format_plan(plan)
     assert "default-setting trial per method of its choice + 6 drawn" in text
     assert "qlora (fixed precision=nf4, train.optimizer=paged_adamw_8bit)" in text
+
+
+def test_under_a_flops_budget_each_method_and_each_draw_gets_its_own_steps(tmp_path):
+    """Each method of the choice, and each draw (a drawn rank changes what a LoRA step costs), runs
+    as many steps as a trial's share of the budget buys at its own step cost: the same compute for
+    every trial of the choice. ASHA's one bracket counts FLOPs from the cheapest method's grace."""
+    from orchestrator.budget import asha_settings, step_cost
+
+    budget = 4.0e11
+    plan = plan_of(tmp_path, CHOICE, "++sweep.method_spaces={lora:{method.r:{choice:[2,64]}}}",
+                   "sweep.budget_unit=flops", f"sweep.budget={budget}", "sweep.num_samples=8",
+                   "sweep.search_alg=random",
+                   "sweep.scheduler=asha", "train.eval_every=5", "sweep.grace_steps=5")
+    per_trial = budget / 8
+    steps = {t.cfg.method.name: t.cfg.train.max_steps for t in plan.trials}
+    assert steps["ia3"] > steps["lora"]  # an IA3 step costs less than a LoRA step
+    assert f"steps at the defaults: lora {steps['lora']}, ia3 {steps['ia3']}" in format_plan(plan)
+    trials, after, _, _ = hand_out(plan, tmp_path, 12)
+    assert after == "FINISHED" and len(trials) == 8
+    for t in trials:
+        cost = step_cost(t.cfg, t.label).cost.flops  # measured on the drawn config itself
+        assert per_trial - cost < t.cfg.train.max_steps * cost <= per_trial, t.label
+    drawn_lora = {t.cfg.method.r: t.cfg.train.max_steps for t in trials if t.sample and t.sample["method"] == "lora"}
+    assert 64 in drawn_lora and drawn_lora[64] < steps["lora"]  # rank 64 costs more than the default 8
+    assert drawn_lora.get(2, steps["lora"] + 1) > steps["lora"]
+    assert all(t.cfg.train.max_steps == steps["ia3"] for t in trials if t.cfg.method.name == "ia3")  # lr only
+    settings = asha_settings(plan)
+    cheapest = min(t.step_cost.cost.flops for t in plan.trials)
+    assert plan.trials[1].step_cost.cost.flops == cheapest  # ia3, not the first method of the choice
+    assert settings["time_attr"] == "perf/train_flops" and settings["grace"] == 5 * cheapest
+    assert settings["horizon"] == pytest.approx(per_trial)
+
+
+def test_a_tokens_budget_gives_the_methods_of_a_choice_equal_data(tmp_path):
+    """tokens count data positions: LoRA and prompt tuning (its virtual tokens are not data) get the
+    same steps, unlike under FLOPs, where a prompt-tuning step costs more."""
+    prompt = "++sweep.search={method:{choice:[lora,prompt]}}"
+    plan = plan_of(tmp_path, prompt, "sweep.budget_unit=tokens", "sweep.budget=40000")
+    assert len({t.cfg.train.max_steps for t in plan.trials}) == 1
+    plan = plan_of(tmp_path, prompt, "sweep.budget_unit=flops", "sweep.budget=2.0e11")
+    steps = {t.cfg.method.name: t.cfg.train.max_steps for t in plan.trials}
+    assert steps["prompt"] < steps["lora"]
 
 
 @pytest.mark.parametrize("alg", ["random", "optuna"])

@@ -122,6 +122,27 @@ def test_a_tokens_budget_is_equal_data_and_a_flops_budget_divides_over_searched_
     assert settings["horizon"] == pytest.approx(1.0e11)
 
 
+def test_under_a_flops_budget_a_draw_that_changes_the_step_cost_gets_its_own_steps(tmp_path):
+    """A drawn rank changes what a LoRA step costs: the draw runs as many steps as the trial's share
+    of the budget buys at its own cost, not the default-setting trial's steps."""
+    plan = plan_of(tmp_path, "++sweep.search={method.r:{choice:[2,64]}}", "sweep.budget_unit=flops",
+                   "sweep.budget=1.5e11", "sweep.num_samples=3", "sweep.search_alg=random")
+    trials, after, _, _ = hand_out(plan, tmp_path, 5)
+    assert after == "FINISHED" and sorted(t.cfg.method.r for t in trials) == [2, 8, 64]
+    steps = {t.cfg.method.r: t.cfg.train.max_steps for t in trials}
+    assert steps[2] > steps[8] > steps[64]  # the default (r=8) keeps its planned steps
+    assert steps[8] == plan.trials[0].cfg.train.max_steps
+    for t in trials:
+        per_step = budget_cost(t)  # measured on the drawn config itself
+        assert 5.0e10 - per_step < t.cfg.train.max_steps * per_step <= 5.0e10
+
+
+def budget_cost(trial) -> float:
+    from orchestrator.budget import step_cost
+
+    return step_cost(trial.cfg, trial.label).cost.flops
+
+
 def test_search_is_refused_on_a_pipeline(tmp_path):
     with pytest.raises(ConfigError) as err:
         make_plan(["+sweep=rlhf", f"storage.path={tmp_path}", LR])
