@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 from trainers.config import ConfigError
 
 if TYPE_CHECKING:
-    from orchestrator.plan import Plan
+    from orchestrator.trials import Plan
     from trainers.config import ExperimentConfig
     from trainers.flops import Cost
 

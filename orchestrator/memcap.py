@@ -38,7 +38,7 @@ def limit_bytes(value) -> int | None:
 
 
 def over_limit(trials: list, limit: int) -> list[tuple[object, str]]:
-    """(trial, reason) of each planned trial (orchestrator.plan.Trial) over `limit`, and of each
+    """(trial, reason) of each planned trial (orchestrator.trials.Trial) over `limit`, and of each
     one downstream of those; ConfigError naming the smallest estimate when that is all of them."""
     over: dict[str, str] = {}
     labels = {t.key: t.label for t in trials}

@@ -55,12 +55,12 @@ class Branch:
     fixed: dict[str, Any]
     space: dict[str, Dimension]  # the shared keys and its own
     own: frozenset = frozenset()  # the keys from sweep.method_spaces.NAME
-    default: Any = None  # orchestrator.plan.Trial
+    default: Any = None  # orchestrator.trials.Trial
     raw: dict = field(default_factory=dict)
 
     @property
     def overrides(self) -> list[str]:
-        from orchestrator.plan import GROUPS, override
+        from orchestrator.trials import GROUPS, override
 
         pairs = sorted(self.fixed.items(), key=lambda kv: kv[0] not in GROUPS)  # groups before values
         return [override(METHOD, self.method)] + [override(k, v) for k, v in pairs]
@@ -145,7 +145,7 @@ def plan_branch(plan, overrides: list[str], pairs: list, branch: Branch, seen: d
     """Compose and check one method's default-setting trial and its space; False if the method
     cannot work on the model and the sweep skips it."""
     from orchestrator.compose import compose, compose_raw
-    from orchestrator.plan import SkippedTrial, Trial, _label, check_given_inputs, override, trial_key
+    from orchestrator.trials import SkippedTrial, Trial, trial_label, check_given_inputs, override, trial_key
     from omegaconf import OmegaConf
 
     trial_overrides = [override(k, v) for k, v in pairs] + branch.overrides
@@ -155,7 +155,7 @@ def plan_branch(plan, overrides: list[str], pairs: list, branch: Branch, seen: d
         cfg = compose(list(overrides) + trial_overrides)
     except InapplicableError as err:
         if plan.base.sweep.on_inapplicable == "skip":
-            plan.skipped.append(SkippedTrial(_label(label_pairs, err.config, multi_seed), trial_overrides,
+            plan.skipped.append(SkippedTrial(trial_label(label_pairs, err.config, multi_seed), trial_overrides,
                                              err.problems, err.config))
             return False
         raise ConfigError([("sweep.search.method", f"choice {branch.method}: {k}: {m} (sweep.on_inapplicable=skip "
@@ -164,7 +164,7 @@ def plan_branch(plan, overrides: list[str], pairs: list, branch: Branch, seen: d
         raise ConfigError([("sweep.search.method", f"choice {branch.method} gives an invalid trial ({k}: {m}); the "
                             f"overrides a method needs go in sweep.method_spaces.{branch.method}.{FIXED}")
                            for k, m in err.problems]) from None
-    label, step_cost = _label(label_pairs, cfg, multi_seed), None
+    label, step_cost = trial_label(label_pairs, cfg, multi_seed), None
     if plan.base.sweep.budget_unit != "steps":  # this method's steps: what its own step cost buys
         steps, step_cost = budget.steps_within(cfg, True, label)
         trial_overrides.append(override("train.max_steps", steps))
@@ -205,7 +205,7 @@ def choice_group(branches: dict[str, Branch], choice: Dimension, shared: dict, s
     """The SearchGroup of a method choice: one budget, one searcher, one ASHA bracket. In steps its
     methods must take equal steps of equal batches; in tokens or FLOPs each took its own steps
     (plan_branch), and their trials spend the same."""
-    from orchestrator.plan import SearchGroup
+    from orchestrator.trials import SearchGroup
 
     first = next(iter(branches.values()))
     sizes = {b.method: (b.default.cfg.train.max_steps, b.default.cfg.train.batch_size, b.default.cfg.train.grad_accum,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.plan import Plan
+from orchestrator.trials import Plan
 from orchestrator.progress import ProgressBoard
 from orchestrator.tracking import SweepTracker
 from trainers.faults import ENV as FAULTS_ENV

@@ -21,7 +21,7 @@ from ray.tune.search import Searcher
 
 from orchestrator import memcap, method_search, search
 from orchestrator.dag import PipelineState
-from orchestrator.plan import Plan, SearchGroup, Trial, trial_key
+from orchestrator.trials import Plan, SearchGroup, Trial, trial_key
 from trainers.config import ConfigError
 from trainers.storage import join, remove
 

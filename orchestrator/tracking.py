@@ -35,7 +35,7 @@ URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IG
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 # Parent run: the trials a comparison left out as inapplicable to the model (orchestrator/plan.py).
 SKIPPED_TAG, SKIPPED_FILE = "skipped_trials", "skipped_trials.json"
-# Why the plan left a trial out (orchestrator.plan.SkippedTrial.state): its row's status in the report.
+# Why the plan left a trial out (orchestrator.trials.SkippedTrial.state): its row's status in the report.
 SKIP_STATES = {"INAPPLICABLE": "inapplicable to the model", "OVER_MEMORY_LIMIT": "over sweep.memory_limit"}
 
 
@@ -145,7 +145,7 @@ class SweepTracker:
         return self.parent_id
 
     def record_skipped(self, run_id: str, skipped) -> None:
-        """The plan's skipped trials (orchestrator.plan.SkippedTrial) on the parent run: tag
+        """The plan's skipped trials (orchestrator.trials.SkippedTrial) on the parent run: tag
         `skipped_trials` says how many and which (the MLflow UI's runs list), artifact
         skipped_trials.json holds each one's label, reason, overrides and config params (what
         orchestrator.report rebuilds their rows from)."""
