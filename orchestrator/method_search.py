@@ -145,7 +145,7 @@ def plan_branch(plan, overrides: list[str], pairs: list, branch: Branch, seen: d
     """Compose and check one method's default-setting trial and its space; False if the method
     cannot work on the model and the sweep skips it."""
     from orchestrator.compose import compose, compose_raw
-    from orchestrator.trials import SkippedTrial, Trial, trial_label, check_given_inputs, override, trial_key
+    from orchestrator.trials import SkippedTrial, budgeted_trial, override, trial_label
     from omegaconf import OmegaConf
 
     trial_overrides = [override(k, v) for k, v in pairs] + branch.overrides
@@ -164,20 +164,12 @@ def plan_branch(plan, overrides: list[str], pairs: list, branch: Branch, seen: d
         raise ConfigError([("sweep.search.method", f"choice {branch.method} gives an invalid trial ({k}: {m}); the "
                             f"overrides a method needs go in sweep.method_spaces.{branch.method}.{FIXED}")
                            for k, m in err.problems]) from None
-    label, step_cost = trial_label(label_pairs, cfg, multi_seed), None
-    if plan.base.sweep.budget_unit != "steps":  # this method's steps: what its own step cost buys
-        steps, step_cost = budget.steps_within(cfg, True, label)
-        trial_overrides.append(override("train.max_steps", steps))
-        cfg = compose(list(overrides) + trial_overrides)
-    key = trial_key(cfg)
-    if key in seen:
-        raise ConfigError([("sweep", f"trials '{seen[key]}' and '{label}' resolve to the same config")])
-    seen[key] = label
-    check_given_inputs(cfg)
-    branch.default = Trial(key=key, label=label, overrides=trial_overrides, cfg=cfg, step_cost=step_cost)
-    branch.raw = OmegaConf.to_container(compose_raw(list(overrides) + trial_overrides), resolve=False)
+    # Under a tokens or flops budget, the method's steps are what its own step cost buys.
+    branch.default = budgeted_trial(overrides, trial_overrides, cfg, trial_label(label_pairs, cfg, multi_seed),
+                                    True, seen)
+    branch.raw = OmegaConf.to_container(compose_raw(list(overrides) + branch.default.overrides), resolve=False)
     check_branch_space(branch)
-    problems = search.check_search(plan.base.sweep, cfg, label)
+    problems = search.check_search(plan.base.sweep, branch.default.cfg, branch.default.label)
     if problems:
         raise ConfigError(problems)
     plan.trials.append(branch.default)

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from orchestrator import budget, dag, memcap
 from orchestrator.compose import compose
 from orchestrator.memcap import estimate_bytes
-from orchestrator.trials import (GROUPS, ON_INAPPLICABLE, Plan, SearchGroup, SkippedTrial, Trial, check_given_inputs,
+from orchestrator.trials import (GROUPS, ON_INAPPLICABLE, Plan, SearchGroup, SkippedTrial, Trial, budgeted_trial,
                                  literal, override, trial_key, trial_label)
 from trainers.config import ConfigError, ExperimentConfig, InapplicableError, to_container
 from trainers.identity import digest
@@ -127,21 +127,12 @@ def plan_grid(overrides: list[str], plan: Plan, sweep_block: dict, sweep_space: 
                                      "it out)") for key, msg in err.problems]) from None
         except ConfigError as err:
             raise ConfigError([(key, f"{msg} (in sweep trial: {where})") for key, msg in err.problems]) from None
-        label = trial_label(pairs, cfg, multi_seed)
-        space, step_cost = {**sweep_space, **variant_space}, None
-        if base.sweep.budget_unit != "steps":  # its steps follow from its cost and the budget
-            steps, step_cost = budget.steps_within(cfg, bool(space), label)
-            trial_overrides.append(override("train.max_steps", steps))
-            cfg = compose(list(overrides) + trial_overrides)
-        key = trial_key(cfg)
-        if key in seen:
-            raise ConfigError([("sweep", f"trials '{seen[key]}' and '{label}' resolve to the same config")])
-        seen[key] = label
-        check_given_inputs(cfg)
-        plan.trials.append(Trial(key=key, label=label, overrides=trial_overrides, cfg=cfg,
-                                 resources=worker_resources(cfg), step_cost=step_cost))
+        space = {**sweep_space, **variant_space}
+        trial = budgeted_trial(overrides, trial_overrides, cfg, trial_label(pairs, cfg, multi_seed), bool(space), seen)
+        trial.resources = worker_resources(trial.cfg)
+        plan.trials.append(trial)
         if space:
-            plan.groups.append(search_group(plan.trials[-1], list(overrides) + trial_overrides, space, base.sweep))
+            plan.groups.append(search_group(trial, list(overrides) + trial.overrides, space, base.sweep))
     if plan.skipped and not plan.trials:  # nothing left to compare: refuse, as for a single run
         raise ConfigError([(key, f"{msg} (in sweep trial: {' '.join(t.overrides)})")
                            for t in plan.skipped for key, msg in t.problems])

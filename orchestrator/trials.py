@@ -164,3 +164,24 @@ def check_given_inputs(cfg: ExperimentConfig) -> None:
         value = getattr(cfg.stage, name, None)
         if value and not storage.exists(storage.join(storage.normalize(value), LINEAGE_FILE)):
             raise ConfigError([(f"stage.{name}", f"{value}: not the output of a finished stage (no {LINEAGE_FILE})")])
+
+
+def budgeted_trial(overrides: list[str], trial_overrides: list[str], cfg: ExperimentConfig, label: str,
+                   searched: bool, seen: dict[str, str]) -> Trial:
+    """A planned trial of `cfg` (composed from overrides + trial_overrides): under a tokens or flops
+    budget its train.max_steps follows from its own step cost; its key must be new to `seen`."""
+    from orchestrator import budget
+    from orchestrator.compose import compose
+
+    step_cost = None
+    if cfg.sweep.budget_unit != "steps":
+        steps, step_cost = budget.steps_within(cfg, searched, label)
+        trial_overrides = [*trial_overrides, override("train.max_steps", steps)]
+        cfg = compose(list(overrides) + trial_overrides)
+    key = trial_key(cfg)
+    if key in seen:
+        raise ConfigError([("sweep", f"trials '{seen[key]}' and '{label}' resolve to the same config")])
+    seen[key] = label
+    check_given_inputs(cfg)
+    return Trial(key=key, label=label, overrides=trial_overrides, cfg=cfg, step_cost=step_cost)
+

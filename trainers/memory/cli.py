@@ -74,7 +74,8 @@ def add_common_arguments(parser) -> None:
 
 
 def check_common(args):
-    """(shape, methods, precisions) of valid arguments, or the exit code 2 after saying what is wrong."""
+    """(shape, methods, precisions) of valid arguments, the model printed; or the exit code 2
+    after saying what is wrong."""
     from trainers.config import PRECISIONS
     from trainers.methods import METHODS
 
@@ -89,10 +90,12 @@ def check_common(args):
         print("error: --seq-len, --batch-size and --rank must be >= 1", file=sys.stderr)
         return 2
     try:
-        return load_shape(args.model), methods, precisions
+        shape = load_shape(args.model)
     except UnknownModelError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    print_model(shape)
+    return shape, methods, precisions
 
 
 def print_model(shape) -> None:
@@ -111,7 +114,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if isinstance(checked, int):
         return checked
     shape, methods, precisions = checked
-    print_model(shape)
     print(f"batch {args.batch_size} x seq {args.seq_len}, {args.optimizer}, LoRA r={args.rank}"
           f"{', eval batch ' + str(args.eval_batch_size) if args.eval_batch_size else ''}; "
           f"GiB including {RUNTIME_OVERHEAD[args.device] / GIB:g} GiB {args.device} runtime overhead\n")
@@ -180,7 +182,6 @@ def fit_main(argv: list[str]) -> int:
     if isinstance(checked, int):
         return checked
     shape, methods, precisions = checked
-    print_model(shape)
     print(f"memory limit {format_size(limit)} per device (estimate: peak + runtime overhead)"
           + (f", global batch {args.global_batch} rows" if args.global_batch else "") + "\n")
     rows = [("method", "precision", "micro-batch", "grad accum", "global", "estimate")]
