@@ -251,13 +251,14 @@ class TrialTracker(Tracker):
     """
 
     def __init__(self, uri: str, run_id: str, rank: int, report=None, total_steps: int | None = None,
-                 timeout_s: float = FLUSH_TIMEOUT_S, max_points: int = 10_000):
+                 timeout_s: float = FLUSH_TIMEOUT_S, max_points: int = 10_000, hold: threading.Event | None = None):
         from orchestrator.search import METRIC
 
         self.uri, self.run_id, self.rank = uri, run_id, rank
         self.total_steps, self.timeout_s = total_steps, timeout_s
         self._client, self._client_lock = None, threading.Lock()
-        self.mlflow = MetricQueue("mlflow", self._write_mlflow, max_points, gather_s=1.0) if rank == 0 else None
+        self.mlflow = (MetricQueue("mlflow", self._write_mlflow, max_points, gather_s=1.0, hold=hold)
+                       if rank == 0 else None)
         self.report = report
         self.progress = MetricQueue("ray progress", self._write_progress, max_batch=1, coalesce=True,
                                     pinned=lambda metrics: METRIC in metrics) if report is not None else None

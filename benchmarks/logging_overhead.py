@@ -1,0 +1,96 @@
+"""What per-step logging costs a trial, without Ray: the default LoRA trial on the embedded default
+run in this process by `trainers.trial.run_trial` with the real `TrialTracker` writing to a fresh
+MLflow SQLite store (what a Ray worker's rank 0 runs, minus Ray), at two train.log_every values.
+
+    python benchmarks/logging_overhead.py [--log-every 1,250] [--steps 250] [--pairs 3] [--progress]
+
+One warm-up trial, then `--pairs` pairs, each pair running both values in alternating order (the
+box may be shared: only ratios within a pair mean anything). Per trial: wall time of run_trial,
+`time/train_s`, the CPU time of the training thread (time.thread_time: what the loop itself
+spends, logging included) and of the whole process (the tracker's writer threads too).
+`--progress` also gives the tracker a Ray-progress sink that does what `ray.train.report`'s
+caller does here (a dict copy per report) but sends nothing: the progress queue's own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def trial_config(steps: int, log_every: int, out: Path):
+    from omegaconf import OmegaConf
+
+    from orchestrator.plan import make_plan
+    from trainers.validate import from_container
+
+    plan = make_plan([f"train.max_steps={steps}", f"train.log_every={log_every}", "train.checkpoint_every=0",
+                      "data.max_eval_rows=32", f"storage.path={out / 'runs'}", "cluster.num_cpus=2",
+                      f"tracking.uri=sqlite:///{out / 'mlflow.db'}"])
+    return from_container(OmegaConf.create(plan.trials[0].config))
+
+
+def one_trial(steps: int, log_every: int, progress: bool) -> dict[str, float]:
+    from orchestrator.tracking import TrialTracker, client
+    from trainers.trial import run_trial
+
+    with tempfile.TemporaryDirectory(prefix="log-bench-") as tmp:
+        out = Path(tmp)
+        cfg = trial_config(steps, log_every, out)
+        uri = f"sqlite:///{out / 'mlflow.db'}"
+        mlflow = client(uri)
+        run_id = mlflow.create_run(mlflow.create_experiment("bench")).info.run_id
+        reports: list[dict] = []
+        report = (lambda metrics: reports.append(dict(metrics))) if progress else None
+        tracker = TrialTracker(uri, run_id, 0, report=report, total_steps=steps)
+        wall, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
+        with tracker:
+            metrics = run_trial(cfg, out / "trial", tracker=tracker)
+        row = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+               "thread_cpu_s": time.thread_time() - thread, "train_s": metrics["time/train_s"]}
+        points = len(mlflow.get_metric_history(run_id, "train/loss"))
+        expected = -(-steps // log_every)
+        if points != expected:
+            raise RuntimeError(f"log_every={log_every}: {points} train/loss points in MLflow, expected {expected}")
+        return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-every", default="1,250")
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args(argv)
+    values = [int(v) for v in args.log_every.split(",")]
+    one_trial(min(args.steps, 20), values[-1], args.progress)  # imports, caches, first-run costs
+    rows: dict[int, list[dict]] = {v: [] for v in values}
+    for pair in range(args.pairs):
+        for log_every in values if pair % 2 == 0 else values[::-1]:
+            rows[log_every].append(one_trial(args.steps, log_every, args.progress))
+            r = rows[log_every][-1]
+            print(f"  pair {pair + 1}: log_every={log_every:<4} wall {r['wall_s']:6.2f} s  train_s "
+                  f"{r['train_s']:6.2f}  thread cpu {r['thread_cpu_s']:6.2f}  process cpu {r['cpu_s']:6.2f}",
+                  flush=True)
+    base = values[-1]
+    keys = ("wall_s", "train_s", "thread_cpu_s", "cpu_s")
+    print("\n| train.log_every | " + " | ".join(f"{k} (median) | per-pair ratio" for k in keys) + " |")
+    print("| ---: |" + " ---: | --- |" * len(keys))
+    for v in values:
+        cells = []
+        for k in keys:
+            ratios = ", ".join(f"{a[k] / b[k]:.3f}" for a, b in zip(rows[v], rows[base]))
+            cells.append(f"{statistics.median(r[k] for r in rows[v]):.2f} | {ratios}")
+        print(f"| {v} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
