@@ -2,7 +2,7 @@
 run in this process by `trainers.trial.run_trial` with the real `TrialTracker` writing to a fresh
 MLflow SQLite store (what a Ray worker's rank 0 runs, minus Ray), at two train.log_every values.
 
-    python benchmarks/logging_overhead.py [--log-every 1,250] [--steps 250] [--pairs 3] [--progress]
+    python benchmarks/logging_overhead.py [--log-every 1,250] [--steps 250] [--pairs 3] [--progress] [KEY=VALUE ...]
 
 One warm-up trial, then `--pairs` pairs, each pair running both values in alternating order (the
 box may be shared: only ratios within a pair mean anything). Per trial: wall time of run_trial,
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def trial_config(steps: int, log_every: int, out: Path):
+def trial_config(steps: int, log_every: int, out: Path, extra: list[str] = ()):
     from omegaconf import OmegaConf
 
     from orchestrator.plan import make_plan
@@ -33,17 +33,17 @@ def trial_config(steps: int, log_every: int, out: Path):
 
     plan = make_plan([f"train.max_steps={steps}", f"train.log_every={log_every}", "train.checkpoint_every=0",
                       "data.max_eval_rows=32", f"storage.path={out / 'runs'}", "cluster.num_cpus=2",
-                      f"tracking.uri=sqlite:///{out / 'mlflow.db'}"])
+                      f"tracking.uri=sqlite:///{out / 'mlflow.db'}", *extra])
     return from_container(OmegaConf.create(plan.trials[0].config))
 
 
-def one_trial(steps: int, log_every: int, progress: bool) -> dict[str, float]:
+def one_trial(steps: int, log_every: int, progress: bool, extra: list[str] = ()) -> dict[str, float]:
     from orchestrator.tracking import TrialTracker, client
     from trainers.trial import run_trial
 
     with tempfile.TemporaryDirectory(prefix="log-bench-") as tmp:
         out = Path(tmp)
-        cfg = trial_config(steps, log_every, out)
+        cfg = trial_config(steps, log_every, out, extra)
         uri = f"sqlite:///{out / 'mlflow.db'}"
         mlflow = client(uri)
         run_id = mlflow.create_run(mlflow.create_experiment("bench")).info.run_id
@@ -68,13 +68,14 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides, e.g. train.cpus_per_worker=1")
     args = parser.parse_args(argv)
     values = [int(v) for v in args.log_every.split(",")]
-    one_trial(min(args.steps, 20), values[-1], args.progress)  # imports, caches, first-run costs
+    one_trial(min(args.steps, 20), values[-1], args.progress, args.overrides)  # imports, caches, first-run costs
     rows: dict[int, list[dict]] = {v: [] for v in values}
     for pair in range(args.pairs):
         for log_every in values if pair % 2 == 0 else values[::-1]:
-            rows[log_every].append(one_trial(args.steps, log_every, args.progress))
+            rows[log_every].append(one_trial(args.steps, log_every, args.progress, args.overrides))
             r = rows[log_every][-1]
             print(f"  pair {pair + 1}: log_every={log_every:<4} wall {r['wall_s']:6.2f} s  train_s "
                   f"{r['train_s']:6.2f}  thread cpu {r['thread_cpu_s']:6.2f}  process cpu {r['cpu_s']:6.2f}",
