@@ -247,7 +247,8 @@ class TrialTracker(Tracker):
     progress, and every eval/loss (what ASHA decides on) in order. Final metrics (no step) are
     written before log_metrics returns, retried until `timeout_s`, else TrackingError fails the
     trial. close() (also run at interpreter exit: Ray turns a worker's SIGTERM into one) writes
-    what is queued.
+    what is queued. `hold` (an Event): MLflow writes wait for it, or for a flush, a final metric,
+    a checkpoint or close() (a Ray worker passes its first step: see MetricQueue).
     """
 
     def __init__(self, uri: str, run_id: str, rank: int, report=None, total_steps: int | None = None,

@@ -23,9 +23,10 @@ _events: dict[str, threading.Event] = {}
 def mark(name: str, at: float | None = None) -> None:
     """`name` happened now (or at `at`); the first mark of a name counts (a recipe that loads a
     second model after training does not move `model_loaded`)."""
-    _marks.setdefault(name, time.time() if at is None else at)
-    if name in _events:
-        _events[name].set()
+    if name not in _marks:
+        _marks[name] = time.time() if at is None else at
+        if name in _events:
+            _events[name].set()
 
 
 def reached(name: str) -> threading.Event:
