@@ -8,6 +8,10 @@ One warm-up trial, then `--pairs` pairs, each pair running both values in altern
 box may be shared: only ratios within a pair mean anything). Per trial: wall time of run_trial,
 `time/train_s`, the CPU time of the training thread (time.thread_time: what the loop itself
 spends, logging included) and of the whole process (the tracker's writer threads too).
+`--synthetic` times instead the tracker alone beside a ~3 ms training step (24 small linear layers,
+one thread: ten times shorter than the embedded trial's, so the logging's share shows), blocks of
+300 steps logged every step or every 250th, alternating in one process: a ratio per block pair.
+
 `--progress` also gives the tracker a Ray-progress sink that does what `ray.train.report`'s
 caller does here (a dict copy per report) but sends nothing: the progress queue's own cost.
 """
@@ -62,14 +66,54 @@ def one_trial(steps: int, log_every: int, progress: bool, extra: list[str] = ())
         return row
 
 
+def synthetic(blocks: int = 12, block_steps: int = 300) -> int:
+    """log_every=1 vs 250 beside a small synthetic step: wall and training-thread CPU ratios."""
+    import torch
+
+    from orchestrator.tracking import TrialTracker, client
+
+    torch.set_num_threads(1)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(24)])
+    optimizer, batch = torch.optim.AdamW(model.parameters()), torch.randn(16, 64)
+    times: dict[int, list[tuple[float, float]]] = {1: [], 250: []}
+    with tempfile.TemporaryDirectory(prefix="log-bench-") as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        mlflow = client(uri)
+        tracker = TrialTracker(uri, mlflow.create_run(mlflow.create_experiment("bench")).info.run_id, 0)
+        step = 0
+        for block in range(blocks):
+            log_every = 1 if block % 2 == 0 else 250
+            wall, thread = time.perf_counter(), time.thread_time()
+            for _ in range(block_steps):
+                loss = model(batch).pow(2).mean()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                step += 1
+                if step % log_every == 0:
+                    tracker.log_metrics({"train/loss": loss.item(), "train/lr": 1e-3, "train/tokens_per_s": 1.0}, step)
+            times[log_every].append((time.perf_counter() - wall, time.thread_time() - thread))
+        tracker.close()
+    step_ms = statistics.median(w for w, _ in times[250]) / block_steps * 1000
+    walls = [a[0] / b[0] for a, b in zip(times[1], times[250])]
+    cpus = [a[1] / b[1] for a, b in zip(times[1], times[250])]
+    print(f"step {step_ms:.2f} ms; log_every=1 vs 250 per block pair: wall {', '.join(f'{r:.3f}' for r in walls)} "
+          f"(median {statistics.median(walls):.3f}x); training-thread CPU {', '.join(f'{r:.3f}' for r in cpus)} "
+          f"(median {statistics.median(cpus):.3f}x)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-every", default="1,250")
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--synthetic", action="store_true", help="the tracker beside a synthetic ~3 ms step")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides, e.g. train.cpus_per_worker=1")
     args = parser.parse_args(argv)
+    if args.synthetic:
+        return synthetic()
     values = [int(v) for v in args.log_every.split(",")]
     one_trial(min(args.steps, 20), values[-1], args.progress, args.overrides)  # imports, caches, first-run costs
     rows: dict[int, list[dict]] = {v: [] for v in values}
