@@ -59,7 +59,7 @@ def train_worker(config: dict) -> None:
 
     progress = RayProgress(node, rank, world_size)
     tracker = TrialTracker(config["tracking_uri"], config["run_id"], rank, total_steps=cfg.train.max_steps,
-                           report=progress.report if rank == 0 else None)
+                           report=progress.report if rank == 0 else None, hold=timeline.reached("first_step"))
     try:
         device = ray.train.torch.get_device() if cfg.train.use_gpu else None
         nodes = _worker_nodes(node, world_size)
@@ -404,6 +404,15 @@ def _driver_env() -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
+def _local_env() -> None:
+    """A local Ray's processes inherit this environment. Each Ray Train run starts, beside its
+    controller and workers, a preemption watcher (for nodes a cloud drains; one machine has none
+    to drain) and reports Prometheus metrics (nothing scrapes a local Ray): on a 2-CPU machine the
+    watcher's process start and imports take CPU from the trial's own start."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+
+
 def _init_kwargs() -> dict:
     return dict(log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False, configure_logging=True)
 
@@ -417,6 +426,7 @@ def connect(plan: Plan, log_dir: Path) -> str:
     if cluster.address:
         attach(plan)
     else:
+        _local_env()
         ray.init(num_cpus=cluster.num_cpus, **_init_kwargs())
     session = ray.get_runtime_context().gcs_address
     try:

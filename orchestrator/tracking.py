@@ -257,17 +257,19 @@ class TrialTracker(Tracker):
     progress, and every eval/loss (what ASHA decides on) in order. Final metrics (no step) are
     written before log_metrics returns, retried until `timeout_s`, else TrackingError fails the
     trial. close() (also run at interpreter exit: Ray turns a worker's SIGTERM into one) writes
-    what is queued.
+    what is queued. `hold` (an Event): MLflow writes wait for it, or for a flush, a final metric,
+    a checkpoint or close() (a Ray worker passes its first step: see MetricQueue).
     """
 
     def __init__(self, uri: str, run_id: str, rank: int, report=None, total_steps: int | None = None,
-                 timeout_s: float = FLUSH_TIMEOUT_S, max_points: int = 10_000):
+                 timeout_s: float = FLUSH_TIMEOUT_S, max_points: int = 10_000, hold: threading.Event | None = None):
         from orchestrator.search import METRIC
 
         self.uri, self.run_id, self.rank = uri, run_id, rank
         self.total_steps, self.timeout_s = total_steps, timeout_s
         self._client, self._client_lock = None, threading.Lock()
-        self.mlflow = MetricQueue("mlflow", self._write_mlflow, max_points, gather_s=1.0) if rank == 0 else None
+        self.mlflow = (MetricQueue("mlflow", self._write_mlflow, max_points, gather_s=1.0, hold=hold)
+                       if rank == 0 else None)
         self.report = report
         self.progress = MetricQueue("ray progress", self._write_progress, max_batch=1, coalesce=True,
                                     pinned=lambda metrics: METRIC in metrics) if report is not None else None

@@ -46,6 +46,47 @@ def test_per_step_points_are_gathered_into_one_write():
     queue.close(timeout_s=5)
 
 
+def test_gathered_per_step_points_do_not_wake_the_writer_each():
+    """Every wake-up of the writer is a GIL hand-off the training thread waits out on a busy box:
+    a second's per-step points wake it once (the first), not once each."""
+    batches, wakeups = [], []
+    queue = MetricQueue("sink", batches.append, gather_s=1.0)
+    notify = queue.cond.notify_all
+    queue.cond.notify_all = lambda: (wakeups.append(1), notify())
+    for step in range(1, 101):
+        queue.put({"train/loss": 1.0}, step)
+    assert len(wakeups) <= 2
+    queue.wait(timeout_s=10)
+    assert steps_written(batches) == list(range(1, 101))
+    queue.close(timeout_s=5)
+
+
+def test_a_held_writer_starts_at_its_event_or_for_a_waiter():
+    """A Ray worker holds MLflow writes until its first step; a flush, a final metric or close()
+    does not wait for that."""
+    from trainers import timeline
+
+    timeline.clear()
+    batches = []
+    queue = MetricQueue("sink", batches.append, gather_s=0.1, hold=timeline.reached("first_step"))
+    queue.put({"env.torch": "2"}, None, kind="tags")
+    queue.put({"train/loss": 1.0}, 1)
+    time.sleep(0.6)
+    assert batches == []  # held
+    timeline.mark("first_step")
+    queue.wait(timeout_s=10)
+    assert steps_written(batches) == [None, 1]
+    timeline.clear()
+
+    held = MetricQueue("sink", batches.append, gather_s=0.1, hold=threading.Event())  # never released
+    held.put({"train/loss": 2.0}, 2)
+    held.put_final({"eval/loss": 0.5}, timeout_s=10)  # a waiter: written without the event
+    assert steps_written(batches)[-2:] == [2, None]
+    held.put({"train/loss": 3.0}, 3)
+    held.close(timeout_s=10)
+    assert steps_written(batches)[-1] == 3
+
+
 def test_queue_drops_oldest_per_step_points_beyond_its_bound_with_a_warning(caplog):
     release, batches = threading.Event(), []
 

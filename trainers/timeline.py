@@ -9,6 +9,7 @@ driver's RUNNING can be the first one.
 
 from __future__ import annotations
 
+import threading
 import time
 
 # In order; a mark not made (no Ray: no worker start) merges its phase into the next one's.
@@ -16,16 +17,29 @@ START = ("running", "worker_started", "imported", "trial_started", "data_ready",
 FINISH = ("last_step", "evaluated", "saved", "finished")
 
 _marks: dict[str, float] = {}
+_events: dict[str, threading.Event] = {}
 
 
 def mark(name: str, at: float | None = None) -> None:
     """`name` happened now (or at `at`); the first mark of a name counts (a recipe that loads a
     second model after training does not move `model_loaded`)."""
-    _marks.setdefault(name, time.time() if at is None else at)
+    if name not in _marks:
+        _marks[name] = time.time() if at is None else at
+        if name in _events:
+            _events[name].set()
+
+
+def reached(name: str) -> threading.Event:
+    """Set once `name` is marked (at once if it was): what another thread of the trial waits on."""
+    event = _events.setdefault(name, threading.Event())
+    if name in _marks:
+        event.set()
+    return event
 
 
 def clear() -> None:
     _marks.clear()
+    _events.clear()
 
 
 def metrics() -> dict[str, float]:

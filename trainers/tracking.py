@@ -97,12 +97,17 @@ class MetricQueue:
     reports). A waiting per-step point is replaced by a later one that has all its keys, except a
     `pinned` one (what a scheduler decides on), which is delivered; putting a pinned point waits
     until the previous pinned point is delivered, so a consumer is never more than one behind.
+
+    `hold`: the writer starts only once this event is set (or a caller waits, or close()). A Ray
+    worker holds MLflow until its trial's first step: the writer's first work (importing MLflow,
+    opening the store: ~2 s of CPU) would otherwise compete with the imports and model load that
+    the first step waits for.
     """
 
     def __init__(self, name: str, write: Callable[[list[Point]], None], max_points: int = 10_000,
                  max_batch: int = 500, coalesce: bool = False, pinned: Callable[[dict], bool] = lambda m: False,
-                 gather_s: float = 0.0):
-        self.name, self.write = name, write
+                 gather_s: float = 0.0, hold: threading.Event | None = None):
+        self.name, self.write, self.hold = name, write, hold
         self.max_points, self.max_batch, self.coalesce, self.pinned = max_points, max_batch, coalesce, pinned
         self.gather_s = gather_s
         self.waiters = 0  # threads in wait(): what they wait for is written without gathering
@@ -129,7 +134,12 @@ class MetricQueue:
                     p for p in self.waiting if p.step is None or p.pinned or not p.metrics.keys() <= keys)
             self.waiting.append(point)
             self._bound()
-            self.cond.notify_all()
+            # A per-step point the writer will gather anyway does not wake it: on a busy box every
+            # wake-up is a GIL hand-off the training thread waits out (the writer then sleeps until
+            # its oldest point is gather_s old, or until something below asks for a write now).
+            if (self.gather_s <= 0 or step is None or pinned or len(self.waiting) == 1
+                    or len(self.waiting) >= self.max_batch):
+                self.cond.notify_all()
             return point.seq
 
     def put_final(self, metrics: dict, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
@@ -190,6 +200,8 @@ class MetricQueue:
         return True
 
     def _bound(self) -> None:
+        if len(self.waiting) <= self.max_points:  # the usual case, without a pass over the queue per put
+            return
         stepped = sum(1 for p in self.waiting if p.step is not None)
         if stepped <= self.max_points:
             return
@@ -224,6 +236,8 @@ class MetricQueue:
                     self.cond.wait()
                 if not self.waiting:
                     return
+                while self.hold is not None and not (self.hold.is_set() or self.closing or self.waiters):
+                    self.cond.wait(0.25)  # an Event cannot notify this condition: look 4 times a second
                 self._gather()
                 batch = list(self.waiting)[:self.max_batch]
             try:

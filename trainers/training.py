@@ -250,15 +250,17 @@ class _LogWindow:
     def log(self, step: int, n_steps: int, lr: float, dist: DistInfo, tracker: Tracker, stats: "LoopStats") -> None:
         """Hands the window's per-step means (averaged over ranks, tokens summed) to the tracker at
         `step` (which queues them: nothing here waits for MLflow or Ray), adds its tokens to `stats`."""
-        import torch
-        import torch.distributed as torch_dist
-
         elapsed = time.perf_counter() - self.start
         names = sorted(self.extras)
-        sums = torch.tensor([self.tokens, self.loss] + [self.extras[n] for n in names], dtype=torch.float64)
-        if dist.world_size > 1:
-            torch_dist.all_reduce(sums)
-            sums[1:] /= dist.world_size
+        sums = [self.tokens, self.loss] + [self.extras[n] for n in names]
+        if dist.world_size > 1:  # one rank needs no tensor: a window per step stays plain Python
+            import torch
+            import torch.distributed as torch_dist
+
+            reduced = torch.tensor(sums, dtype=torch.float64)
+            torch_dist.all_reduce(reduced)
+            reduced[1:] /= dist.world_size
+            sums = reduced.tolist()
         stats.tokens += int(sums[0])
         stats.last_extras = {name: float(sums[2 + i]) / n_steps for i, name in enumerate(names)}
         tracker.log_metrics({
