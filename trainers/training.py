@@ -235,14 +235,16 @@ class _LogWindow:
     def settle_cost(self, dist: DistInfo, stats: "LoopStats") -> dict[str, float]:
         """Adds the window's cost, summed over ranks (a collective: every rank calls it at the same
         step), to `stats`; returns the cumulative perf/train_flops and perf/train_tokens."""
-        import torch
-        import torch.distributed as torch_dist
-
         if stats.flops is None:
             return {}
-        sums = torch.tensor([self.cost.flops, self.cost.tokens], dtype=torch.float64)
-        if dist.world_size > 1:
-            torch_dist.all_reduce(sums)
+        sums = [self.cost.flops, self.cost.tokens]
+        if dist.world_size > 1:  # one rank needs no tensor, as in log
+            import torch
+            import torch.distributed as torch_dist
+
+            reduced = torch.tensor(sums, dtype=torch.float64)
+            torch_dist.all_reduce(reduced)
+            sums = reduced.tolist()
         stats.flops, stats.positions = stats.flops + float(sums[0]), stats.positions + int(sums[1])
         self.cost = Cost()
         return stats.compute()
@@ -270,6 +272,18 @@ class _LogWindow:
             **stats.last_extras,
             **self.settle_cost(dist, stats),
         }, step=step)
+
+
+def periodic_eval(evaluate: Callable[[Any], dict], model, step: int, window: _LogWindow, dist: DistInfo,
+                  tracker: Tracker, stats: LoopStats) -> float:
+    """Logs `evaluate(model)` and the compute so far at `step`; returns the seconds it took, which
+    the window's clock skips (evaluating is not training)."""
+    evaluated_at = time.perf_counter()
+    results = evaluate(model)
+    spent = time.perf_counter() - evaluated_at
+    window.start += spent
+    tracker.log_metrics({**results, **window.settle_cost(dist, stats)}, step=step)
+    return spent
 
 
 def save_checkpoint(checkpoints: CheckpointManager, step: int, model, optimizer, scheduler, tracker: Tracker,
@@ -357,11 +371,7 @@ def train_loop(model, examples: list[Example], train: TrainConfig, pad_id: int, 
         if train.time_limit_s is not None and time.perf_counter() - started > train.time_limit_s:
             raise TrialTimeLimitError(f"train.time_limit_s={train.time_limit_s} reached at step {step}")
         if evaluate is not None and train.eval_every and step % train.eval_every == 0 and step < train.max_steps:
-            evaluated_at = time.perf_counter()
-            results = evaluate(model)
-            spent = time.perf_counter() - evaluated_at
-            eval_s, window.start = eval_s + spent, window.start + spent  # evaluating is not training
-            tracker.log_metrics({**results, **window.settle_cost(dist, stats)}, step=step)
+            eval_s += periodic_eval(evaluate, model, step, window, dist, tracker, stats)
     timeline.mark("last_step")
     # The loop's wall time, logging included (it only queues), periodic evaluation excluded.
     stats.train_s = time.perf_counter() - started - eval_s
