@@ -404,13 +404,20 @@ def _driver_env() -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
+LOCAL_POLL_S = 0.25  # the Ray Train controller's poll of its workers on a local Ray (_local_env)
+
+
 def _local_env() -> None:
     """A local Ray's processes inherit this environment. Each Ray Train run starts, beside its
     controller and workers, a preemption watcher (for nodes a cloud drains; one machine has none
     to drain) and reports Prometheus metrics (nothing scrapes a local Ray): on a 2-CPU machine the
-    watcher's process start and imports take CPU from the trial's own start."""
+    watcher's process start and imports take CPU from the trial's own start. A worker's
+    `ray.train.report` returns when the controller next polls it (every 2 s by default), so a
+    trial's first and last reports each wait up to a poll: polled every LOCAL_POLL_S instead (a
+    local call, ~1 ms each), a trial ends sooner and ASHA hears its rung metrics sooner."""
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(LOCAL_POLL_S))
 
 
 def _init_kwargs() -> dict:

@@ -271,8 +271,12 @@ class TrialTracker(Tracker):
         self.mlflow = (MetricQueue("mlflow", self._write_mlflow, max_points, gather_s=1.0, hold=hold)
                        if rank == 0 else None)
         self.report = report
+        # Ray's progress: the newest point at most once a second (each report is Python work beside
+        # the training thread; the board redraws about as often), a rung's eval/loss and the last
+        # report at once.
         self.progress = MetricQueue("ray progress", self._write_progress, max_batch=1, coalesce=True,
-                                    pinned=lambda metrics: METRIC in metrics) if report is not None else None
+                                    pinned=lambda metrics: METRIC in metrics,
+                                    gather_s=1.0) if report is not None else None
         # A resumed trial replays the steps after its last checkpoint: each step is written once.
         self.logged_up_to: int | None = None  # the run's last step in the store, read by the first write
         self.written_seq = 0  # the last point written: a retried batch skips what went through

@@ -159,6 +159,51 @@ def test_progress_feed_keeps_the_newest_point_and_every_pinned_one():
     assert delivered == [(1, ["train/loss"]), (4, ["eval/loss"]), (5, ["train/loss", "train/lr"]), (8, ["eval/loss"])]
 
 
+def test_a_trials_last_report_replaces_the_waiting_progress_and_keeps_its_values():
+    """The last report (no step) does not queue behind a stale progress point: each delivery waits
+    for a controller poll. It carries the newest waiting values under its own; a pinned eval/loss
+    waiting before it is still delivered first."""
+    taken, release, delivered = threading.Event(), threading.Event(), []
+
+    def slow_report(points):
+        taken.set()
+        release.wait(30)
+        delivered.extend((p.step, dict(p.metrics)) for p in points)
+
+    queue = MetricQueue("ray", slow_report, max_batch=1, coalesce=True, pinned=lambda m: "eval/loss" in m)
+    queue.put({"train/loss": 3.0}, 1)
+    assert taken.wait(10)
+    queue.put({"eval/loss": 2.5}, 2)
+    queue.put({"train/loss": 2.0, "progress/step": 9}, 9)
+    final = threading.Thread(target=queue.put_final, args=({"eval/loss": 1.0, "progress/step": 10},))
+    final.start()
+    release.set()
+    final.join(10)
+    queue.close(timeout_s=10)
+    assert delivered == [(1, {"train/loss": 3.0}), (2, {"eval/loss": 2.5}),
+                         (None, {"train/loss": 2.0, "progress/step": 10, "eval/loss": 1.0})]
+
+
+def test_a_gathered_progress_feed_reports_at_most_once_a_gather_interval_but_a_rung_at_once():
+    """Ray's progress with gather_s: a report per step would be Python work beside every step;
+    at most one per interval goes out, the newest, while a pinned eval/loss is not held back."""
+    writes = []
+    queue = MetricQueue("ray", writes.extend, max_batch=1, coalesce=True, pinned=lambda m: "eval/loss" in m,
+                        gather_s=0.5)
+    started = time.time()
+    step = 0
+    while time.time() - started < 1.2:
+        step += 1
+        queue.put({"train/loss": 1.0 / step}, step)
+        time.sleep(0.005)
+    queue.put({"eval/loss": 2.0}, step)
+    queue.wait(timeout_s=10)  # the rung's point is written without waiting out the interval
+    queue.close(timeout_s=10)
+    stepped = [p for p in writes if "train/loss" in p.metrics]
+    assert step > 50 and 1 <= len(stepped) <= 4  # ~every 0.5 s, not once a step
+    assert writes[-1].metrics == {"eval/loss": 2.0}
+
+
 def test_log_every_below_one_is_refused_naming_the_key():
     from orchestrator.plan import make_plan
 

@@ -94,9 +94,12 @@ class MetricQueue:
     share of the interpreter (measured: log_every=1 without it took 2x the time of log_every=40).
 
     `coalesce`: a live feed, where only the newest value of a metric matters (the progress Ray
-    reports). A waiting per-step point is replaced by a later one that has all its keys, except a
+    reports; with `gather_s`, at most one per-step write per gather_s). A waiting per-step point is replaced by a later one that has all its keys, except a
     `pinned` one (what a scheduler decides on), which is delivered; putting a pinned point waits
-    until the previous pinned point is delivered, so a consumer is never more than one behind.
+    until the previous pinned point is delivered, so a consumer is never more than one behind. A
+    point without a step (the trial's last report) replaces the waiting unpinned per-step points,
+    taking their values under its own: each delivery to Ray waits for the controller's poll, and
+    a trial's end should not wait for one more progress point the last report makes stale.
 
     `hold`: the writer starts only once this event is set (or a caller waits, or close()). A Ray
     worker holds MLflow until its trial's first step: the writer's first work (importing MLflow,
@@ -117,6 +120,8 @@ class MetricQueue:
         self.dropped = 0
         self.error: BaseException | None = None  # the last failed write's, cleared by a success
         self.closing = False
+        self.gathering = False  # the writer is waiting out gather_s (a new point need not wake it)
+        self.last_write = 0.0  # time.time() of the last write (a live feed's gather_s counts from it)
         self.thread = threading.Thread(target=self._drain, name=f"tracker-{name}", daemon=True)
         self.thread.start()
 
@@ -132,13 +137,18 @@ class MetricQueue:
                 keys = point.metrics.keys()
                 self.waiting = collections.deque(
                     p for p in self.waiting if p.step is None or p.pinned or not p.metrics.keys() <= keys)
+            elif self.coalesce:  # a last point ends the feed: it carries the newest waiting values
+                live = [p for p in self.waiting if p.step is not None and not p.pinned]
+                for superseded in live:
+                    point.metrics = {**superseded.metrics, **point.metrics}
+                    self.waiting.remove(superseded)
             self.waiting.append(point)
             self._bound()
             # A per-step point the writer will gather anyway does not wake it: on a busy box every
             # wake-up is a GIL hand-off the training thread waits out (the writer then sleeps until
             # its oldest point is gather_s old, or until something below asks for a write now).
-            if (self.gather_s <= 0 or step is None or pinned or len(self.waiting) == 1
-                    or len(self.waiting) >= self.max_batch):
+            if (self.gather_s <= 0 or step is None or pinned or self._full()
+                    or len(self.waiting) == 1 and not self.gathering):
                 self.cond.notify_all()
             return point.seq
 
@@ -219,14 +229,24 @@ class MetricQueue:
         self.waiting = kept
 
     def _gather(self) -> None:
-        """Waits (lock held) until the oldest per-step point is gather_s old, unless a point without
-        a step, a waiter, close() or a full batch asks for the write now."""
-        while not (self.closing or self.waiters or len(self.waiting) >= self.max_batch
-                   or not self.waiting or any(p.step is None for p in self.waiting)):
-            left = self.waiting[0].timestamp_ms / 1000 + self.gather_s - time.time()
-            if left <= 0:
-                return
-            self.cond.wait(left)
+        """Waits (lock held) until the oldest per-step point is gather_s old (a live feed: until
+        gather_s after its last write), unless a point without a step, a pinned one, a waiter,
+        close() or a full batch asks for the write now."""
+        self.gathering = True
+        try:
+            while not (self.closing or self.waiters or not self.waiting or self._full()
+                       or any(p.step is None or p.pinned for p in self.waiting)):
+                since = self.last_write if self.coalesce else self.waiting[0].timestamp_ms / 1000
+                left = since + self.gather_s - time.time()
+                if left <= 0:
+                    return
+                self.cond.wait(left)
+        finally:
+            self.gathering = False
+
+    def _full(self) -> bool:
+        """A batch is full (a live feed never is: its waiting points replace each other)."""
+        return not self.coalesce and len(self.waiting) >= self.max_batch
 
     def _drain(self) -> None:
         backoff = 0.0
@@ -252,7 +272,7 @@ class MetricQueue:
                 with self.cond:
                     self.cond.wait(backoff)
                 continue
-            backoff, self.error = 0.0, None
+            backoff, self.error, self.last_write = 0.0, None, time.time()
             with self.cond:
                 done = {p.seq for p in batch}
                 self.waiting = collections.deque(p for p in self.waiting if p.seq not in done)
