@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from trainers.config import ExperimentConfig
     from trainers.memory.terms import StageTerms
 
+
 def matmul(m: float, k: float, n: float) -> float:
     return 2.0 * m * k * n
 
