@@ -291,15 +291,16 @@ def test_padding_free_row_gives_the_padded_batchs_loss_and_gradients(model_type)
     budget = sum(len(e.input_ids) for e in examples)
     rows = padding_free_rows(examples, budget, "error", seed=0, stats=DatasetStats())
     assert len(rows) == 1 and len(rows[0].input_ids) == budget  # one row, not one pad position
+    row = rows[0]  # built when indexed: the copy changed below
     padded_loss, padded_grads = loss_and_grads(model, examples)
-    free_loss, free_grads = loss_and_grads(model, rows)
+    free_loss, free_grads = loss_and_grads(model, [row])
     torch.testing.assert_close(free_loss, padded_loss, atol=1e-5, rtol=0)
     assert free_grads.keys() == padded_grads.keys()
     for name, grad in padded_grads.items():
         torch.testing.assert_close(free_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
 
-    rows[0].position_ids = list(range(budget))
-    leaking_loss, _ = loss_and_grads(model, rows)
+    row.position_ids = list(range(budget))
+    leaking_loss, _ = loss_and_grads(model, [row])
     assert abs(leaking_loss.item() - padded_loss.item()) > 1e-3
 
 
