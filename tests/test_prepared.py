@@ -136,7 +136,7 @@ cfg = compose(["data.train_file=" + sys.argv[1], "data.eval_file=null"])
 def die(done):
     if done >= 2000:  # two batches written: the file is half there
         os.kill(os.getpid(), signal.SIGKILL)
-stage_data(cfg, load_tokenizer(cfg.model), sys.argv[2], progress=lambda label: die)
+stage_data(cfg, load_tokenizer(cfg.model), sys.argv[2], progress=lambda label, total: die)
 """
 
 
