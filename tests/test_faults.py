@@ -126,7 +126,7 @@ resource.setrlimit(resource.RLIMIT_AS, (mapped + %d * 2**20, resource.RLIM_INFIN
 run_trial(compose(common + ["train.batch_size=8"]), sys.argv[1] + "/fits")
 run_trial(compose(common + ["train.batch_size=2048"]), sys.argv[1] + "/too-big")
 """
-LIMIT_MIB = 256
+LIMIT_MIB = 384
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/status are Linux's")
@@ -137,11 +137,16 @@ def test_out_of_memory_fails_the_trial_with_its_reason(tmp_path):
 
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-c", LIMITED_TRIALS % LIMIT_MIB, str(tmp_path)], cwd=repo,
-                          env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=300)
+                          env={**os.environ, "PYTHONPATH": str(repo), "MALLOC_ARENA_MAX": "2"},
+                          capture_output=True, text=True, timeout=300)
     assert (tmp_path / "fits" / "metrics.json").exists(), proc.stderr[-3000:]  # the limit alone fails nothing
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("trainers.trial.TrialOutOfMemoryError: out of memory on cpu"), proc.stderr[-3000:]
-    assert "train.batch_size=2048" in last and "can't allocate memory" in last
+    assert "train.batch_size=2048" in last
+    # The allocation that fails depends on the machine (its threads' malloc arenas and stacks share
+    # the limit): torch's CPU allocator ("can't allocate memory") or a Rust loader's MemoryError
+    # ("Cannot allocate memory (os error 12)"); either way the allocator's words are kept.
+    assert "allocate memory" in last.lower(), last
     # Nothing half-written is taken for a result.
     assert not any((tmp_path / "too-big" / name).exists() for name in ("adapter", "metrics.json", "lineage.json"))
