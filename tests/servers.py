@@ -163,11 +163,23 @@ def ray_cluster(workdir: Path, nodes: list[dict], env: dict, client_port: int | 
                 wait_for(lambda: _alive_nodes(address, env) >= 1, 120, "ray head", procs[0], workdir / "ray-node0.log")
         last = workdir / f"ray-node{len(nodes) - 1}.log"
         wait_for(lambda: _alive_nodes(address, env) >= len(nodes), 120, f"{len(nodes)} ray nodes", procs[-1], last)
+        if client_port:  # the head's client server answers a first client (it once failed one just after start)
+            wait_for(lambda: _client_connects(client_port, env), 120, "ray client server", procs[0],
+                     workdir / "ray-node0.log")
         yield address, temp
     finally:
         for proc in reversed(procs):
             _stop(proc, grace=8)  # a node drains for up to 30 s on SIGTERM; nothing here needs draining
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _client_connects(port: int, env: dict) -> bool:
+    """A Ray Client session on ray://127.0.0.1:port starts and answers (asked from a child process)."""
+    code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "print('served', ray.cluster_resources()['CPU'])")
+    out = subprocess.run([sys.executable, "-c", code, f"ray://127.0.0.1:{port}"], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=90)
+    return out.returncode == 0 and "served" in out.stdout
 
 
 def _alive_nodes(address: str, env: dict) -> int:
