@@ -22,12 +22,15 @@ data file, template or tokenizer is never read from an older preparation.
                                  (`datasets.Dataset.from_file` opens it too)
     <root>/<key>/prepared.json   format, stats, inputs; written last: a directory without it is
                                  not a prepared dataset
+    <root>/<key>/last_used       empty; its mtime is the last pass or trial that built or opened
+                                 the dataset (`python -m trainers.prepared list|prune`, prepared_gc.py)
 
 Written aside (`.<key>.partial-*`) and renamed into place, so a pass killed midway leaves nothing
 that is taken for whole; a pass starting removes the partials of killed passes beside it
 (clean_partials: never a live writer's, on this machine or another sharing the path). On a remote root (s3://...) the pass is written in a local cache
 (FTLAB_PREPARED_CACHE, default the temp dir), uploaded with prepared.json last, and a reader
-downloads it into that cache once per machine, then memory-maps the local copy.
+downloads it into that cache once per machine, then memory-maps the local copy (a use touches
+the cached copy's marker and re-uploads the remote one).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -51,8 +55,9 @@ from trainers.sources import rows_hint
 from trainers.templates import chat_template
 
 PREPARED_VERSION = 1  # bump when rendering or tokenizing rows changes what a row becomes
-DATA_FILE, META_FILE = "data.arrow", "prepared.json"
+DATA_FILE, META_FILE, USED_FILE = "data.arrow", "prepared.json", "last_used"
 CACHE_ENV = "FTLAB_PREPARED_CACHE"
+log = logging.getLogger("trainers")
 
 # What each RecipeSpec.data_kind prepares of its train and eval sources.
 PRODUCTS_OF_KIND = {
@@ -314,8 +319,9 @@ def _encoded(jobs: Iterator[tuple], workers: int) -> Iterator[tuple]:
 
 def build(directory: Path, tokenizer, template, data, uri: str, limit: int | None, fmt: str, product: str,
           check_format: Callable[[str], None] | None = None, progress: Callable[[int], None] | None = None,
-          workers: int | None = None) -> str:
-    """Tokenize the source into `directory` (data.arrow, then prepared.json); returns the format.
+          workers: int | None = None, inputs: dict | None = None) -> str:
+    """Tokenize the source into `directory` (data.arrow, then prepared.json, which records the
+    key's `inputs` for `python -m trainers.prepared list`); returns the format.
     Reads and validates rows here, renders and tokenizes them in batches (on `workers` processes,
     default pass_workers(), for a long source) and writes them in order: memory holds a few
     batches, not the source. The first bad row in source order raises."""
@@ -351,6 +357,8 @@ def build(directory: Path, tokenizer, template, data, uri: str, limit: int | Non
     if not stats.rows:
         raise DataError(no_rows_left(NO_ROWS_WHAT[product], data.overlength, data.max_seq_len))
     meta = {"format": fmt, "product": product, "stats": vars(stats), "source_rows": done}
+    if inputs is not None:
+        meta["inputs"] = inputs
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return fmt
 
@@ -423,11 +431,37 @@ def _aside(final: Path) -> Path:
     there are removed first."""
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_partials(final.parent)
-    partial = final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    partial = _partial_of(final)
     partial.mkdir()
+    _own(partial)
+    return partial
+
+
+def _partial_of(final: Path) -> Path:
+    return final.parent / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _own(partial: Path) -> None:
     owner = {"machine": _machine(), "pid": os.getpid(), "started": time.time()}
     (partial / OWNER_FILE).write_text(json.dumps(owner) + "\n")
-    return partial
+
+
+def retire(final: Path) -> bool:
+    """Delete a prepared dataset (python -m trainers.prepared prune): renamed to a partial of this
+    process first, so a reader never opens it half deleted (it finds none, and a pass builds it
+    again) and a deleter killed midway leaves a partial that clean_partials removes. False when
+    it was gone already."""
+    partial = _partial_of(final)
+    try:
+        os.rename(final, partial)
+    except FileNotFoundError:
+        return False
+    try:
+        _own(partial)
+    except OSError:  # another pass's clean_partials took the unowned partial already
+        pass
+    shutil.rmtree(partial, ignore_errors=True)
+    return True
 
 
 def _into_place(partial: Path, final: Path) -> None:
@@ -452,30 +486,49 @@ def prepare(tokenizer, template, data, uri: str, limit: int | None, fmt: str, pr
     """The prepared dataset of (source, product) under `root`: opened when it exists, else built
     (written aside, renamed into place; on a remote root also uploaded, prepared.json last: a
     copy this machine's cache holds is uploaded too, so other nodes find it)."""
-    key = prepare_key(key_inputs(tokenizer, template, data, uri, limit, fmt, product))
+    inputs = key_inputs(tokenizer, template, data, uri, limit, fmt, product)
+    key = prepare_key(inputs)
     remote = storage.is_remote(root)
     final = (local_cache() if remote else Path(storage.normalize(root))) / key
+    location = storage.join(root, key) if remote else None
     uploaded = remote and storage.exists(storage.join(root, key, META_FILE))
     if _complete(final):
         if remote and not uploaded:
-            _upload(final, storage.join(root, key))
-        return _open(final, "reused")
+            _upload(final, location)
+        return _used(_open(final, "reused"), location)
     if uploaded:
         partial = _aside(final)
         for name in (DATA_FILE, META_FILE):
             storage.download(storage.join(root, key, name), partial / name)
         _into_place(partial, final)
-        return _open(final, "reused")
+        return _used(_open(final, "reused"), location)
     partial = _aside(final)
     try:
-        build(partial, tokenizer, template, data, uri, limit, fmt, product, check_format, progress)
+        build(partial, tokenizer, template, data, uri, limit, fmt, product, check_format, progress, inputs=inputs)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     if remote:
-        _upload(partial, storage.join(root, key))
+        _upload(partial, location)
     _into_place(partial, final)
-    return _open(final, "built")
+    return _used(_open(final, "built"), location)
+
+
+def _used(prepared: Prepared, location: str | None) -> Prepared:
+    """Record that `prepared` was used now (the mtime of its USED_FILE, and of the remote one at
+    `location`), for pruning the least recently used. Storage that refuses the write (read-only, a
+    remote without write access) only loses that record: the trial goes on."""
+    marker = prepared.path / USED_FILE
+    try:
+        marker.touch()
+    except OSError as err:
+        log.debug("prepared data: could not record the use of %s: %s", prepared.path, err)
+    if location is not None:
+        try:
+            storage.upload(marker, storage.join(location, USED_FILE))
+        except Exception as err:  # pyarrow and fsspec raise their own kinds: any is only a lost record
+            log.debug("prepared data: could not record the use of %s: %s", location, err)
+    return prepared
 
 
 def _upload(directory: Path, location: str) -> None:
@@ -558,3 +611,11 @@ def stage_data(cfg, tokenizer, root: str | None = None,
         for product in products["eval"]:
             evaluation[product] = one("eval", data.eval_file, data.max_eval_rows, train.fmt, product)
     return StageData(train, evaluation, started)
+
+
+if __name__ == "__main__":  # python -m trainers.prepared list|prune (trainers/prepared_gc.py)
+    import sys
+
+    from trainers.prepared_gc import main
+
+    sys.exit(main())
