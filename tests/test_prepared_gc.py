@@ -187,3 +187,21 @@ def test_the_module_runs_as_a_command(tmp_path):
     assert listed.returncode == 0 and "0 prepared datasets" in listed.stdout
     bad = subprocess.run(command + ["prune", "--older-than", "30 days"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "--older-than: '30 days' is not an age" in bad.stderr
+
+
+def test_a_reader_that_saw_a_remote_dataset_just_pruned_builds_it_again(make_cfg, tokenizer, source, tmp_path,
+                                                                         monkeypatch, capsys):
+    """The race a remote prune leaves open: a pass saw prepared.json, then the pruner removed the
+    dataset before the download. The pass must build it, not keep a copy without prepared.json."""
+    from trainers import prepared as module
+
+    monkeypatch.setenv("FTLAB_PREPARED_CACHE", str(tmp_path / "cache"))
+    storage_uri = f"local://{tmp_path}/bucket/runs"
+    first = prepare(make_cfg, tokenizer, source, f"{storage_uri}/prepared")
+    cli(capsys, "--storage", storage_uri, "prune", "--keep", "0")
+    cli(capsys, "--cache", "prune", "--keep", "0")
+    assert not first.path.exists()
+    monkeypatch.setattr(module.storage, "exists", lambda uri: True)  # what the pass saw before the prune
+    again = prepare(make_cfg, tokenizer, source, f"{storage_uri}/prepared")
+    assert again.status == "built" and again.path == first.path and len(again.examples()) == 30
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [first.path.name]

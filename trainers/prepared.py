@@ -498,10 +498,10 @@ def prepare(tokenizer, template, data, uri: str, limit: int | None, fmt: str, pr
         return _used(_open(final, "reused"), location)
     if uploaded:
         partial = _aside(final)
-        for name in (DATA_FILE, META_FILE):
-            storage.download(storage.join(root, key, name), partial / name)
-        _into_place(partial, final)
-        return _used(_open(final, "reused"), location)
+        if all(storage.download(storage.join(root, key, name), partial / name) for name in (DATA_FILE, META_FILE)):
+            _into_place(partial, final)
+            return _used(_open(final, "reused"), location)
+        shutil.rmtree(partial, ignore_errors=True)  # pruned since (prepared_gc): built again, as if never uploaded
     partial = _aside(final)
     try:
         build(partial, tokenizer, template, data, uri, limit, fmt, product, check_format, progress, inputs=inputs)
