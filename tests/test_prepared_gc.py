@@ -205,3 +205,27 @@ def test_a_reader_that_saw_a_remote_dataset_just_pruned_builds_it_again(make_cfg
     again = prepare(make_cfg, tokenizer, source, f"{storage_uri}/prepared")
     assert again.status == "built" and again.path == first.path and len(again.examples()) == 30
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [first.path.name]
+
+
+def test_on_s3_a_reuse_is_recorded_there_and_prune_removes_there(make_cfg, tokenizer, source, tmp_path,
+                                                                  monkeypatch, capsys):
+    """A real S3 endpoint (moto_server): an object's mtime is its upload time, so a use re-uploads
+    the marker; the key's `directory` is only a prefix of objects."""
+    import pyarrow.fs as pafs
+    from servers import s3_server
+
+    from trainers import storage
+
+    with s3_server(tmp_path, "prepared-gc") as env:
+        for name, value in {**env, "FTLAB_PREPARED_CACHE": str(tmp_path / "cache")}.items():
+            monkeypatch.setenv(name, value)
+        root = "s3://prepared-gc/runs/prepared"
+        older, newer = (prepare(make_cfg, tokenizer, source, root, rows) for rows in (10, None))
+        time.sleep(1.1)  # S3 times are whole seconds
+        assert prepare(make_cfg, tokenizer, source, root, 10).status == "reused"
+        code, out = cli(capsys, "--storage", "s3://prepared-gc/runs", "prune", "--keep", "1")
+        assert code == 0 and "removed 1 of 2" in out and newer.path.name[:12] in out
+        assert storage.list_dirs(root) == [older.path.name]
+        fs, path = storage.filesystem(root)
+        left = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        assert not [i.path for i in left if newer.path.name in i.path]

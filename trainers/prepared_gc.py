@@ -169,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
         description="List or prune the prepared (tokenized) datasets under <storage.path>/prepared.")
     _where(parser, None)
     sub = parser.add_subparsers(dest="command", required=True)
-    listing = sub.add_parser("list", help="one row per prepared dataset: what it is, its size, when built and last used")
+    listing = sub.add_parser("list", help="one row per prepared dataset: what, its size, when built and last used")
     prune = sub.add_parser("prune", help="remove the datasets unused for long, or all but the most recently used")
     for command in (listing, prune):
         _where(command, argparse.SUPPRESS)
