@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,8 +159,6 @@ def test_a_pass_removes_only_the_partials_whose_writer_is_gone(make_cfg, tokeniz
     """Two drivers may prepare on one shared path: a partial is removed when its writer was of
     this machine and has exited, or when nothing in it changed for STALE_PARTIAL_S (another
     machine's, or one killed before it named its owner); a live writer's is kept."""
-    import time
-
     from trainers import prepared
 
     root = tmp_path / "prepared"
@@ -236,9 +235,13 @@ def test_a_trial_reuses_what_validation_prepared_and_says_so(make_cfg, tmp_path)
     cfg = make_cfg("data.max_train_rows=64", "data.max_eval_rows=8", "train.max_steps=1", "train.batch_size=4",
                    "train.checkpoint_every=0", "data.max_new_tokens=2", f"storage.path={tmp_path}")
     assert prepare_inputs(cfg).status == "built"
+    markers = list((tmp_path / "prepared").glob("*/last_used"))
+    for marker in markers:  # last used a week ago: the trial's use is recorded (pruning goes by it)
+        os.utime(marker, (marker.stat().st_mtime - 7 * 86400,) * 2)
     tracker = Recording()
     run_trial(cfg, tmp_path / "out", tracker=tracker)
     assert tracker.tags == {"data/prepared": "reused"} and 0 < tracker.metrics["time/data_s"] < 60
+    assert len(markers) == 2 and all(time.time() - m.stat().st_mtime < 600 for m in markers)
     assert json.loads(next((tmp_path / "prepared").glob("*/prepared.json")).read_text())["stats"]["rows"] in (8, 64)
 
 

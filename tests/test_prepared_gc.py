@@ -69,10 +69,16 @@ def test_a_use_that_cannot_be_recorded_opens_the_data_anyway(make_cfg, tokenizer
     assert "could not record the use" in caplog.text
 
 
-def test_list_shows_each_dataset_and_the_totals(make_cfg, tokenizer, source, tmp_path, capsys):
+def test_list_shows_each_dataset_and_the_totals_and_prune_leaves_what_is_not_one(make_cfg, tokenizer, source,
+                                                                                   tmp_path, capsys):
     storage_path = tmp_path / "runs"
     sets = [prepare(make_cfg, tokenizer, source, storage_path / "prepared", rows) for rows in (10, 20, None)]
     used_at(sets[0].path, time.time() - 3 * DAY)
+    writing = storage_path / "prepared" / f".{'0' * 24}.partial-1-ab"  # a pass under way
+    stray = storage_path / "prepared" / "stray"
+    for directory in (writing, stray):
+        directory.mkdir()
+        (directory / "data.arrow").write_bytes(b"x" * 50_000)
     code, out = cli(capsys, "--storage", str(storage_path), "list")
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:5] == ["key", "product", "format", "rows", "size"]
@@ -85,6 +91,10 @@ def test_list_shows_each_dataset_and_the_totals(make_cfg, tokenizer, source, tmp
     total = sum(f.stat().st_size for p in sets for f in p.path.iterdir())
     assert lines[4].startswith("3 prepared datasets, ") and str(storage_path / "prepared") in lines[4]
     assert total > 10 * 1024 and f"{total / 1024:.1f} KiB" in lines[4]
+    assert lines[5].startswith("1 not listed") and lines[5].endswith(": stray") and len(lines) == 6
+    code, out = cli(capsys, "--storage", str(storage_path), "prune", "--keep", "0")
+    assert code == 0 and "removed 3 of 3" in out
+    assert sorted(p.name for p in (storage_path / "prepared").iterdir()) == [writing.name, "stray"]
 
 
 def test_prune_by_age_removes_only_the_long_unused_and_the_next_pass_rebuilds(make_cfg, tokenizer, source,

@@ -84,11 +84,12 @@ def scan(root: str) -> tuple[list[Dataset], list[str]]:
     datasets, incomplete = [], []
     for key, files in sorted(groups.items()):
         by_name = {f.path[len(base):].lstrip("/").partition("/")[2]: f for f in files}
-        if META_FILE not in by_name:
+        try:
+            with fs.open_input_stream(by_name[META_FILE].path) as stream:
+                meta = json.loads(stream.read().decode())
+        except (KeyError, OSError, ValueError):  # none, removed since the listing, or not ours
             incomplete.append(key)
             continue
-        with fs.open_input_stream(by_name[META_FILE].path) as stream:
-            meta = json.loads(stream.read().decode())
         marker = by_name.get(USED_FILE)
         size = sum(f.size or 0 for f in files if f.type == pafs.FileType.File)
         datasets.append(Dataset(key, storage.join(root, key), meta, size, _mtime(by_name[META_FILE]),
@@ -215,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(d.size for d in datasets)
         print(f"{len(datasets)} prepared dataset{'s' * (len(datasets) != 1)}, {format_size(total)} under {root}")
         if incomplete:
-            print(f"{len(incomplete)} incomplete (no {META_FILE}: an upload under way or cut short): "
-                  f"{', '.join(k[:12] for k in incomplete)}")
+            print(f"{len(incomplete)} not listed, without a readable {META_FILE} (an upload under way or cut short; "
+                  f"left alone): {', '.join(k[:12] for k in incomplete)}")
         return 0
     going = to_prune(datasets, older_than, args.keep, now)
     if going:
