@@ -1,4 +1,4 @@
-"""Data preparation at the scale users bring: our one pass (trainers/prepared.py) beside
+"""Data preparation at the scale users bring: our one pass (trainers/prepared) beside
 `datasets.map(batched=True)` rendering and tokenizing the same rows, and what a later trial pays.
 
     python benchmarks/data_scale.py [--sizes 10000,100000,1000000] [--seed 0] [--work DIR]

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 BUDGET_UNITS = ("steps", "tokens", "flops")
 MEASURED_BATCHES = 256
-# What a stage's train product (trainers/prepared.py PRODUCTS_OF_KIND) holds, as its loop's items.
+# What a stage's train product (trainers/prepared PRODUCTS_OF_KIND) holds, as its loop's items.
 PRODUCT_ITEMS = {"examples": "examples", "examples+prompts": "examples", "pairs": "pairs", "prompts": "prompts"}
 
 

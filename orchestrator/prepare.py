@@ -1,4 +1,4 @@
-"""The driver's data pass: every trial's data validated by preparing it (trainers/prepared.py),
+"""The driver's data pass: every trial's data validated by preparing it (trainers/prepared),
 once per distinct input, before any trial or MLflow run exists.
 
 Without `cluster.address` the pass runs here, with a progress bar on a terminal once a pass

@@ -1,4 +1,4 @@
-"""Prepared data (trainers/prepared.py): batched tokenization equals the one-row path token for
+"""Prepared data (trainers/prepared): batched tokenization equals the one-row path token for
 token; a dataset is built once per distinct input and reused, never across changed inputs; a
 pass that dies midway leaves nothing taken for whole; rows are read lazily from the file."""
 

@@ -1,4 +1,4 @@
-"""Pruning prepared data (trainers/prepared_gc.py, `python -m trainers.prepared list|prune`): every
+"""Pruning prepared data (trainers/prepared/prune.py, `python -m trainers.prepared list|prune`): every
 build or reuse records its use, the listing says what each dataset is, pruning removes the ones
 unused for long or beyond the most recent, whole and only them, and the next pass rebuilds them."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from trainers.prepared_gc import main
+from trainers.prepared.prune import main
 
 REPO = Path(__file__).resolve().parent.parent
 DAY = 86400
@@ -133,7 +133,7 @@ def test_prune_keeps_the_most_recently_used(make_cfg, tokenizer, source, tmp_pat
 
 KILLED_PRUNE = """
 import os, shutil, signal, sys
-from trainers.prepared_gc import main
+from trainers.prepared.prune import main
 shutil.rmtree = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # killed as it deletes
 main(["--storage", sys.argv[1], "prune", "--keep", "0"])
 """

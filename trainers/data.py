@@ -9,7 +9,7 @@ Formats (one object per row; sources and `data.columns` in trainers.sources):
 A bad row is an error naming its `source:row` and the rule it breaks; nothing is dropped silently.
 Rows become tokens through the template `data.template` chooses (trainers.templates), the same
 for training and evaluation, TOKENIZE_BATCH rows per tokenizer call (`examples_of`, `pairs_of`,
-`prompts_of`: the per-batch steps trainers/prepared.py streams a source through). Rows longer than `data.max_seq_len` tokens follow `data.overlength`
+`prompts_of`: the per-batch steps trainers/prepared streams a source through). Rows longer than `data.max_seq_len` tokens follow `data.overlength`
 (error | truncate | drop, one rule: `fit_length`), and truncated/dropped rows are counted in
 `DatasetStats`.
 """

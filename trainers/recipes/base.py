@@ -136,7 +136,7 @@ def needs_mergeable_method(stage: str) -> Callable[["ExperimentConfig"], list[tu
 
 @dataclass
 class PreferenceSplits:
-    train: Sequence["PairExample"]  # lazy rows of the prepared dataset (trainers/prepared.py)
+    train: Sequence["PairExample"]  # lazy rows of the prepared dataset (trainers/prepared)
     train_stats: "DatasetStats"
     eval_pairs: Sequence["PairExample"] | None = None
     eval_prompts: Sequence["EvalPrompt"] | None = None  # the eval pairs' prompts, answer = chosen

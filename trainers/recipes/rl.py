@@ -140,7 +140,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
 
     # --- setup: data first, so a bad row fails before the model costs anything
     tokenizer = load_chat_tokenizer(cfg)
-    data = ctx.stage_data(tokenizer)  # prompts tokenized once per distinct input (trainers/prepared.py)
+    data = ctx.stage_data(tokenizer)  # prompts tokenized once per distinct input (trainers/prepared)
     prompts, prompt_stats = data.train.prompts(), data.train.stats
     eval_prompts = data.eval["prompts"].prompts() if data.eval else None
     data_metrics = data.ready(lambda: prompts[0])

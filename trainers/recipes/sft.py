@@ -36,7 +36,7 @@ def run(ctx: TrialContext) -> dict[str, float]:
 
     # --- setup: data first, so a bad row fails before the model costs anything
     tokenizer = load_chat_tokenizer(cfg)
-    data = ctx.stage_data(tokenizer)  # tokenized once per distinct input (trainers/prepared.py), memory-mapped
+    data = ctx.stage_data(tokenizer)  # tokenized once per distinct input (trainers/prepared), memory-mapped
     train = data.train.examples()
     evaluation = data.eval.get("examples+prompts")
     eval_examples, eval_prompts = (evaluation.examples(), evaluation.prompts()) if evaluation else (None, None)

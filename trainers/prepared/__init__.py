@@ -23,7 +23,7 @@ data file, template or tokenizer is never read from an older preparation.
     <root>/<key>/prepared.json   format, stats, inputs; written last: a directory without it is
                                  not a prepared dataset
     <root>/<key>/last_used       empty; its mtime is the last pass or trial that built or opened
-                                 the dataset (`python -m trainers.prepared list|prune`, prepared_gc.py)
+                                 the dataset (`python -m trainers.prepared list|prune`, prepared/prune.py)
 
 Written aside (`.<key>.partial-*`) and renamed into place, so a pass killed midway leaves nothing
 that is taken for whole; a pass starting removes the partials of killed passes beside it
@@ -501,7 +501,7 @@ def prepare(tokenizer, template, data, uri: str, limit: int | None, fmt: str, pr
         if all(storage.download(storage.join(root, key, name), partial / name) for name in (DATA_FILE, META_FILE)):
             _into_place(partial, final)
             return _used(_open(final, "reused"), location)
-        shutil.rmtree(partial, ignore_errors=True)  # pruned since (prepared_gc): built again, as if never uploaded
+        shutil.rmtree(partial, ignore_errors=True)  # pruned since (prepared/prune.py): built again, as if never uploaded
     partial = _aside(final)
     try:
         build(partial, tokenizer, template, data, uri, limit, fmt, product, check_format, progress, inputs=inputs)
@@ -612,10 +612,3 @@ def stage_data(cfg, tokenizer, root: str | None = None,
             evaluation[product] = one("eval", data.eval_file, data.max_eval_rows, train.fmt, product)
     return StageData(train, evaluation, started)
 
-
-if __name__ == "__main__":  # python -m trainers.prepared list|prune (trainers/prepared_gc.py)
-    import sys
-
-    from trainers.prepared_gc import main
-
-    sys.exit(main())
