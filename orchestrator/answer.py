@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from orchestrator import memcap, plots
-from orchestrator.cells import Cell, format_bytes, ran_budget
+from orchestrator.cells import Cell, ran_budget
+from trainers.memory.sizes import format_size
 
 GIB = 2**30
 MEMORY_LIMITS = tuple(n * GIB for n in (4, 8, 16, 24, 80))
@@ -48,7 +49,7 @@ def _metric_text(cell: Cell, metric: str) -> str:
     if stat is None:
         return "-"
     if metric.startswith(("mem/", "model/adapter")):
-        return format_bytes(stat.mean)
+        return format_size(stat.mean)
     return f"{stat.mean:.3g}" if metric == "perf/train_flops" else f"{stat.mean:.4f}"
 
 
@@ -125,13 +126,13 @@ def best_under_memory(cells: list[Cell], sweep_limit: int | None) -> Table | Non
                *[name for m, name, _ in plots.QUALITIES], "training FLOPs", "fit / trials"]
     rows = []
     for limit in limits:
-        name = format_bytes(limit) + (" (sweep.memory_limit)" if limit == sweep_limit else "")
+        name = format_size(limit) + (" (sweep.memory_limit)" if limit == sweep_limit else "")
         fitting = [c for c in cells if cell_estimate(c) <= limit]
         if not fitting:
             rows.append([name, "none fits", "", "", "", "", "", "", f"0 / {len(cells)}"])
             continue
         best = min(fitting, key=lambda c: (sign * c.metric(metric).mean, _trainable(c)))
-        rows.append([name, best.label, best.method, format_bytes(cell_estimate(best)),
+        rows.append([name, best.label, best.method, format_size(cell_estimate(best)),
                      _metric_text(best, "mem/peak_bytes"), *[_metric_text(best, m) for m, _, _ in plots.QUALITIES],
                      _metric_text(best, "perf/train_flops"), f"{len(fitting)} / {len(cells)}"])
     notes = [f"Best by {metric} ({mode}). Estimated memory: the estimator's prediction, not a measurement: the "

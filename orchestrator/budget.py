@@ -13,8 +13,9 @@ tuning's longer rows cost more FLOPs (not more tokens). The per-step cost is, in
 
 - measured on the data: on a local Ray (no cluster.address) with unpacked rows, the trial's data is
   prepared here (trainers.trial.prepare_inputs: the driver's data pass, which then finds it
-  built) and the cost is the mean of the first MEASURED_BATCHES micro-batches of the trial's own
-  seeded stream (at most one epoch), as its stage runs them (trainers.flops.StepCounter);
+  built; once per distinct data input of a plan, shared_inputs) and the cost is the mean of the
+  first MEASURED_BATCHES micro-batches of the trial's own seeded stream (at most one epoch), as
+  its stage runs them (trainers.flops.StepCounter);
 - else planned (trainers.flops.planned_step): every micro-batch full, train.batch_size rows of
   data.max_seq_len tokens (a padding-free batch: its token budget), an upper bound, so trials
   spend at most the budget;
@@ -36,8 +37,10 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from trainers.config import ConfigError
 
@@ -50,6 +53,8 @@ BUDGET_UNITS = ("steps", "tokens", "flops")
 MEASURED_BATCHES = 256
 # What a stage's train product (trainers/prepared PRODUCTS_OF_KIND) holds, as its loop's items.
 PRODUCT_ITEMS = {"examples": "examples", "examples+prompts": "examples", "pairs": "pairs", "prompts": "prompts"}
+# data_key -> trial_data's answer, while shared_inputs() is entered (one plan).
+_SHARED: ContextVar[dict | None] = ContextVar("shared_inputs", default=None)
 
 
 @dataclass(frozen=True)
@@ -78,27 +83,71 @@ def in_unit(cost: "Cost", unit: str) -> float:
     return cost.flops if unit == "flops" else cost.tokens
 
 
-def measured_cost(cfg: "ExperimentConfig") -> "Cost | None":
-    """The mean cost of the first micro-batches of the trial's data stream, times the micro-batches
-    of a step; None where that is not cheap here (a cluster's data, packed rows, unreadable data:
-    the driver's data pass reports what is wrong)."""
+@contextmanager
+def shared_inputs() -> Iterator[None]:
+    """Within it, trial_data prepares each distinct data input once: a plan's grid points (a
+    choice's methods) differ in method and settings, seldom in data, and the tokenizer load and
+    data pass would otherwise be paid per point. Entered around one plan (the files it reads do
+    not change while it is made); nested, the outer one's inputs are shared."""
+    if _SHARED.get() is not None:
+        yield
+        return
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def data_key(cfg: "ExperimentConfig") -> tuple:
+    """What trainers.trial.prepare_inputs reads of a config: the model (its tokenizer, the weights
+    check), data.* (data.template among them, unresolved), the stage (its data kind and formats)
+    and where prepared data lives."""
+    return repr(cfg.model), repr(cfg.data), cfg.stage.name, cfg.storage.path
+
+
+def trial_data(cfg: "ExperimentConfig") -> "tuple[str, Sequence] | None":
+    """(data.template as trial `cfg` resolves it, the items of its stage's train product), or None
+    where the data is not readable (the driver's data pass reports what is wrong); inside
+    shared_inputs() prepared once per data_key."""
+    cache = _SHARED.get()
+    if cache is None:
+        return _prepared(cfg)
+    key = data_key(cfg)
+    if key not in cache:
+        cache[key] = _prepared(cfg)
+    return cache[key]
+
+
+def _prepared(cfg: "ExperimentConfig") -> "tuple[str, Sequence] | None":
     from trainers.data import DataError
-    from trainers.flops import Cost, StepCounter
     from trainers.prepared import PRODUCTS_OF_KIND, prepared_root
     from trainers.recipes import RECIPES
-    from trainers.runtime import DistInfo
     from trainers.trial import prepare_inputs
-    from trainers.training import micro_batches
 
-    if cfg.cluster.address is not None or cfg.data.packing:
-        return None
     trial = copy.deepcopy(cfg)  # prepare_inputs resolves data.template in the config it gets
     try:
         data = prepare_inputs(trial, prepared_root(cfg.storage.path))
     except (DataError, ConfigError, OSError, ValueError):
         return None
     product = PRODUCTS_OF_KIND[RECIPES[cfg.stage.name].data_kind]["train"][0]
-    items = getattr(data.train, PRODUCT_ITEMS[product])()
+    return trial.data.template, getattr(data.train, PRODUCT_ITEMS[product])()
+
+
+def measured_cost(cfg: "ExperimentConfig") -> "Cost | None":
+    """The mean cost of the first micro-batches of the trial's data stream, times the micro-batches
+    of a step; None where that is not cheap here (a cluster's data, packed rows, unreadable data)."""
+    from trainers.flops import Cost, StepCounter
+    from trainers.runtime import DistInfo
+    from trainers.training import micro_batches
+
+    if cfg.cluster.address is not None or cfg.data.packing:
+        return None
+    data = trial_data(cfg)
+    if data is None:
+        return None
+    trial = copy.deepcopy(cfg)  # as prepare_inputs leaves a trial's config: data.template resolved
+    trial.data.template, items = data
     train = cfg.train
     n = max(1, min(MEASURED_BATCHES, len(items) // train.batch_size))
     stream = micro_batches(items, train.batch_size, train.seed, DistInfo(), cfg.data.group_by_length)

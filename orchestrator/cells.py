@@ -117,19 +117,6 @@ def ran_budget(cells: list[Cell]) -> list[Cell]:
     return [c for c in cells if any(r.tags.get("early_stopped") != "true" for r in c.finished)]
 
 
-BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
-
-
-def format_bytes(mean: float, std: float | None = None) -> str:
-    """One unit for the mean and its spread: '12.3 ± 0.4 MiB'."""
-    name, size = next(((n, s) for n, s in BYTE_UNITS if abs(mean) >= s), ("B", 1))
-    digits = 0 if size == 1 else 1
-    text = f"{mean / size:,.{digits}f}"
-    if std is not None:
-        text += f" ± {std / size:,.{digits}f}"
-    return f"{text} {name}"
-
-
 def cell_label(label: str) -> str:
     return SEED_IN_LABEL.sub("", label).strip()
 

@@ -21,7 +21,7 @@ number `dry_run=true` prints per trial and `python -m trainers.memory fit` fills
 from __future__ import annotations
 
 from trainers.config import ConfigError
-from trainers.memory.fit import format_size, parse_size
+from trainers.memory.sizes import format_size, parse_size
 
 KEY = "sweep.memory_limit"
 OVER_MEMORY_LIMIT = "OVER_MEMORY_LIMIT"  # a SkippedTrial's state, and its rows' status in the report

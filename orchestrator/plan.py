@@ -81,7 +81,8 @@ def make_plan(overrides: list[str]) -> Plan:
         plan = Plan(sweep=base.sweep.name, experiment=experiment, trials=trials, base=base)
     else:
         plan = Plan(sweep=base.sweep.name, experiment=experiment, trials=[], base=base)
-        plan_grid(overrides, plan, sweep_block, sweep_space)
+        with budget.shared_inputs():  # the step costs prepare each distinct data input once
+            plan_grid(overrides, plan, sweep_block, sweep_space)
     plan.notes += replaced_overrides(overrides, plan) + cluster_notes(base)
     budget.check_searched(plan)
     budget.check_grace(plan)

@@ -95,7 +95,7 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
 
 
 def memory_limit(text: str) -> int:
-    from trainers.memory.fit import parse_size
+    from trainers.memory.sizes import parse_size
 
     try:
         return parse_size(text)
@@ -106,7 +106,7 @@ def memory_limit(text: str) -> int:
 def within_limit(candidates, limit: int | None) -> tuple[list, str]:
     """The candidates whose estimated memory fits `limit`, and a note saying what it left out."""
     from orchestrator.memcap import within
-    from trainers.memory.fit import format_size
+    from trainers.memory.sizes import format_size
 
     if limit is None:
         return candidates, ""

@@ -35,7 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.cells import Cell, Stat, TrialRow, format_bytes, group_cells
+from orchestrator.cells import Cell, Stat, TrialRow, group_cells
+from trainers.memory.sizes import format_size
 
 log = logging.getLogger("orchestrator")
 
@@ -88,7 +89,7 @@ class Column:
             return str(value)
         std = value.std if self.spread else None
         if self.fmt == "bytes":
-            return format_bytes(value.mean, std)
+            return format_size(value.mean, std)
         fmt = _plain(self.fmt) if isinstance(self.fmt, str) else self.fmt
         return fmt(value.mean) if std is None else f"{fmt(value.mean)} ± {fmt(std)}"
 

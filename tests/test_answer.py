@@ -30,7 +30,7 @@ FRONTIERS = {
     "lora r=8": "loss/FLOPs, loss/memory, loss/adapter, accuracy/FLOPs, accuracy/memory, accuracy/adapter",
 }
 # memory limit -> the best trial by accuracy whose estimated total fits it
-BEST = {"4.0 GiB": "lora r=1", "8.0 GiB": "lora r=2", "13.0 GiB (sweep.memory_limit)": "lora r=2",
+BEST = {"4.00 GiB": "lora r=1", "8.00 GiB": "lora r=2", "13.0 GiB (sweep.memory_limit)": "lora r=2",
         "16.0 GiB": "lora r=2", "24.0 GiB": "lora r=4", "80.0 GiB": "lora r=8"}
 
 
@@ -84,7 +84,7 @@ def test_the_pareto_table_lists_each_frontier_trial_with_the_pairs_it_is_optimal
     assert "## Which method for my budget?" in md
     rows = section(md, "Pareto table: quality against cost")
     assert {label: row["Pareto-optimal on (quality/cost)"] for label, row in rows.items()} == FRONTIERS
-    assert rows["lora r=1"]["training FLOPs"] == "1e+15" and rows["lora r=4"]["adapter bytes"] == "4.0 MiB"
+    assert rows["lora r=1"]["training FLOPs"] == "1e+15" and rows["lora r=4"]["adapter bytes"] == "4.00 MiB"
     assert rows["lora r=8"]["peak memory"] == "20.0 GiB" and rows["lora r=2"]["eval loss"] == "0.8000"
     assert "(1 of 5)" in md  # lora r=16, dominated on every pair
 
@@ -94,7 +94,7 @@ def test_best_under_each_memory_limit_counts_the_estimate_plus_overhead_inclusiv
     md = (out / "comparison.md").read_text()
     rows = section(md, "Best under each memory limit (estimated)")
     assert {limit: row["best trial"] for limit, row in rows.items()} == BEST
-    assert rows["16.0 GiB"]["estimated memory"] == "8.0 GiB" and rows["16.0 GiB"]["fit / trials"] == "2 / 5"
+    assert rows["16.0 GiB"]["estimated memory"] == "8.00 GiB" and rows["16.0 GiB"]["fit / trials"] == "2 / 5"
     assert rows["80.0 GiB"]["fit / trials"] == "5 / 5" and rows["80.0 GiB"]["exact-match accuracy"] == "0.8000"
     assert "the estimator's prediction, not a measurement" in md and "Best by eval/accuracy (max)" in md
 
@@ -120,7 +120,7 @@ def test_runs_without_training_flops_leave_that_axis_out(store_uri, tmp_path):
     figure = plots.budget_figure(cells, plots.Colors())
     assert figure.panels and not any("FLOPs" in panel.title for panel in figure.panels)
     best = section(md, "Best under each memory limit (estimated)")
-    assert best["8.0 GiB"]["best trial"] == "lora r=2" and best["8.0 GiB"]["training FLOPs"] == "-"
+    assert best["8.00 GiB"]["best trial"] == "lora r=2" and best["8.00 GiB"]["training FLOPs"] == "-"
 
 
 def test_trials_over_the_memory_limit_are_rows_of_the_report_with_their_reason(store_uri, tmp_path):

@@ -15,7 +15,8 @@ from orchestrator.memcap import OVER_MEMORY_LIMIT, draw_refusal
 from orchestrator.plan import format_plan, make_plan
 from trainers import memory
 from trainers.config import ConfigError
-from trainers.memory.fit import fit_batch, largest_fitting, parse_size
+from trainers.memory.fit import fit_batch, largest_fitting
+from trainers.memory.sizes import format_size, parse_size
 
 GIB, MIB = 2**30, 2**20
 BATCHES = "++sweep.axes={train.batch_size:[1,64]}"
@@ -39,6 +40,17 @@ def test_sizes_in_binary_and_decimal_units(text, size):
 def test_bad_sizes_are_refused_saying_what_is_accepted(text, fragment):
     with pytest.raises(ValueError, match=fragment):
         parse_size(text)
+
+
+@pytest.mark.parametrize("size, spread, text", [
+    (512, None, "512 B"), (8000, None, "7.81 KiB"), (8 * GIB, None, "8.00 GiB"), (8.04 * GIB, None, "8.04 GiB"),
+    (24 * GIB, None, "24.0 GiB"), (1023 * MIB, None, "1,023.0 MiB"), (12.3 * MIB, 0.4 * MIB, "12.3 ± 0.4 MiB"),
+    (3 * GIB, 200 * MIB, "3.00 ± 0.20 GiB"),  # the spread in the mean's unit, though under a GiB
+])
+def test_sizes_show_two_decimals_below_ten_units_and_the_spread_in_the_means_unit(size, spread, text):
+    """One format for the plan's limits and estimates and the report's cells: an estimate a little
+    over a limit reads apart from it."""
+    assert format_size(size, spread) == text
 
 
 # --------------------------------------------------------------------------- the plan

@@ -121,7 +121,7 @@ def test_markdown_and_console_agree_and_name_every_unfinished_trial(sweep_store)
             for line in md.splitlines()[2:6]}
     r2 = dict(zip(header, rows["lora r=2"]))
     assert r2["eval loss"] == "1.8000 ± 0.1000" and r2["n"] == "3" and r2["trainable"] == "2,000"
-    assert r2["trainable %"] == "0.200" and r2["adapter"] == "7.8 KiB" and r2["state"] == "FINISHED"
+    assert r2["trainable %"] == "0.200" and r2["adapter"] == "7.81 KiB" and r2["state"] == "FINISHED"
     assert dict(zip(header, rows["lora r=8"]))["n"] == "2/3"
     assert "lora r=8 seed=2" in md and "FAILED - NonFiniteLossError: non-finite loss at step 20" in md
     assert "full lr=0.0003 seed=2" in md and "SKIPPED - skipped: trial time budget of the sweep spent" in md

@@ -25,7 +25,8 @@ row, models held, output head), so adding a method or a stage touches its own fi
     counts.py       tensor sizes a target list selects, weight bytes (bitsandbytes formats), optimizer states
     activations.py  bytes saved for backward, eval pass
     estimate.py     estimate(cfg) -> MemoryEstimate, by component (reads the registries)
-    fit.py          sizes (24GiB, 8GB), the largest micro-batch that fits a memory limit
+    sizes.py        sizes as typed (24GiB, 8GB) and as shown (4.00 GiB, 12.3 ± 0.4 MiB)
+    fit.py          the largest micro-batch that fits a memory limit
     cli.py          python -m trainers.memory [fit]
 
 Accuracy against measurements: tests/test_architectures.py (each family), tests/test_memory.py

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Optional
 
 from trainers.memory.counts import FLOAT_BYTES, GIB
 from trainers.memory.estimate import RUNTIME_OVERHEAD, estimate
-from trainers.memory.fit import MAX_BATCH, fit_batch, format_size, parse_size
+from trainers.memory.fit import MAX_BATCH, fit_batch
 from trainers.memory.shapes import KNOWN_MODELS, UnknownModelError, load_shape
+from trainers.memory.sizes import format_size, parse_size
 
 if TYPE_CHECKING:
     from trainers.config import ExperimentConfig

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from trainers.memory.activations import Activations, eval_bytes, prefix_cache_bytes, train_activation_bytes
 from trainers.memory.counts import FLOAT_BYTES, GIB, optimizer_state_bytes, weight_bytes
 from trainers.memory.shapes import ModelShape, load_shape
+from trainers.memory.sizes import format_size
 from trainers.memory.terms import MethodTerms, StageTerms
 
 if TYPE_CHECKING:
@@ -160,16 +161,9 @@ class MemoryEstimate:
                  ("= total", self.total_bytes, "peak + runtime overhead")]
         width = max(len(r[0]) for r in rows)
         lines = [head, f"  params: {self.params_total:,} total, {self.params_trainable:,} trainable"]
-        lines += [f"  {name:<{width}}  {_human(n):>10}  {note}" for name, n, note in rows]
+        lines += [f"  {name:<{width}}  {format_size(n):>10}  {note}" for name, n, note in rows]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def _human(n: float) -> str:
-    for unit, size in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass
@@ -262,7 +256,7 @@ def _logits(shape: ModelShape, extra: tuple[int, int], batch: Batch, act: int, i
 def _activations_note(saved: Activations, shape: ModelShape, tokens: int) -> str:
     if saved.recompute:
         return f"checkpointed: each of {shape.layers} layers keeps its input; {tokens:,} tokens"
-    return f"saved for backward; {_human(saved.per_layer)} per layer x {shape.layers}, {tokens:,} tokens"
+    return f"saved for backward; {format_size(saved.per_layer)} per layer x {shape.layers}, {tokens:,} tokens"
 
 
 def estimate(cfg: "ExperimentConfig", model_config: Any = None, *, seq_len: Optional[int] = None,

@@ -1,4 +1,4 @@
-"""What fits a memory limit: sizes as users type them, and the largest micro-batch per method.
+"""What fits a memory limit: the largest micro-batch per method.
 
     python -m trainers.memory fit llama-3-8b --memory 24GiB --seq-len 2048 --global-batch 64
 
@@ -13,49 +13,14 @@ little larger).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
-
-from trainers.memory.counts import GIB
 
 if TYPE_CHECKING:
     from trainers.config import ExperimentConfig
 
-UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 # Without --global-batch the search stops here: a micro-batch this large is no longer the question.
 MAX_BATCH = 2**16
-
-
-def parse_size(value: object) -> int:
-    """Bytes of `24GiB`, `512MiB`, `8GB` (decimal units), `1.5GiB` or a plain byte count; ValueError
-    saying what is accepted otherwise (a bare `24G` is refused: GiB or GB?)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a size")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), "b"
-    else:
-        match = SIZE.match(str(value))
-        if not match:
-            raise ValueError(f"{value!r} is not a size; write e.g. 24GiB, 512MiB, 8GB or a byte count")
-        number, unit = float(match.group(1)), (match.group(2) or "b").lower()
-        if unit not in UNITS:
-            raise ValueError(f"{value!r}: unknown unit {match.group(2)!r}; units: B, KiB, MiB, GiB, TiB "
-                             "(binary) or KB, MB, GB, TB (decimal)")
-    size = int(number * UNITS[unit])
-    if size < 1 or not math.isfinite(number):
-        raise ValueError(f"{value!r}: a size must be positive")
-    return size
-
-
-def format_size(n: float) -> str:
-    """'23.5 GiB': how limits and estimates are shown beside each other."""
-    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:,.2f} {unit}" if n < 10 * size else f"{n / size:,.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def largest_fitting(fits: Callable[[int], bool], high: int) -> int:
