@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainers import storage
-from trainers.memory.fit import format_size
+from trainers.memory.sizes import format_size
 from trainers.prepared import CACHE_ENV, META_FILE, USED_FILE, local_cache, prepared_root, retire
 
 AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
