@@ -3,6 +3,7 @@ run in this process by `trainers.trial.run_trial` with the real `TrialTracker` w
 MLflow SQLite store (what a Ray worker's rank 0 runs, minus Ray), at two train.log_every values.
 
     python benchmarks/logging_overhead.py [--log-every 1,250] [--steps 250] [--pairs 3] [--progress] [KEY=VALUE ...]
+    python benchmarks/logging_overhead.py --tiny [--synthetic]   # the fewest steps: checks the script
 
 One warm-up trial, then `--pairs` pairs, each pair running both values in alternating order (the
 box may be shared: only ratios within a pair mean anything). Per trial: wall time of run_trial,
@@ -12,6 +13,9 @@ spends, logging included) and of the whole process (the tracker's writer threads
 one thread: ten times shorter than the embedded trial's, so the logging's share shows), blocks of
 300 steps logged every step or every 250th, alternating in one process: a ratio per block pair.
 
+`--tiny`: no warm-up, 2 steps and one pair (log_every=1 logs both steps, the large value only
+the last); with `--synthetic`, one block pair. `--json FILE` writes every trial (or block) and the ratios.
+
 `--progress` also gives the tracker a Ray-progress sink that does what `ray.train.report`'s
 caller does here (a dict copy per report) but sends nothing: the progress queue's own cost.
 """
@@ -19,6 +23,7 @@ caller does here (a dict copy per report) but sends nothing: the progress queue'
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -66,7 +71,7 @@ def one_trial(steps: int, log_every: int, progress: bool, extra: list[str] = ())
         return row
 
 
-def synthetic(blocks: int = 12, block_steps: int = 300) -> int:
+def synthetic(blocks: int = 12, block_steps: int = 300) -> dict:
     """log_every=1 vs 250 beside a small synthetic step: wall and training-thread CPU ratios."""
     import torch
 
@@ -100,22 +105,44 @@ def synthetic(blocks: int = 12, block_steps: int = 300) -> int:
     print(f"step {step_ms:.2f} ms; log_every=1 vs 250 per block pair: wall {', '.join(f'{r:.3f}' for r in walls)} "
           f"(median {statistics.median(walls):.3f}x); training-thread CPU {', '.join(f'{r:.3f}' for r in cpus)} "
           f"(median {statistics.median(cpus):.3f}x)")
-    return 0
+    return {"step_ms": step_ms, "block_steps": block_steps, "wall_ratios": walls, "thread_cpu_ratios": cpus}
 
 
-def main(argv=None) -> int:
+KEYS = ("wall_s", "train_s", "thread_cpu_s", "cpu_s")
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-every", default="1,250")
-    parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="the fewest steps that run both values: checks the script")
+    parser.add_argument("--steps", type=int, default=None, help="default 250; tiny 2")
+    parser.add_argument("--pairs", type=int, default=None, help="default 3; tiny 1")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--synthetic", action="store_true", help="the tracker beside a synthetic ~3 ms step")
+    parser.add_argument("--json", default=None, help="also write every trial and the ratios to this JSON file")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides, e.g. train.cpus_per_worker=1")
     args = parser.parse_args(argv)
-    if args.synthetic:
-        return synthetic()
-    values = [int(v) for v in args.log_every.split(",")]
-    one_trial(min(args.steps, 20), values[-1], args.progress, args.overrides)  # imports, caches, first-run costs
+    for key, full, tiny in (("steps", 250, 2), ("pairs", 3, 1)):
+        if getattr(args, key) is None:
+            setattr(args, key, tiny if args.tiny else full)
+    return args
+
+
+def table(rows: dict[int, list[dict]], ratios: dict[int, dict[str, list[float]]]) -> str:
+    lines = ["| train.log_every | " + " | ".join(f"{k} (median) | per-pair ratio" for k in KEYS) + " |",
+             "| ---: |" + " ---: | --- |" * len(KEYS)]
+    for v, trials in rows.items():
+        cells = [f"{statistics.median(r[k] for r in trials):.2f} | {', '.join(f'{x:.3f}' for x in ratios[v][k])}"
+                 for k in KEYS]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def measured_pairs(args, values: list[int]) -> dict[int, list[dict]]:
+    """One warm-up trial (not --tiny: it only checks the script), then args.pairs pairs of trials,
+    one per value, in alternating order."""
+    if not args.tiny:
+        one_trial(min(args.steps, 20), values[-1], args.progress, args.overrides)  # imports, caches, first-run costs
     rows: dict[int, list[dict]] = {v: [] for v in values}
     for pair in range(args.pairs):
         for log_every in values if pair % 2 == 0 else values[::-1]:
@@ -124,16 +151,21 @@ def main(argv=None) -> int:
             print(f"  pair {pair + 1}: log_every={log_every:<4} wall {r['wall_s']:6.2f} s  train_s "
                   f"{r['train_s']:6.2f}  thread cpu {r['thread_cpu_s']:6.2f}  process cpu {r['cpu_s']:6.2f}",
                   flush=True)
-    base = values[-1]
-    keys = ("wall_s", "train_s", "thread_cpu_s", "cpu_s")
-    print("\n| train.log_every | " + " | ".join(f"{k} (median) | per-pair ratio" for k in keys) + " |")
-    print("| ---: |" + " ---: | --- |" * len(keys))
-    for v in values:
-        cells = []
-        for k in keys:
-            ratios = ", ".join(f"{a[k] / b[k]:.3f}" for a, b in zip(rows[v], rows[base]))
-            cells.append(f"{statistics.median(r[k] for r in rows[v]):.2f} | {ratios}")
-        print(f"| {v} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.synthetic:
+        record = synthetic(blocks=2 if args.tiny else 12)
+    else:
+        values = [int(v) for v in args.log_every.split(",")]
+        rows, base = measured_pairs(args, values), values[-1]
+        ratios = {v: {k: [a[k] / b[k] for a, b in zip(rows[v], rows[base])] for k in KEYS} for v in values}
+        print("\n" + table(rows, ratios))
+        record = {"steps": args.steps, "pairs": args.pairs, "base": base, "trials": rows, "ratios": ratios}
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2))
     return 0
 
 
