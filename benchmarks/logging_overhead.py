@@ -1,6 +1,7 @@
 """What per-step logging costs a trial, without Ray: the default LoRA trial on the embedded default
-run in this process by `trainers.trial.run_trial` with the real `TrialTracker` writing to a fresh
-MLflow SQLite store (what a Ray worker's rank 0 runs, minus Ray), at two train.log_every values.
+run in this process by `trainers.trial.run_trial` with the real `TrialTracker` writing to an
+MLflow SQLite store (what a Ray worker's rank 0 runs, minus Ray), at two train.log_every values:
+a new run per trial in one store per script run.
 
     python benchmarks/logging_overhead.py [--log-every 1,250] [--steps 250] [--pairs 3] [--progress] [KEY=VALUE ...]
     python benchmarks/logging_overhead.py --tiny [--synthetic]   # the fewest steps: checks the script
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def trial_config(steps: int, log_every: int, out: Path, extra: list[str] = ()):
+def trial_config(steps: int, log_every: int, out: Path, uri: str, extra: list[str] = ()):
     from omegaconf import OmegaConf
 
     from orchestrator.plan import make_plan
@@ -42,20 +43,23 @@ def trial_config(steps: int, log_every: int, out: Path, extra: list[str] = ()):
 
     plan = make_plan([f"train.max_steps={steps}", f"train.log_every={log_every}", "train.checkpoint_every=0",
                       "data.max_eval_rows=32", f"storage.path={out / 'runs'}", "cluster.num_cpus=2",
-                      f"tracking.uri=sqlite:///{out / 'mlflow.db'}", *extra])
+                      f"tracking.uri={uri}", *extra])
     return from_container(OmegaConf.create(plan.trials[0].config))
 
 
-def one_trial(steps: int, log_every: int, progress: bool, extra: list[str] = ()) -> dict[str, float]:
+def one_trial(steps: int, log_every: int, progress: bool, uri: str, extra: list[str] = ()) -> dict[str, float]:
+    """A trial as a new MLflow run of the store at `uri` (made once per script run: creating an
+    SQLite store takes seconds, outside the timed part but not outside a test's)."""
     from orchestrator.tracking import TrialTracker, client
     from trainers.trial import run_trial
 
     with tempfile.TemporaryDirectory(prefix="log-bench-") as tmp:
         out = Path(tmp)
-        cfg = trial_config(steps, log_every, out, extra)
-        uri = f"sqlite:///{out / 'mlflow.db'}"
+        cfg = trial_config(steps, log_every, out, uri, extra)
         mlflow = client(uri)
-        run_id = mlflow.create_run(mlflow.create_experiment("bench")).info.run_id
+        experiment = mlflow.get_experiment_by_name("bench")
+        experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment("bench")
+        run_id = mlflow.create_run(experiment_id).info.run_id
         reports: list[dict] = []
         report = (lambda metrics: reports.append(dict(metrics))) if progress else None
         tracker = TrialTracker(uri, run_id, 0, report=report, total_steps=steps)
@@ -141,16 +145,18 @@ def table(rows: dict[int, list[dict]], ratios: dict[int, dict[str, list[float]]]
 def measured_pairs(args, values: list[int]) -> dict[int, list[dict]]:
     """One warm-up trial (not --tiny: it only checks the script), then args.pairs pairs of trials,
     one per value, in alternating order."""
-    if not args.tiny:
-        one_trial(min(args.steps, 20), values[-1], args.progress, args.overrides)  # imports, caches, first-run costs
-    rows: dict[int, list[dict]] = {v: [] for v in values}
-    for pair in range(args.pairs):
-        for log_every in values if pair % 2 == 0 else values[::-1]:
-            rows[log_every].append(one_trial(args.steps, log_every, args.progress, args.overrides))
-            r = rows[log_every][-1]
-            print(f"  pair {pair + 1}: log_every={log_every:<4} wall {r['wall_s']:6.2f} s  train_s "
-                  f"{r['train_s']:6.2f}  thread cpu {r['thread_cpu_s']:6.2f}  process cpu {r['cpu_s']:6.2f}",
-                  flush=True)
+    with tempfile.TemporaryDirectory(prefix="log-bench-store-") as store:
+        uri = f"sqlite:///{store}/mlflow.db"
+        if not args.tiny:  # imports, caches, first-run costs
+            one_trial(min(args.steps, 20), values[-1], args.progress, uri, args.overrides)
+        rows: dict[int, list[dict]] = {v: [] for v in values}
+        for pair in range(args.pairs):
+            for log_every in values if pair % 2 == 0 else values[::-1]:
+                rows[log_every].append(one_trial(args.steps, log_every, args.progress, uri, args.overrides))
+                r = rows[log_every][-1]
+                print(f"  pair {pair + 1}: log_every={log_every:<4} wall {r['wall_s']:6.2f} s  train_s "
+                      f"{r['train_s']:6.2f}  thread cpu {r['thread_cpu_s']:6.2f}  process cpu {r['cpu_s']:6.2f}",
+                      flush=True)
     return rows
 
 
