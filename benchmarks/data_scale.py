@@ -2,6 +2,7 @@
 `datasets.map(batched=True)` rendering and tokenizing the same rows, and what a later trial pays.
 
     python benchmarks/data_scale.py [--sizes 10000,100000,1000000] [--seed 0] [--work DIR]
+    python benchmarks/data_scale.py --tiny     # one small size: checks the script (~25 s)
 
 Per size: synthetic instruction rows (instruction 20-100 words, output 5-45: 25-145 a row,
 seeded), the embedded BPE tokenizer with a ChatML chat template (a real fast tokenizer; what
@@ -23,6 +24,9 @@ a small instruct model ships), data.max_seq_len=512. Each measurement is its own
               the first micro-batch drawn (16 items; padding-free: one row); the rows' tokens were
               measured above, this is what holding N of them costs a worker (RSS after, and the
               peak while planning)
+
+--tiny: one size just past the rows a pass encodes without its worker pool (so a worker's RSS
+is measured), the index check at that size only.
 
 The two first passes alternate (ours first, then datasets) per size, on the same machine in the
 same run; ratios are datasets' seconds / ours (> 1: ours is faster) and ours / datasets for RSS.
@@ -55,12 +59,29 @@ WORDS = ("the a of to and in is it that for on with as was at by be this from or
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="10000,100000", help="comma-separated row counts")
+    parser.add_argument("--tiny", action="store_true", help="one small size: checks the script")
+    parser.add_argument("--sizes", default=None, help="comma-separated row counts (default 10000,100000; "
+                                                      "tiny: one size, just past a pass without workers)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="working directory (default: a temp dir, removed)")
-    parser.add_argument("--index-rows", type=int, default=1_000_000, help="rows of the worker-RSS index check")
+    parser.add_argument("--index-rows", type=int, default=None,
+                        help="rows of the worker-RSS index check (default 1000000; tiny: the size)")
     parser.add_argument("--json", default=None, help="write the results here too")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.sizes is None:
+        args.sizes = str(tiny_rows()) if args.tiny else "10000,100000"
+    if args.index_rows is None:
+        args.index_rows = int(args.sizes.split(",")[0]) if args.tiny else 1_000_000
+    return args
+
+
+def tiny_rows() -> int:
+    """Rows enough for a preparation pass to encode some on worker processes: one batch more than
+    it encodes in-process."""
+    from trainers.data import TOKENIZE_BATCH
+    from trainers.prepared import POOL_AFTER_BATCHES
+
+    return (POOL_AFTER_BATCHES + 1) * TOKENIZE_BATCH
 
 
 def sentence(rng: random.Random, n: int) -> str:

@@ -169,7 +169,7 @@ def ray_cluster(workdir: Path, nodes: list[dict], env: dict, client_port: int | 
         yield address, temp
     finally:
         for proc in reversed(procs):
-            _stop(proc, grace=8)  # a node drains for up to 30 s on SIGTERM; nothing here needs draining
+            _stop(proc, grace=2)  # a head drains for up to 30 s on SIGTERM (it outlasted 8 s); nothing here needs it
         shutil.rmtree(temp, ignore_errors=True)
 
 

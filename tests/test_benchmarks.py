@@ -1,9 +1,11 @@
 """Benchmark scripts run end to end on a tiny model (CPU here), so that the one command a lead
-reruns on a quiet box (or a task with a GPU) is known to work: gpu_throughput.py, trainer_vs_hf.py."""
+reruns on a quiet box (or a task with a GPU) is known to work: gpu_throughput.py, trainer_vs_hf.py,
+data_scale.py, logging_overhead.py."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +99,51 @@ def test_trainer_vs_hf_tiny_orchestrated_trial_reports_its_own_training_time(tmp
     assert 0 < orch["train_s"] < orch["wall_s"] and orch["useful"] > 0
     assert "CPU=1" in orch["plan"]  # --tiny: one thread, so the trial alone on the node reserves 1 CPU
     assert "orchestrated trial vs train_loop" in proc.stdout
+
+
+def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def test_data_scale_tiny_measures_both_first_passes_a_pool_worker_a_trial_and_the_lazy_rows(tmp_path):
+    from trainers.data import TOKENIZE_BATCH
+    from trainers.prepared import POOL_AFTER_BATCHES, pass_workers
+
+    out = tmp_path / "results.json"
+    proc = run_script("benchmarks/data_scale.py", "--tiny", "--json", str(out))
+    record = json.loads(out.read_text())
+    (size,) = record["sizes"]
+    rows, ours, hf, trial = size["rows"], size["ours"], size["datasets"], size["trial"]
+    assert rows > POOL_AFTER_BATCHES * TOKENIZE_BATCH  # past what a pass encodes before its pool starts
+    assert ours["rows"] == hf["rows"] == trial["rows"] == rows
+    assert (ours["status"], trial["status"]) == ("built", "reused")  # the trial reads the first pass's data
+    for ratio in (hf["seconds"] / ours["seconds"], ours["peak_rss"] / hf["peak_rss"]):
+        assert math.isfinite(ratio) and ratio > 0
+    if pass_workers() > 1:
+        assert ours["worker_peak_rss"] > 0
+    assert trial["data_s"] > 0 and trial["rss_ready"]["VmRSS"] > 0 and trial["rss_before"]["VmRSS"] > 0
+    (held,) = record["index"].values()
+    assert set(held) == {"examples", "packing", "padding_free"}
+    assert all(r["rows"] == rows for r in held.values())
+    assert held["examples"]["items"] == rows
+    assert 0 < held["padding_free"]["items"] < held["packing"]["items"] < rows  # rows of several examples
+    assert all(r["rss_ready"]["VmHWM"] >= r["rss_ready"]["VmRSS"] > 0 for r in held.values())
+    assert "| rows | file MB | ours s | datasets.map s |" in proc.stdout and f"| {rows:,} | " in proc.stdout
+    assert "| rows held (lazy) | rows as |" in proc.stdout and f"| {rows:,} | padding_free |" in proc.stdout
+
+
+def test_logging_overhead_tiny_runs_a_trial_at_each_log_every_into_mlflow(tmp_path):
+    """A value's trial fails the script unless MLflow holds one train/loss point per logged step."""
+    out = tmp_path / "results.json"
+    proc = run_script("benchmarks/logging_overhead.py", "--tiny", "--json", str(out))
+    record = json.loads(out.read_text())
+    assert (record["pairs"], record["base"]) == (1, 250) and record["steps"] < record["base"]
+    assert set(record["trials"]) == set(record["ratios"]) == {"1", "250"}
+    for value, trials in record["trials"].items():
+        assert len(trials) == 1 and all(trials[0][k] > 0 for k in ("wall_s", "train_s", "thread_cpu_s", "cpu_s"))
+        assert all(len(r) == 1 and math.isfinite(r[0]) and r[0] > 0 for r in record["ratios"][value].values())
+    assert "| train.log_every | wall_s (median) |" in proc.stdout
+    assert "\n| 1 | " in proc.stdout and "\n| 250 | " in proc.stdout
+

@@ -141,10 +141,16 @@ def test_a_fast_branch_does_not_wait_for_a_slow_one(tmp_path):
               "slow_next:{after:[slow],overrides:{stage:sft}},fast_next:{after:[fast],overrides:{stage:sft}}}")
     args = ["sweep.name=branches", stages, "train.max_steps=4", "train.log_every=2", "data.max_train_rows=64",
             "data.max_eval_rows=8", "cluster.num_cpus=2", "cluster.max_concurrent_trials=2"]
-    slow = next(t.key for t in make_plan([f"storage.path={tmp_path}/runs", *args]).trials if t.label == "slow")
-    # The slow branch's first stage sleeps long enough for the fast branch's next stage to start.
-    proc = _run(args, tmp_path, faults=[{"kind": "sleep", "step": 2, "trial": slow, "seconds": 90}])
+    keys = {t.label: t.key for t in make_plan([f"storage.path={tmp_path}/runs", *args]).trials}
+    # The slow branch's first stage sleeps until the fast branch's next stage trains its first step
+    # (a zero-second sleep there leaves the fault's marker), at most 90 s: in waves, fast_next would
+    # wait for slow, which would sleep the 90 s out and end first.
+    trained = tmp_path / "runs" / "branches" / keys["fast_next"] / ".fault-sleep-1.fired"
+    proc = _run(args, tmp_path, faults=[
+        {"kind": "sleep", "step": 2, "trial": keys["slow"], "seconds": 90, "until": str(trained)},
+        {"kind": "sleep", "step": 1, "trial": keys["fast_next"]}])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert trained.is_file()
     _, _, children = _children(tmp_path, "branches")
     runs = {c.data.tags["mlflow.runName"]: c for c in children}
     assert set(runs) == {"slow", "fast", "slow_next", "fast_next"}

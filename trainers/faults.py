@@ -3,8 +3,9 @@
 FTLAB_FAULTS is a JSON list of faults, e.g.
     [{"kind": "kill", "step": 12, "trial": "3f2a"}, {"kind": "nan", "step": 5, "trial": "*"}]
 kind: kill (SIGKILL this worker), raise (RuntimeError), nan (the step's loss becomes NaN),
-      sleep (seconds=N, to trip time limits). Out-of-memory is not simulated: tests make a real
-      allocation fail (tests/test_faults.py).
+      sleep (seconds=N, to trip time limits; with until=PATH it ends as soon as that file exists,
+      e.g. another trial's fired-fault marker: a wait for another trial to get somewhere).
+      Out-of-memory is not simulated: tests make a real allocation fail (tests/test_faults.py).
 trial: prefix of the trial key (the output directory's name), or "*" for every trial.
 once (default true): fires only on the first attempt of the trial, so a restarted worker
       resumes instead of dying again; a marker file in the trial's output directory records it.
@@ -29,6 +30,7 @@ class Fault:
     trial: str = "*"
     once: bool = True
     seconds: float = 0.0
+    until: str = ""
 
 
 class FaultPlan:
@@ -57,7 +59,7 @@ class FaultPlan:
             if fault.kind == "raise":
                 raise RuntimeError(f"injected fault at step {step}")
             if fault.kind == "sleep":
-                time.sleep(fault.seconds)
+                _sleep(fault.seconds, fault.until)
 
     def poison_loss(self, step: int, loss):
         """The `nan` fault: the loss of this step becomes NaN."""
@@ -78,3 +80,10 @@ class FaultPlan:
                 marker.write_text(str(time.time()))
             due.append(fault)
         return due
+
+
+def _sleep(seconds: float, until: str) -> None:
+    """`seconds`, or less if the file `until` appears meanwhile."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0 and not (until and Path(until).exists()):
+        time.sleep(min(left, 0.2))
