@@ -457,7 +457,7 @@ def run_sweep(plan: Plan, done: set[str], tracker: SweepTracker, run_ids: dict[s
     import ray
     from ray import tune
 
-    from orchestrator.budget import asha_settings
+    from orchestrator.budget import asha_settings, shared_inputs
     from orchestrator.scheduling import PerGroupASHA, SweepSearcher
     from trainers.storage import join
 
@@ -491,7 +491,10 @@ def run_sweep(plan: Plan, done: set[str], tracker: SweepTracker, run_ids: dict[s
         ),
     )
     # Tune prints its own banners even at verbose=0; they go to the log, the board to the console.
-    with open(log_file, "a") as log, contextlib.redirect_stdout(log), relay or contextlib.nullcontext():
+    # A local Tune draws in this thread: each draw's step cost (budget_unit=tokens|flops) reads the
+    # data the plan prepared, once per distinct input for the whole sweep, not twice per draw.
+    with (open(log_file, "a") as log, contextlib.redirect_stdout(log), relay or contextlib.nullcontext(),
+          shared_inputs()):
         tuner.fit()
     # What never ran, or never reported its end.
     for key in [t.key for t in plan.trials if t.key not in done] + [k for k in run_ids if k not in done]:
