@@ -7,18 +7,26 @@
     DIR               a `datasets` save_to_disk directory       DIR:row N
     DIR:SPLIT         one split of a saved DatasetDict          DIR:SPLIT:row N
     hf:NAME[:SPLIT]   datasets.load_dataset(NAME, split=SPLIT or train): a hub dataset (needs the
-                      network) or a local dataset directory     hf:NAME:SPLIT:row N
+                      network or the hub cache) or a local dataset directory   hf:NAME:SPLIT:row N
+    hf:NAME@REV[:SPLIT]  a hub dataset at a revision (branch, tag or commit; load_dataset's
+                      revision=)                                hf:NAME@REV:SPLIT:row N
     embedded:NAME     a file shipped with the project
 
 Row N counts from 1 (row 1 is dataset[0]). `data.columns` ({field: column}) renames columns to
 the fields the formats use (instruction/input/output, messages, prompt/chosen/rejected); a
 column it names that the data lacks is an error naming it.
+
+A hub dataset is identified by the commit its revision resolves to (`hub_revision`): the hub's
+answer, or offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, or the hub unreachable) the commit the
+local hub cache's ref holds, so data updated upstream is not taken for the data prepared before.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -35,6 +43,10 @@ class Row:
 
 
 HF_PREFIX = "hf:"
+HUB_TIMEOUT_S = 10.0  # asking the hub for a revision; past it the cache answers, as offline
+
+log = logging.getLogger("trainers.sources")
+_revisions: dict[tuple[str, str | None], str | None] = {}
 
 
 def resolve_path(uri: str) -> Path:
@@ -185,14 +197,74 @@ def _load_saved(uri: str):
 def _load_hub(uri: str):
     import datasets
 
-    name, split = split_suffix(uri[len(HF_PREFIX):])
-    if not name:
-        raise DataError(f"{uri}: expected hf:NAME or hf:NAME:SPLIT")
+    name, revision, split = hub_parts(uri)
+    if not name or revision == "":
+        raise DataError(f"{uri}: expected hf:NAME, hf:NAME:SPLIT, hf:NAME@REVISION or hf:NAME@REVISION:SPLIT")
     try:
-        return datasets.load_dataset(name, split=split or "train")
+        return datasets.load_dataset(name, split=split or "train", revision=revision)
     except Exception as err:  # hub, network, builder and split errors alike: all mean "cannot read this source"
         raise DataError(f"{uri}: cannot load with datasets.load_dataset: {type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def hub_parts(uri: str) -> tuple[str, str | None, str | None]:
+    """`hf:NAME[@REVISION][:SPLIT]` -> (NAME, REVISION, SPLIT); a local directory whose name holds
+    an "@" is a name (hub names never do)."""
+    spec, split = split_suffix(uri[len(HF_PREFIX):])
+    name, at, revision = spec.partition("@")
+    if not at or resolve_path(spec).exists():
+        return spec, None, split
+    return name, revision, split
+
+
+def hub_revision(uri: str) -> str | None:
+    """The commit a hub source reads (see the module docstring), None (with a warning, once per
+    process) when neither the hub nor its cache knows it. Resolved once per source per process:
+    a sweep's trials share it."""
+    name, revision, _ = hub_parts(uri)
+    if (name, revision) not in _revisions:
+        commit = _ask_hub(name, revision) or _cached_commit(name, revision)
+        if commit is None:
+            log.warning("%s: neither the hub nor the hub cache knows %s's revision%s; its data is told apart "
+                        "by name only, so an update upstream will reuse data prepared from the old one",
+                        uri, name, f" {revision}" if revision else "")
+        _revisions[name, revision] = commit
+    return _revisions[name, revision]
+
+
+def _hub_offline() -> bool:
+    """Offline as datasets decides it: HF_DATASETS_OFFLINE when set, else HF_HUB_OFFLINE."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_DATASETS_OFFLINE")
+    if value is not None:
+        return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+    return constants.is_offline_mode()
+
+
+def _ask_hub(name: str, revision: str | None) -> str | None:
+    if _hub_offline():
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(name, revision=revision, timeout=HUB_TIMEOUT_S).sha
+    except Exception:  # unreachable, unknown, gated alike: the cache answers; loading reports what is wrong
+        return None
+
+
+def _cached_commit(name: str, revision: str | None) -> str | None:
+    """The commit the hub cache holds for `revision` (a branch or tag's ref, or a commit's snapshot)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=name, repo_type="dataset")
+    ref = repo / "refs" / (revision or constants.DEFAULT_REVISION)
+    if ref.is_file():
+        return ref.read_text(encoding="utf-8").strip() or None
+    if revision and (repo / "snapshots" / revision).is_dir():
+        return revision
+    return None
 
 
 def _one_split(uri: str, loaded, split: str | None):
