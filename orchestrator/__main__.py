@@ -22,7 +22,7 @@ USAGE = """usage: python -m orchestrator [+sweep=NAME] [KEY=VALUE ...]
   cluster.address=...    auto | HOST:PORT | ray://HOST:10001 (default: start a local Ray)
   tracking.uri=...       MLflow store (default sqlite:///mlflow.db)
   model.name_or_path=... hub id or local directory (default: the embedded tiny model)
-  data.train_file=...    JSONL, JSON, CSV, Parquet, a saved dataset dir or hf:NAME[:SPLIT];
+  data.train_file=...    JSONL, JSON, CSV, Parquet, a saved dataset dir or hf:NAME[@REV][:SPLIT];
                          data.eval_file=... for eval loss and accuracy
   data.template=...      auto | model (the tokenizer's chat template) | plain
   storage.path=...       checkpoints and adapters: a directory every node sees, or s3://bucket/prefix

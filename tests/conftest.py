@@ -82,3 +82,51 @@ def nobias_model(tmp_path_factory):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(source / name, path / name)
     return path
+
+
+@pytest.fixture
+def hub_dataset(tmp_path, monkeypatch):
+    """Hub datasets offline: build(name, commit, rows, tag=None) leaves in a fresh datasets cache
+    what loading `name` online at `commit` leaves (OWNER___NAME/default/0.0.0/COMMIT/, its arrow
+    written by datasets' own json builder from `rows`), the newest build of `name`; `tag` also
+    records the tag's commit in the hub cache (HUB/datasets--OWNER--NAME/refs/TAG)."""
+    import itertools
+    import shutil
+
+    import datasets
+    import huggingface_hub.constants
+
+    import trainers.sources
+
+    cache, hub = tmp_path / "datasets-cache", tmp_path / "hub-cache"
+    for var, value in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_CACHE", str(cache)),
+                       ("HF_HUB_CACHE", str(hub))):
+        monkeypatch.setenv(var, value)
+    # Both libraries read their environment once, at import: before this test set it.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(trainers.sources, "_revisions", {})  # a fresh process's
+    order = itertools.count(1)
+
+    def build(name: str, commit: str, rows: list[dict], tag: str | None = None) -> None:
+        short = name.split("/")[-1]
+        source = tmp_path / f"{short}-{commit}.jsonl"
+        source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        made = datasets.load_dataset("json", data_files={"train": str(source)}, cache_dir=str(tmp_path / "json"))
+        made_dir = Path(made["train"].cache_files[0]["filename"]).parent
+        built = cache / name.replace("/", "___") / "default" / "0.0.0" / commit
+        built.mkdir(parents=True)
+        info = json.loads((made_dir / "dataset_info.json").read_text())
+        info.update(config_name="default", dataset_name=short)
+        (built / "dataset_info.json").write_text(json.dumps(info))
+        shutil.copy(made_dir / "json-train.arrow", built / f"{short}-train.arrow")
+        stamp = 1_700_000_000 + next(order)  # the newest build is the one load_dataset reads
+        os.utime(built, (stamp, stamp))
+        if tag:
+            refs = hub / f"datasets--{name.replace('/', '--')}" / "refs"
+            refs.mkdir(parents=True, exist_ok=True)
+            (refs / tag).write_text(commit)
+
+    return build

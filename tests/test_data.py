@@ -3,6 +3,7 @@ every kind of source (JSONL, Parquet, CSV, JSON, saved datasets, hf:) gives the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -270,3 +271,61 @@ def test_a_folder_that_is_no_saved_dataset_points_to_hf(tmp_path):
     with pytest.raises(DataError, match=rf"{tmp_path}: not a saved dataset .*loads as hf:{tmp_path}"):
         load_rows(str(tmp_path))
     assert load_rows(f"hf:{tmp_path}")[1][0]["output"] == "5"
+
+
+
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+HUB_ROWS = [{"instruction": f"What is {n} plus 1?", "output": str(n + 1)} for n in range(4)]
+
+
+def test_a_hub_source_is_fingerprinted_by_the_commit_it_is_read_from(hub_dataset, monkeypatch):
+    import trainers.sources
+    from trainers.data import source_fingerprint
+    from trainers.sources import hub_revision
+
+    hub_dataset("owner/ds", COMMIT_A, HUB_ROWS)
+    first = source_fingerprint("hf:owner/ds")
+    assert hub_revision("hf:owner/ds") == COMMIT_A
+    assert first != hashlib.sha256(b"hf:owner/ds").hexdigest()  # not the name alone
+    # Pinned to the commit main resolves to: the same data, the same fingerprint; a split differs.
+    assert source_fingerprint(f"hf:owner/ds@{COMMIT_A}") == first
+    assert source_fingerprint(f"hf:owner/ds@{COMMIT_A}:train") == source_fingerprint("hf:owner/ds:train") != first
+    assert [r["output"] for r in load_rows("hf:owner/ds")[1]] == ["1", "2", "3", "4"]
+
+    hub_dataset("owner/ds", COMMIT_B, HUB_ROWS[:2])  # updated upstream, loaded once online since
+    assert source_fingerprint("hf:owner/ds") == first  # resolved once per process: a sweep's trials agree
+    monkeypatch.setattr(trainers.sources, "_revisions", {})  # the next process
+    assert hub_revision("hf:owner/ds") == COMMIT_B and source_fingerprint("hf:owner/ds") != first
+    assert [r["output"] for r in load_rows("hf:owner/ds")[1]] == ["1", "2"]
+
+
+def test_offline_a_pin_to_another_commit_than_the_one_read_is_an_error(hub_dataset):
+    hub_dataset("owner/ds", COMMIT_A, HUB_ROWS, tag="v1")
+    hub_dataset("owner/ds", COMMIT_B, HUB_ROWS[:2], tag="v2")
+    for pin in (COMMIT_B, COMMIT_B[:7], "v2"):  # load_dataset reads the newest build offline
+        assert len(load_rows(f"hf:owner/ds@{pin}:train")[1]) == 2
+    for pin in (COMMIT_A, "v1"):
+        with pytest.raises(DataError, match=rf"^hf:owner/ds@{pin}:train: offline, datasets reads only the newest "
+                                            rf"build of owner/ds in its cache \(commit {COMMIT_B}\), not revision {pin}"):
+            load_rows(f"hf:owner/ds@{pin}:train")
+
+
+def test_a_hub_source_unknown_to_hub_and_cache_is_named_and_says_so_once(hub_dataset, caplog):
+    from trainers.data import source_fingerprint
+
+    with caplog.at_level("WARNING", logger="trainers"):
+        for _ in range(2):
+            assert source_fingerprint("hf:owner/missing:test") == hashlib.sha256(b"hf:owner/missing:test").hexdigest()
+        assert source_fingerprint("hf:owner/gone@v9") == hashlib.sha256(b"hf:owner/gone@v9").hexdigest()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("hf:owner/missing:test: neither the hub nor the datasets cache tells which "
+                                  "commit of owner/missing")
+    assert "by name only" in warnings[0] and warnings[1].startswith("hf:owner/gone@v9: ")
+
+
+def test_a_pinned_hub_source_is_named_as_written_in_errors(hub_dataset):
+    with pytest.raises(DataError, match=r"^hf:owner/missing@v1:train: cannot load with datasets.load_dataset"):
+        load_rows("hf:owner/missing@v1:train")
+    with pytest.raises(DataError, match=r"^hf:owner/ds@:train: expected hf:NAME, .*hf:NAME@REVISION:SPLIT"):
+        load_rows("hf:owner/ds@:train")

@@ -386,3 +386,21 @@ def test_a_bars_total_is_the_jsonl_files_lines_up_to_the_limit(tmp_path):
     assert rows_hint(str(path)) == 10 and rows_hint(str(path), limit=4) == 4
     (tmp_path / "d.csv").write_text("a\n1\n")
     assert rows_hint(str(tmp_path / "d.csv")) is None and rows_hint(str(tmp_path / "missing.jsonl")) is None
+
+
+def test_a_hub_dataset_updated_upstream_is_prepared_again(make_cfg, tokenizer, tmp_path, hub_dataset, monkeypatch):
+    import trainers.sources
+
+    rows = [{"instruction": f"What is {n} plus 1?", "output": str(n + 1)} for n in range(6)]
+    hub_dataset("owner/qa", "a" * 40, rows)
+    cfg = make_cfg("data.train_file=hf:owner/qa", "data.eval_file=null")
+    root = tmp_path / "prepared"
+    first = prepare_embedded(cfg, tokenizer, root)
+    assert first.status == "built" and len(first.train.examples()) == 6
+    assert prepare_embedded(cfg, tokenizer, root).status == "reused"
+
+    hub_dataset("owner/qa", "b" * 40, rows[:4])  # a new commit upstream, loaded once online since
+    monkeypatch.setattr(trainers.sources, "_revisions", {})  # the user's next sweep: a new process
+    updated = prepare_embedded(cfg, tokenizer, root)
+    assert updated.status == "built" and updated.train.path != first.train.path
+    assert len(updated.train.examples()) == 4

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from trainers.sources import DataError, Row, local_path, read_rows
+from trainers.sources import HF_PREFIX, DataError, Row, hub_parts, hub_revision, local_path, read_rows
 from trainers.sources import resolve_path  # noqa: F401  (callers import it from here)
 from trainers.templates import IGNORE_INDEX, TemplateError, chat_template
 
@@ -48,8 +48,9 @@ _digests: dict[tuple[str, int, int], str] = {}
 def data_fingerprint(data) -> dict[str, str]:
     """{"train": sha256, "eval": sha256} of a DataConfig's sources, "" for one that is missing
     (validation reports it). A file hashes its bytes; a directory its files' names and bytes; a
-    hub dataset (hf:NAME) is named, not hashed: its sha256 is of the name. Cached per
-    (path, size, mtime) in this process: a sweep's trials share their files."""
+    hub dataset (hf:NAME) is named, not hashed: its sha256 is of the name at the commit it
+    resolves to (trainers.sources.hub_revision), of the name alone when that is unknown. Cached
+    per (path, size, mtime) and per hub source in this process: a sweep's trials share them."""
     return {split: source_fingerprint(uri) for split, uri in (("train", data.train_file), ("eval", data.eval_file))
             if uri}
 
@@ -60,12 +61,24 @@ def source_fingerprint(uri: str) -> str:
 
     path = local_path(uri)
     if path is None:
-        return hashlib.sha256(uri.encode()).hexdigest() if uri.startswith("hf:") else ""
+        return _hub_fingerprint(uri) if uri.startswith(HF_PREFIX) else ""
     if path.is_file():
         return _file_digest(path)
     files = sorted(p for p in path.rglob("*") if p.is_file())
     listing = "".join(f"{f.relative_to(path)}:{_file_digest(f)}\n" for f in files)
     return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _hub_fingerprint(uri: str) -> str:
+    """Of `hf:NAME@COMMIT[:SPLIT]`: a source pinned to the commit its branch now resolves to
+    fingerprints the same, and another commit differently; of the source as written when the
+    commit is unknown."""
+    import hashlib
+
+    name, _, split = hub_parts(uri)
+    commit = hub_revision(uri)
+    named = f"{HF_PREFIX}{name}@{commit}" + (f":{split}" if split else "") if commit else uri
+    return hashlib.sha256(named.encode()).hexdigest()
 
 
 def _file_digest(path) -> str:

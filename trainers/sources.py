@@ -7,18 +7,28 @@
     DIR               a `datasets` save_to_disk directory       DIR:row N
     DIR:SPLIT         one split of a saved DatasetDict          DIR:SPLIT:row N
     hf:NAME[:SPLIT]   datasets.load_dataset(NAME, split=SPLIT or train): a hub dataset (needs the
-                      network) or a local dataset directory     hf:NAME:SPLIT:row N
+                      hub, or offline a build of it in the datasets cache) or a local dataset
+                      directory                                 hf:NAME:SPLIT:row N
+    hf:NAME@REV[:SPLIT]  a hub dataset at a revision: a branch, tag or commit
+                      (load_dataset's revision=)                hf:NAME@REV:SPLIT:row N
     embedded:NAME     a file shipped with the project
 
 Row N counts from 1 (row 1 is dataset[0]). `data.columns` ({field: column}) renames columns to
 the fields the formats use (instruction/input/output, messages, prompt/chosen/rejected); a
 column it names that the data lacks is an error naming it.
+
+A hub dataset is identified by the commit its rows come from (`hub_revision`), so data updated
+upstream is not taken for the data prepared before: the hub's answer for the revision; offline
+(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, or the hub unreachable) the commit of the newest build of
+it in the datasets cache, which is what load_dataset reads then, whatever the revision (a pin to
+another commit is an error offline).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -35,6 +45,10 @@ class Row:
 
 
 HF_PREFIX = "hf:"
+HUB_TIMEOUT_S = 10.0  # asking the hub for a commit; past it the datasets cache answers, as offline
+
+log = logging.getLogger("trainers.sources")
+_revisions: dict[tuple[str, str | None], str | None] = {}
 
 
 def resolve_path(uri: str) -> Path:
@@ -185,14 +199,84 @@ def _load_saved(uri: str):
 def _load_hub(uri: str):
     import datasets
 
-    name, split = split_suffix(uri[len(HF_PREFIX):])
-    if not name:
-        raise DataError(f"{uri}: expected hf:NAME or hf:NAME:SPLIT")
+    name, revision, split = hub_parts(uri)
+    if not name or revision == "":
+        raise DataError(f"{uri}: expected hf:NAME, hf:NAME:SPLIT, hf:NAME@REVISION or hf:NAME@REVISION:SPLIT")
+    if revision and _hub_offline():
+        _check_offline_pin(uri, name, revision)
     try:
-        return datasets.load_dataset(name, split=split or "train")
+        return datasets.load_dataset(name, split=split or "train", revision=revision)
     except Exception as err:  # hub, network, builder and split errors alike: all mean "cannot read this source"
         raise DataError(f"{uri}: cannot load with datasets.load_dataset: {type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def hub_parts(uri: str) -> tuple[str, str | None, str | None]:
+    """`hf:NAME[@REVISION][:SPLIT]` -> (NAME, REVISION, SPLIT); a local directory whose name holds
+    an "@" is a name (hub names never do)."""
+    spec, split = split_suffix(uri[len(HF_PREFIX):])
+    name, at, revision = spec.partition("@")
+    if not at or resolve_path(spec).exists():
+        return spec, None, split
+    return name, revision, split
+
+
+def hub_revision(uri: str) -> str | None:
+    """The commit a hub source's rows come from (see the module docstring); None, with a warning
+    once per process, when neither the hub nor the datasets cache tells. Resolved once per source
+    per process: a sweep's trials share it."""
+    name, revision, _ = hub_parts(uri)
+    if (name, revision) not in _revisions:
+        commit = _ask_hub(name, revision) or _built_commit(name)
+        if commit is None:
+            log.warning("%s: neither the hub nor the datasets cache tells which commit of %s it reads; its "
+                        "data is told apart by name only, so an update upstream reuses data prepared from "
+                        "the old one", uri, name)
+        _revisions[name, revision] = commit
+    return _revisions[name, revision]
+
+
+def _hub_offline() -> bool:
+    import datasets
+
+    return bool(datasets.config.HF_HUB_OFFLINE)  # HF_DATASETS_OFFLINE, else HF_HUB_OFFLINE: as load_dataset
+
+
+def _ask_hub(name: str, revision: str | None) -> str | None:
+    if _hub_offline():
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(name, revision=revision, timeout=HUB_TIMEOUT_S).sha
+    except Exception:  # unreachable, unknown, gated alike: load_dataset then reads the cache too
+        return None
+
+
+def _built_commit(name: str) -> str | None:
+    """The commit of the build load_dataset reads without the hub: the newest one of `name` in
+    the datasets cache, whose folder is named by its commit (found by datasets' own lookup)."""
+    try:
+        from datasets.packaged_modules.cache.cache import _find_hash_in_cache
+
+        return _find_hash_in_cache(name, None, None, {}, None)[2]
+    except Exception:  # none built here (loading offline fails too), or datasets moved its lookup
+        return None
+
+
+def _check_offline_pin(uri: str, name: str, revision: str) -> None:
+    """Offline, load_dataset ignores revision= and reads the newest build: a pin to another
+    commit would read other data than it names. A branch or tag pin is matched through the
+    commit the hub cache's ref for it holds."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    built = _built_commit(name)
+    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=name, repo_type="dataset") / "refs" / revision
+    pinned = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
+    if built and not built.startswith(pinned):
+        raise DataError(f"{uri}: offline, datasets reads only the newest build of {name} in its cache "
+                        f"(commit {built}), not revision {revision}: pin that commit, or load it once online")
 
 
 def _one_split(uri: str, loaded, split: str | None):
