@@ -280,6 +280,14 @@ def _make_callback(send: Callable[[str, str, dict], None]):
                 "loss": result.get("train/loss"), "tokens_per_s": result.get("train/tokens_per_s"),
                 "node": _node_label(result)})
 
+        swept = 0.0
+
+        def on_step_end(self, iteration, trials, **info):
+            # A controller killed with its trial can leave a group it created moments before (below).
+            if time.monotonic() - self.swept >= ORPHAN_SWEEP_S:
+                self.swept = time.monotonic()
+                release_orphaned_placement_groups()
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             # A trial ASHA stopped ends without error before its last step.
             last = trial.last_result or {}
@@ -309,6 +317,42 @@ def _release_placement_group(group_id: str | None) -> None:
         remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group_id)))
     except Exception as err:  # already removed by Ray Train: nothing held
         log.debug("placement group %s: %s", group_id, err)
+
+
+ORPHAN_SWEEP_S = 5.0  # how often the driver looks for placement groups of dead controllers
+
+
+def release_orphaned_placement_groups() -> list[str]:
+    """Removes the placement groups whose creator, an actor (a Ray Train controller), is dead, and
+    returns their ids. When Tune stops a trial, its worker can die before its controller, which
+    then retries (train.max_failures) and reserves a new worker group just before it is killed
+    too: that group was never reported by a worker (so _release_placement_group cannot know it)
+    nor registered with Ray Train's cleaner, and kept its CPUs for the rest of the sweep while the
+    next trials waited for them (seen in auto_peft). A group whose creator is dead has no one left
+    to use it. Reads the GCS tables directly (the public placement_group_table leaves out the
+    creator); any failure to read them only skips this sweep of them."""
+    import ray._private.state as ray_state
+    from ray.core.generated import gcs_pb2
+
+    try:
+        accessor = ray_state.state._connect_and_get_accessor()
+        groups = [gcs_pb2.PlacementGroupTableData.FromString(raw) for raw in accessor.get_placement_group_table()]
+        released = []
+        for group in groups:
+            creator = group.creator_actor_id.hex()
+            if (group.state == gcs_pb2.PlacementGroupTableData.REMOVED or group.is_detached
+                    or not creator.strip("f")):  # a driver's (Tune's trial groups): the nil actor id
+                continue
+            if (ray_state.state.actor_table(creator) or {}).get("State") == "DEAD":
+                _release_placement_group(group.placement_group_id.hex())
+                released.append(group.placement_group_id.hex())
+    except Exception as err:  # Ray moved its internals: Ray Train's own cleaner is all there is
+        log.debug("placement groups of dead controllers not checked: %s", err)
+        return []
+    if released:
+        log.info("released %d placement group(s) of stopped trials' controllers: %s", len(released),
+                 ", ".join(g[:8] for g in released))
+    return released
 
 
 class _Relay:

@@ -163,7 +163,9 @@ def test_a_fast_branch_does_not_wait_for_a_slow_one(tmp_path):
 def test_a_stopped_trials_placement_group_is_released(tmp_path):
     """A trial ASHA stops keeps its worker placement group unless the driver removes it (Ray Train
     V2's cleaner needs the State API, which this project's local Ray runs without): the CPUs it
-    reserved must come back, or the next trials wait forever."""
+    reserved must come back, or the next trials wait forever. So must those of a group its
+    controller reserved just before it was killed (no worker reported it): the driver removes the
+    groups of dead creators, and only those."""
     code = """
 import ray
 from ray.util.placement_group import placement_group, placement_group_table
@@ -176,6 +178,36 @@ _release_placement_group(group.id.hex())
 assert placement_group_table(group)["state"] == "REMOVED"
 _release_placement_group(group.id.hex())  # already gone: nothing to do, no error
 _release_placement_group(None)
+
+# A group reserved by an actor (a Train controller) outlives it; the driver's sweep removes it then.
+import time
+from orchestrator.runner import release_orphaned_placement_groups
+
+@ray.remote(num_cpus=0)
+class Controller:
+    def reserve(self):
+        group = placement_group([{"CPU": 1}])
+        ray.get(group.ready(), timeout=60)
+        return group.id.hex()
+
+killed, alive = Controller.remote(), Controller.remote()
+killed_group, alive_group = ray.get([killed.reserve.remote(), alive.reserve.remote()])
+drivers = placement_group([{"memory": 1}])
+ray.get(drivers.ready(), timeout=60)
+ray.kill(killed)
+deadline = time.monotonic() + 60
+while ray._private.state.state.actor_table(killed._actor_id.hex()).get("State") != "DEAD":
+    assert time.monotonic() < deadline
+    time.sleep(0.2)
+state = lambda hex_id: [g["state"] for i, g in placement_group_table().items() if i == hex_id][0]
+assert state(killed_group) == "CREATED"  # nothing else frees it
+assert release_orphaned_placement_groups() == [killed_group]
+assert state(killed_group) == "REMOVED"
+assert state(alive_group) == "CREATED" and placement_group_table(drivers)["state"] == "CREATED"
+deadline = time.monotonic() + 30  # its CPU is free again (the resource view follows)
+while ray.available_resources().get("CPU", 0) != 1:
+    assert time.monotonic() < deadline, ray.available_resources()
+    time.sleep(0.2)
 print("released")
 """
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
