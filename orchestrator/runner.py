@@ -52,9 +52,6 @@ def train_worker(config: dict) -> None:
     # Where this worker runs. On one machine several Ray nodes share an IP: the node id tells them apart.
     node_id = ray.get_runtime_context().get_node_id()
     node = {"node/ip": _node_ip(node_id), "node/id": node_id}
-    group = ray.util.get_current_placement_group()
-    if group is not None:
-        node["ray/placement_group"] = group.id.hex()
     timeline.mark("imported")
 
     progress = RayProgress(node, rank, world_size)
@@ -283,7 +280,7 @@ def _make_callback(send: Callable[[str, str, dict], None]):
         swept = 0.0
 
         def on_step_end(self, iteration, trials, **info):
-            # A controller killed with its trial can leave a group it created moments before (below).
+            # The CPUs of a trial Tune stopped come back once its controller is dead (below).
             if time.monotonic() - self.swept >= ORPHAN_SWEEP_S:
                 self.swept = time.monotonic()
                 release_orphaned_placement_groups()
@@ -293,8 +290,6 @@ def _make_callback(send: Callable[[str, str, dict], None]):
             last = trial.last_result or {}
             step, total = int(last.get("progress/step", 0)), int(last.get("progress/total", 0))
             stopped_early = bool(total and step < total)
-            if stopped_early:
-                _release_placement_group(last.get("ray/placement_group"))
             send("complete", trial.config["trial"]["key"], {"stopped_at": step if stopped_early else None})
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -304,10 +299,7 @@ def _make_callback(send: Callable[[str, str, dict], None]):
 
 
 def _release_placement_group(group_id: str | None) -> None:
-    """Frees the CPUs of a trial Tune stopped before its end. Ray Train V2 leaves the worker group's
-    placement group of a killed run to a cleaner actor that asks Ray's State API whether the run's
-    controller died; that API needs the dashboard, which we do not start, so without this the
-    reservation outlived the trial and the trials after it waited forever (seen in peft_tuned)."""
+    """Removes a placement group; one removed already (by Ray Train, or another sweep) is no error."""
     if not group_id:
         return
     from ray._raylet import PlacementGroupID
@@ -319,18 +311,20 @@ def _release_placement_group(group_id: str | None) -> None:
         log.debug("placement group %s: %s", group_id, err)
 
 
-ORPHAN_SWEEP_S = 5.0  # how often the driver looks for placement groups of dead controllers
+ORPHAN_SWEEP_S = 1.0  # how often the driver looks for placement groups of dead controllers
 
 
 def release_orphaned_placement_groups() -> list[str]:
     """Removes the placement groups whose creator, an actor (a Ray Train controller), is dead, and
-    returns their ids. When Tune stops a trial, its worker can die before its controller, which
-    then retries (train.max_failures) and reserves a new worker group just before it is killed
-    too: that group was never reported by a worker (so _release_placement_group cannot know it)
-    nor registered with Ray Train's cleaner, and kept its CPUs for the rest of the sweep while the
-    next trials waited for them (seen in auto_peft). A group whose creator is dead has no one left
-    to use it. Reads the GCS tables directly (the public placement_group_table leaves out the
-    creator); any failure to read them only skips this sweep of them."""
+    returns their ids: how the CPUs of a trial Tune stopped (ASHA, a time limit) come back. Ray
+    Train V2 leaves a killed run's worker group to a cleaner actor that asks Ray's State API
+    whether the controller died; that API needs the dashboard, which a local Ray runs without, so
+    the reservation outlived the trial and the trials after it waited forever (seen in
+    peft_tuned). Nor would the group a worker last ran in be enough: a stopped trial's worker can
+    die before its controller, which then retries (train.max_failures) and reserves a new group
+    just before it is killed too (seen in auto_peft). A group whose creator is dead has no one
+    left to use it, whichever it is. Reads the GCS tables directly (the public
+    placement_group_table leaves out the creator); a failure to read them skips this sweep."""
     import ray._private.state as ray_state
     from ray.core.generated import gcs_pb2
 

@@ -94,9 +94,10 @@ class MetricQueue:
     share of the interpreter (measured: log_every=1 without it took 2x the time of log_every=40).
 
     `coalesce`: a live feed, where only the newest value of a metric matters (the progress Ray
-    reports; with `gather_s`, at most one per-step write per gather_s). A waiting per-step point is replaced by a later one that has all its keys, except a
-    `pinned` one (what a scheduler decides on), which is delivered; putting a pinned point waits
-    until the previous pinned point is delivered, so a consumer is never more than one behind. A
+    reports; with `gather_s`, at most one per-step write per gather_s). A waiting per-step point
+    is replaced by a later one that has all its keys, except a `pinned` one (what a scheduler
+    decides on), which is delivered; putting a pinned point waits until the previous pinned point
+    is delivered, so a consumer is never more than one behind. A
     point without a step (the trial's last report) replaces the waiting unpinned per-step points,
     taking their values under its own: each delivery to Ray waits for the controller's poll, and
     a trial's end should not wait for one more progress point the last report makes stale.

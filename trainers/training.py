@@ -237,14 +237,7 @@ class _LogWindow:
         step), to `stats`; returns the cumulative perf/train_flops and perf/train_tokens."""
         if stats.flops is None:
             return {}
-        sums = [self.cost.flops, self.cost.tokens]
-        if dist.world_size > 1:  # one rank needs no tensor, as in log
-            import torch
-            import torch.distributed as torch_dist
-
-            reduced = torch.tensor(sums, dtype=torch.float64)
-            torch_dist.all_reduce(reduced)
-            sums = reduced.tolist()
+        sums = _summed([self.cost.flops, self.cost.tokens], dist)
         stats.flops, stats.positions = stats.flops + float(sums[0]), stats.positions + int(sums[1])
         self.cost = Cost()
         return stats.compute()
@@ -254,15 +247,8 @@ class _LogWindow:
         `step` (which queues them: nothing here waits for MLflow or Ray), adds its tokens to `stats`."""
         elapsed = time.perf_counter() - self.start
         names = sorted(self.extras)
-        sums = [self.tokens, self.loss] + [self.extras[n] for n in names]
-        if dist.world_size > 1:  # one rank needs no tensor: a window per step stays plain Python
-            import torch
-            import torch.distributed as torch_dist
-
-            reduced = torch.tensor(sums, dtype=torch.float64)
-            torch_dist.all_reduce(reduced)
-            reduced[1:] /= dist.world_size
-            sums = reduced.tolist()
+        sums = _summed([self.tokens, self.loss] + [self.extras[n] for n in names], dist)
+        sums[1:] = [v / dist.world_size for v in sums[1:]]  # tokens add up over ranks; means average
         stats.tokens += int(sums[0])
         stats.last_extras = {name: float(sums[2 + i]) / n_steps for i, name in enumerate(names)}
         tracker.log_metrics({
@@ -272,6 +258,19 @@ class _LogWindow:
             **stats.last_extras,
             **self.settle_cost(dist, stats),
         }, step=step)
+
+
+def _summed(values: list[float], dist: DistInfo) -> list[float]:
+    """`values` summed over ranks (a collective: every rank calls it at the same step). One rank
+    needs no tensor: a log window per step stays plain Python."""
+    if dist.world_size == 1:
+        return list(values)
+    import torch
+    import torch.distributed as torch_dist
+
+    reduced = torch.tensor(values, dtype=torch.float64)
+    torch_dist.all_reduce(reduced)
+    return reduced.tolist()
 
 
 def periodic_eval(evaluate: Callable[[Any], dict], model, step: int, window: _LogWindow, dist: DistInfo,
